@@ -1,0 +1,181 @@
+"""A model stage: checks each instance against the model, batches, calls the runtime.
+
+Per-instance inputs are checked against the model's declared inputs (exact dtype, and
+shape without the batch dimension), so one bad instance fails alone. Good rows are
+then run in as few device calls as the model allows: stacked into the batch
+dimension (``with_batch_dim=True``, padded up to a fixed batch size), or one call
+per instance otherwise. `ModelStage.run` takes rows from any number of requests, so a
+cross-request batcher can sit in front of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ServingError
+from .register import Model
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return value.dtype.name
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+class InstanceError(ServingError):
+    """One instance failed; the others go on."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ModelStage:
+    """One declared model, loaded on one or more devices."""
+
+    def __init__(self, model: Model, runtimes: Sequence[Any], max_batch_size: int | None = None):
+        if not runtimes:
+            raise ValueError("a model stage needs at least one runtime")
+        self.model = model
+        self.runtimes = list(runtimes)
+        first = self.runtimes[0]
+        self.inputs: list[Any] = first.inputs
+        self.outputs: list[Any] = first.outputs
+        self.batched_inputs = [
+            model.with_batch_dim and i not in model.without_batch_dim_inputs for i in range(len(self.inputs))
+        ]
+        self.fixed_batch = self._fixed_batch()
+        # The largest batch one call carries: the artifact's own batch size when it
+        # fixes one, else a configured limit (None: a request's rows in one call).
+        self.max_batch_size = self.fixed_batch or max_batch_size
+        self._next_runtime = itertools.cycle(range(len(self.runtimes)))
+        self._rr_lock = threading.Lock()
+
+    def _fixed_batch(self) -> int | None:
+        if not self.model.with_batch_dim:
+            return None
+        for spec, batched in zip(self.inputs, self.batched_inputs):
+            if batched and spec.shape:
+                if spec.shape[0] is None:
+                    return None
+                return spec.shape[0]
+        return None
+
+    # ----------------------------------------------------------------- checking
+
+    def instance_shape(self, index: int) -> tuple[int | None, ...] | None:
+        """The shape one instance must have for input ``index``."""
+        spec = self.inputs[index]
+        if spec.shape is None:
+            return None
+        if self.batched_inputs[index]:
+            return tuple(spec.shape[1:])
+        return tuple(spec.shape)
+
+    def check(self, args: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        """Raise `InstanceError` (MindSpore's wording) unless ``args`` fit the model."""
+        for i, (value, spec) in enumerate(zip(args, self.inputs)):
+            given = _type_name(value)
+            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
+                raise InstanceError(
+                    f"Given model input {i} data type {given} not match the data type {spec.dtype.name} defined in model"
+                )
+            want = self.instance_shape(i)
+            if want is not None and (
+                len(want) != value.ndim or any(w is not None and w != g for w, g in zip(want, value.shape))
+            ):
+                shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+                raise InstanceError(
+                    f"Given model input {i} size {tuple(value.shape)} not match the size {shown} defined in model"
+                )
+        return tuple(args)
+
+    # ----------------------------------------------------------------- running
+
+    def _runtime(self) -> Any:
+        if len(self.runtimes) == 1:
+            return self.runtimes[0]
+        with self._rr_lock:
+            return self.runtimes[next(self._next_runtime)]
+
+    def run(self, rows: Sequence[Sequence[Any]]) -> list[tuple | InstanceError]:
+        """Run checked rows (one tuple of inputs per instance); a result or an
+        `InstanceError` per row, in order."""
+        results: list[tuple | InstanceError | None] = [None] * len(rows)
+        good: list[int] = []
+        for i, args in enumerate(rows):
+            try:
+                self.check(args)
+                good.append(i)
+            except InstanceError as exc:
+                results[i] = exc
+        if not self.model.with_batch_dim:
+            for i in good:
+                results[i] = self._call_one(rows[i])
+        else:
+            # Rows whose free dimensions differ cannot share a batch.
+            groups: dict[tuple, list[int]] = {}
+            for i in good:
+                groups.setdefault(tuple(np.shape(a) for a in rows[i]), []).append(i)
+            for members in groups.values():
+                step = self.max_batch_size or len(members)
+                for start in range(0, len(members), step):
+                    chunk = members[start : start + step]
+                    for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk])):
+                        results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _call_one(self, args: Sequence[np.ndarray]) -> tuple | InstanceError:
+        try:
+            return tuple(self._runtime().predict(list(args)))
+        except Exception as exc:  # a runtime failure fails this instance only
+            return InstanceError(f"Model Failed: {exc}", status=500)
+
+    def run_batch(self, rows: Sequence[Sequence[np.ndarray]]) -> list[tuple | InstanceError]:
+        """One device call for rows of identical shapes (at most max_batch_size)."""
+        n = len(rows)
+        size = self.padded_size(n)
+        arrays = []
+        for i, batched in enumerate(self.batched_inputs):
+            if not batched:
+                arrays.append(rows[0][i])
+                continue
+            stacked = np.stack([row[i] for row in rows])
+            if size > n:
+                pad = np.zeros((size - n,) + stacked.shape[1:], stacked.dtype)
+                stacked = np.concatenate([stacked, pad])
+            arrays.append(stacked)
+        try:
+            outputs = self._runtime().predict(arrays)
+        except Exception as exc:
+            error = InstanceError(f"Model Failed: {exc}", status=500)
+            return [error] * n
+        return [tuple(out[j] for out in outputs) for j in range(n)]
+
+    def padded_size(self, n: int) -> int:
+        """The batch a call of ``n`` rows is padded to (the artifact's fixed size)."""
+        return self.fixed_batch or n
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Compile every shape the request path will use, before the first request."""
+        from .backends import concrete_shapes
+
+        for runtime in self.runtimes:
+            sizes = [self.fixed_batch] if self.fixed_batch else list(batch_sizes)
+            if not self.model.with_batch_dim:
+                sizes = [None]
+            for size in sizes:
+                shapes = concrete_shapes(runtime.inputs, size)
+                if shapes is not None and hasattr(runtime, "warm_up"):
+                    runtime.warm_up([shapes])
+
+    @property
+    def compile_count(self) -> int:
+        return sum(getattr(r, "compile_count", 0) for r in self.runtimes)
+

@@ -1,0 +1,114 @@
+"""The predict request, transport-free: URL and body bytes in, status and JSON out.
+
+    parse URL -> find servable/version/method -> parse JSON -> decode each instance
+    -> run the method's pipeline -> encode each instance's outputs -> reply
+
+Request-level failures (URL, JSON, unknown servable) answer ``{"error_msg"}``;
+instance-level failures (a bad value, a stage that raised) answer ``error_msg`` in
+that instance's place, or one top-level ``error_msg`` when every instance failed
+for the same reason (PROTOCOL.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import orjson
+
+from .codec import OutputError, decode_value, dumps, encode_value
+from .errors import BadRequest, ServingError
+from .model_stage import InstanceError
+from .pipeline import ModelRunner, direct_model_runner, run_method
+from .register import MethodDef
+from .servable import ServableRegistry
+from .urls import parse_predict_path
+
+log = logging.getLogger("mserve.predict")
+
+
+class PredictHandler:
+    def __init__(self, registry: ServableRegistry, model_runner: ModelRunner = direct_model_runner):
+        self.registry = registry
+        self.model_runner = model_runner
+
+    def handle(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Answer one predict request; never raises."""
+        try:
+            status, reply = self._handle(path, body)
+        except ServingError as exc:
+            status, reply = exc.status, {"error_msg": exc.message}
+        except Exception:
+            log.exception("predict %s failed", path)
+            status, reply = 500, {"error_msg": "internal server error, see the server log"}
+        return status, dumps(reply)
+
+    def _handle(self, path: str, body: bytes) -> tuple[int, dict]:
+        target = parse_predict_path(path)
+        version, method = self.registry.lookup(target.servable, target.version, target.method)
+        instances = parse_instances(body)
+        decoded = [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
+        results = run_method(version, method, decoded, self.model_runner)
+        return build_reply(method, results)
+
+
+def parse_instances(body: bytes) -> list[Any]:
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Illegal JSON format. {exc}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("Illegal JSON format. The request body must be a JSON object with the key 'instances'")
+    if "instances" not in request:
+        raise BadRequest("Parser request failed, key 'instances' expects to exist once, but actually 0 times")
+    instances = request["instances"]
+    if isinstance(instances, dict):
+        return [instances]
+    if not isinstance(instances, list):
+        raise BadRequest("Parser request failed, instances value should be an array or an object")
+    if not instances:
+        raise BadRequest("Parser request failed, instances value is array type, but no value")
+    return instances
+
+
+def decode_instance(instance: Any, index: int, method: MethodDef, servable: str) -> list[Any] | InstanceError:
+    if not isinstance(instance, dict):
+        return InstanceError(f"Parser request failed, instance {index} is not a JSON object")
+    values = []
+    for name in method.input_names:
+        if name not in instance:
+            return InstanceError(
+                f"Cannot find input {name} in instance input , servable {servable}, method {method.name}"
+                + (f" (instance {index})" if index else "")
+            )
+        try:
+            values.append(decode_value(instance[name]))
+        except BadRequest as exc:
+            return InstanceError(f"Parser request failed, {exc.message} (instance {index}, input '{name}')")
+    return values
+
+
+def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError]) -> tuple[int, dict]:
+    encoded: list[dict | InstanceError] = []
+    for result in results:
+        if isinstance(result, InstanceError):
+            encoded.append(result)
+            continue
+        try:
+            encoded.append({name: encode_value(v) for name, v in zip(method.output_names, result)})
+        except OutputError as exc:
+            encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=500))
+
+    failed = [e for e in encoded if isinstance(e, InstanceError)]
+    if len(failed) < len(encoded):
+        return 200, {"instances": [_instance_body(e) for e in encoded]}
+    statuses = {e.status for e in failed}
+    status = statuses.pop() if len(statuses) == 1 else max(e.status for e in failed)
+    messages = {e.message for e in failed}
+    if len(messages) == 1:
+        return status, {"error_msg": failed[0].message}
+    return status, {"instances": [_instance_body(e) for e in encoded]}
+
+
+def _instance_body(item: dict | InstanceError) -> dict:
+    return {"error_msg": item.message} if isinstance(item, InstanceError) else item

@@ -1,0 +1,223 @@
+"""Loading servable directories: ``NAME/servable_config.py`` plus version folders.
+
+`load_servable` runs servable_config.py once (collecting its models and methods),
+then loads each requested version folder's model files through the backends, checks
+the stage wiring against the models, and warms them up. Every failure here is a
+`ServableLoadError` raised at start-up with the file, servable and version in it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import register
+from .backends import get_backend
+from .errors import NotFound, ServableLoadError
+from .model_stage import ModelStage
+from .register import MethodDef, Model, ServableDefinition
+
+
+def list_versions(servable_dir: Path) -> list[int]:
+    """Version numbers present as numbered folders, ascending."""
+    return sorted(int(p.name) for p in servable_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def load_definition(servable_directory: str | Path, name: str) -> ServableDefinition:
+    """Run ``servable_directory/name/servable_config.py`` and return what it declared."""
+    root = Path(servable_directory)
+    if not root.is_dir():
+        raise ServableLoadError(f"servable directory {root} does not exist")
+    config = root / name / "servable_config.py"
+    if not config.is_file():
+        raise ServableLoadError(f"servable '{name}': {config} not found")
+    definition = ServableDefinition(name)
+    module_name = f"mserve_servable_config_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, config)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with register.defining(definition):
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except ServableLoadError as exc:
+            raise ServableLoadError(f"servable '{name}': {exc}{_where(exc, config)}") from exc
+        except BaseException as exc:
+            sys.modules.pop(module_name, None)
+            raise ServableLoadError(
+                f"servable '{name}': {config.name} raised {type(exc).__name__}: {exc}{_where(exc, config)}"
+            ) from exc
+    if not definition.methods:
+        raise ServableLoadError(f"servable '{name}': {config} registers no method (use @register.register_method)")
+    return definition
+
+
+def _where(exc: BaseException, config: Path) -> str:
+    """`` (at path:line)`` for the deepest frame of servable_config.py in the traceback."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == config]
+    if not frames and isinstance(exc, SyntaxError) and exc.lineno:
+        return f" (at {config}:{exc.lineno})"
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+@dataclass
+class LoadedVersion:
+    """One version folder of a servable, its models loaded and warm."""
+
+    name: str
+    version: int
+    definition: ServableDefinition
+    stages: dict[int, ModelStage]  # Model.index -> stage
+
+    @property
+    def methods(self) -> dict[str, MethodDef]:
+        return self.definition.methods
+
+    def model_stage(self, model: Model) -> ModelStage:
+        return self.stages[model.index]
+
+    def call_model(self, model: Model, args: tuple) -> Any:
+        """Model.call from inside a Python stage: one instance, or a list of them."""
+        from .model_stage import InstanceError
+
+        many = len(args) == 1 and isinstance(args[0], list)
+        rows = args[0] if many else [args]
+        results = self.model_stage(model).run([tuple(r) for r in rows])
+        out = []
+        for r in results:
+            if isinstance(r, InstanceError):
+                raise RuntimeError(r.message)
+            out.append(r[0] if len(r) == 1 else r)
+        return out if many else out[0]
+
+    @property
+    def compile_count(self) -> int:
+        return sum(s.compile_count for s in self.stages.values())
+
+
+def load_version(
+    servable_directory: Path,
+    definition: ServableDefinition,
+    version: int,
+    devices: Sequence[Any],
+    warm_batch_sizes: Sequence[int] = (1,),
+) -> LoadedVersion:
+    name = definition.name
+    folder = Path(servable_directory) / name / str(version)
+    stages: dict[int, ModelStage] = {}
+    for model in definition.models:
+        files = [folder / f for f in model.model_files]
+        for f in files:
+            if not f.is_file():
+                raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
+        try:
+            loader = get_backend(model.model_format)
+        except KeyError as exc:
+            raise ServableLoadError(f"servable '{name}': {exc.args[0]}") from None
+        try:
+            runtimes = [loader(files, model.options, device) for device in devices]
+        except ServableLoadError:
+            raise
+        except Exception as exc:
+            raise ServableLoadError(
+                f"servable '{name}' version {version}: loading {', '.join(model.model_files)} "
+                f"({model.model_format}) failed: {exc}"
+            ) from exc
+        stages[model.index] = ModelStage(model, runtimes, model.options.get("max_batch_size"))
+    _check_wiring(definition, stages)
+    for stage in stages.values():
+        try:
+            stage.warm_up(warm_batch_sizes)
+        except Exception as exc:
+            raise ServableLoadError(
+                f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
+            ) from exc
+    return LoadedVersion(name, version, definition, stages)
+
+
+def _check_wiring(definition: ServableDefinition, stages: dict[int, ModelStage]) -> None:
+    for method in definition.methods.values():
+        for stage in method.stages:
+            if not isinstance(stage.target, Model):
+                continue
+            ms = stages[stage.target.index]
+            what = f"servable '{definition.name}' method '{method.name}': model {stage.target.model_files[0]}"
+            if len(stage.inputs) != len(ms.inputs):
+                raise ServableLoadError(f"{what} takes {len(ms.inputs)} inputs but add_stage wires {len(stage.inputs)}")
+            if len(stage.outputs) != len(ms.outputs):
+                raise ServableLoadError(
+                    f"{what} has {len(ms.outputs)} outputs but add_stage says outputs_count={len(stage.outputs)}"
+                )
+            if stage.batch_size is not None:
+                raise ServableLoadError(f"{what}: batch_size applies to Python stages only")
+
+
+@dataclass
+class Servable:
+    """All loaded versions of one servable."""
+
+    name: str
+    directory: Path
+    definition: ServableDefinition
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions)
+
+
+class ServableRegistry:
+    """Name -> versions, as the request path sees them. Lookups take no lock:
+    the dicts are replaced, never mutated in place, when versions come and go."""
+
+    def __init__(self) -> None:
+        self._servables: dict[str, Servable] = {}
+        self._lock = threading.Lock()
+
+    def add(self, servable: Servable, loaded: LoadedVersion) -> None:
+        with self._lock:
+            current = self._servables.get(servable.name)
+            if current is None:
+                current = Servable(servable.name, servable.directory, servable.definition)
+            versions = dict(current.versions)
+            versions[loaded.version] = loaded
+            updated = Servable(current.name, current.directory, current.definition, versions)
+            self._servables = {**self._servables, servable.name: updated}
+
+    def remove(self, name: str, version: int) -> None:
+        with self._lock:
+            current = self._servables.get(name)
+            if current is None or version not in current.versions:
+                return
+            versions = {v: lv for v, lv in current.versions.items() if v != version}
+            servables = dict(self._servables)
+            if versions:
+                servables[name] = Servable(current.name, current.directory, current.definition, versions)
+            else:
+                del servables[name]
+            self._servables = servables
+
+    def clear(self) -> None:
+        with self._lock:
+            self._servables = {}
+
+    def servables(self) -> dict[str, Servable]:
+        return self._servables
+
+    def lookup(self, name: str, version: int, method: str) -> tuple[LoadedVersion, MethodDef]:
+        """The version (0 = newest) and method a request names, or `NotFound` in
+        MindSpore Serving's words."""
+        servable = self._servables.get(name)
+        shown = f" version({version}) " if version else ""
+        if servable is None or (version and version not in servable.versions):
+            raise NotFound(f"Request servable({name}) method({method}) {shown}, servable is not available")
+        loaded = servable.versions[version or servable.latest]
+        found = loaded.methods.get(method)
+        if found is None:
+            raise NotFound(f"Request servable({name}) method({method}) {shown}, method is not available")
+        return loaded, found

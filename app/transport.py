@@ -1,0 +1,174 @@
+"""Waitress as the HTTP transport, run in the background with a graceful stop.
+
+Two things Waitress does not do out of the box, done here:
+
+* Its own early refusals (body over the limit, malformed HTTP) answer with JSON
+  ``{"error_msg"}`` like the rest of the protocol. Waitress checks Content-Length
+  against ``max_request_body_size`` before reading the body, so an over-limit body
+  is refused unread.
+* `WaitressTransport.stop` stops accepting, lets in-flight requests finish (up to a
+  drain timeout), then closes every connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.utilities import RequestEntityTooLarge
+
+from .codec import dumps
+
+log = logging.getLogger("mserve.transport")
+
+
+def parse_address(address: str, default_port: int = 5500) -> tuple[str, int]:
+    """``"host:port"`` (``[v6]:port`` too); an empty host means 127.0.0.1."""
+    address = address.strip()
+    if not address:
+        return "127.0.0.1", default_port
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep:
+            host, port = address, ""
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"address {address!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"address {address!r}: port {number} is out of range")
+    return host or "127.0.0.1", number
+
+
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; ``port=0`` picks a free one."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+class _JsonErrorTask(ErrorTask):
+    def execute(self) -> None:
+        error = self.request.error
+        if isinstance(error, RequestEntityTooLarge):
+            limit = self.channel.server.adj.max_request_body_size - 1
+            message = f"http message is bigger than {limit}"
+        else:
+            message = f"{error.reason}: {error.body}"
+        body = dumps({"error_msg": message})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
+class _Server(TcpWSGIServer):
+    channel_class = _Channel
+
+
+class InFlight:
+    """Counts requests inside the app, so a stop can wait for them."""
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+        self.count = 0
+        self._cv = threading.Condition()
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Any:
+        with self._cv:
+            self.count += 1
+        try:
+            return self.app(environ, start_response)
+        finally:
+            with self._cv:
+                self.count -= 1
+                if not self.count:
+                    self._cv.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: self.count == 0, timeout)
+
+
+class WaitressTransport:
+    """A WSGI app on a listening socket, served by Waitress in a background thread."""
+
+    scheme = "http"
+
+    def __init__(self, app: Callable[..., Any], sock: socket.socket, *, threads: int, max_body_bytes: int):
+        self.socket = sock
+        self.app = InFlight(app)
+        adj = Adjustments(
+            threads=threads,
+            # Waitress refuses a Content-Length >= this before reading the body.
+            max_request_body_size=max_body_bytes + 1,
+            ident="mserve",
+            channel_timeout=120,
+            connection_limit=1000,
+            outbuf_overflow=1 << 22,
+        )
+        self._map: dict = {}
+        self._dispatcher = ThreadedTaskDispatcher()
+        self._dispatcher.set_thread_count(threads)
+        sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
+        self._server = _Server(
+            self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
+        )
+        self._thread = threading.Thread(target=self._run, name="mserve-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.socket.getsockname()[1]
+
+    def _run(self) -> None:
+        try:
+            wasyncore.loop(timeout=1.0, map=self._map, use_poll=True)
+        except Exception:  # pragma: no cover - waitress's loop is not expected to raise
+            log.exception("HTTP loop stopped")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish, then close all connections."""
+        if not self._thread.is_alive():
+            return
+        self._server.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(self._server))
+        if not self.app.wait_idle(drain_timeout):
+            log.warning("drain timeout: %d request(s) still running", self.app.count)
+        # Give written replies a moment to leave the output buffers.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(
+            getattr(ch, "total_outbufs_len", 0) for ch in list(self._map.values())
+        ):
+            time.sleep(0.01)
+        self._dispatcher.shutdown(cancel_pending=True, timeout=5)
+        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._map))
+        self._thread.join(timeout=5)

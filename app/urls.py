@@ -1,0 +1,50 @@
+"""Parsing predict URLs: ``/model/{servable}[/version/{N}]:{method}``.
+
+The ``version/{N}`` pair may also come first (``/version/1/model/add:add_common``).
+Errors keep MindSpore Serving's wording (PROTOCOL.md section 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .errors import BadRequest
+
+_MAX_VERSION = 2**31 - 1
+
+
+class PredictTarget(NamedTuple):
+    servable: str
+    version: int  # 0: the newest loaded version
+    method: str
+
+
+def parse_predict_path(path: str) -> PredictTarget:
+    parts = path.strip("/").split("/")
+    if "model" not in parts[::2]:
+        raise BadRequest("please check url, the keyword:[model] must contain.")
+    head, sep, method = parts[-1].partition(":")
+    if not sep or not method:
+        raise BadRequest("please check url, the keyword:[service method] must contain.")
+    parts[-1] = head
+    if len(parts) % 2:
+        raise BadRequest(f"please check url, expected /model/{{servable}}[/version/{{N}}]:{{method}}, got {path}")
+    servable, version = None, 0
+    for key, value in zip(parts[::2], parts[1::2]):
+        if key == "model" and servable is None:
+            servable = value
+        elif key == "version":
+            version = _parse_version(value)
+        else:
+            raise BadRequest(f"please check url, the keyword:[{key}] is not supported")
+    return PredictTarget(servable or "", version, method)
+
+
+def _parse_version(text: str) -> int:
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isdigit() or not digits.isascii():
+        raise BadRequest(f"please check url, the keyword:[version] value invalid, request version number {text}")
+    number = int(text)
+    if number < 0 or number > _MAX_VERSION:
+        raise BadRequest(f"please check url, version number range failed, request version number {text}")
+    return number

@@ -1,0 +1,1 @@
+"""The mserve command line (Typer + rich)."""
