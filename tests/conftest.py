@@ -1,0 +1,22 @@
+"""Shared fixtures. Servers are started per test module where possible: loading and
+compiling is the slow part, requests are cheap."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import BUNDLED, serving  # noqa: E402
+
+from mserve import server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def add_url():
+    """The bundled add servable behind a real server."""
+    with serving(server.ServableStartConfig(BUNDLED, "add")) as url:
+        yield url
