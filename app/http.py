@@ -74,8 +74,8 @@ def create_app(handler: PredictHandler, max_body_bytes: int) -> Flask:
                 response = error_response(exc.status, exc.message)
                 response.headers["Connection"] = "close"
             else:
-                status, reply = handler.handle(full_path, body)
-                response = json_response(status, reply)
+                status, reply, headers = handler.handle(full_path, body)
+                response = json_response(status, reply, headers)
         access_log.info(
             "%s %s %d %.2fms", request.method, full_path, response.status_code, (time.perf_counter() - started) * 1e3
         )

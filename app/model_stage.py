@@ -28,6 +28,18 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -> list[int]:
+    """Batch sizes to compile: the configured list, or powers of two below the
+    maximum, plus the maximum itself."""
+    if configured:
+        return sorted({int(s) for s in configured if 0 < int(s) <= max_batch_size} | {max_batch_size})
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch_size]
+
+
 class InstanceError(ServingError):
     """One instance failed; the others go on."""
 
@@ -39,7 +51,13 @@ class InstanceError(ServingError):
 class ModelStage:
     """One declared model, loaded on one or more devices."""
 
-    def __init__(self, model: Model, runtimes: Sequence[Any], max_batch_size: int | None = None):
+    def __init__(
+        self,
+        model: Model,
+        runtimes: Sequence[Any],
+        max_batch_size: int | None = None,
+        buckets: Sequence[int] | None = None,
+    ):
         if not runtimes:
             raise ValueError("a model stage needs at least one runtime")
         self.model = model
@@ -51,9 +69,18 @@ class ModelStage:
             model.with_batch_dim and i not in model.without_batch_dim_inputs for i in range(len(self.inputs))
         ]
         self.fixed_batch = self._fixed_batch()
-        # The largest batch one call carries: the artifact's own batch size when it
-        # fixes one, else a configured limit (None: a request's rows in one call).
-        self.max_batch_size = self.fixed_batch or max_batch_size
+        # The largest batch one call carries (the artifact's own batch size when it
+        # fixes one), and the sizes calls are padded to: each is compiled at warm-up,
+        # so no batch size ever compiles on the request path.
+        if self.fixed_batch:
+            self.max_batch_size: int | None = self.fixed_batch
+            self.buckets = [self.fixed_batch]
+        elif model.with_batch_dim:
+            self.max_batch_size = max_batch_size or 32
+            self.buckets = bucket_sizes(self.max_batch_size, buckets)
+        else:
+            self.max_batch_size = None
+            self.buckets = []
         self._next_runtime = itertools.cycle(range(len(self.runtimes)))
         self._rr_lock = threading.Lock()
 
@@ -137,10 +164,13 @@ class ModelStage:
         except Exception as exc:  # a runtime failure fails this instance only
             return InstanceError(f"Model Failed: {exc}", status=500)
 
-    def run_batch(self, rows: Sequence[Sequence[np.ndarray]]) -> list[tuple | InstanceError]:
-        """One device call for rows of identical shapes (at most max_batch_size)."""
+    def run_batch(
+        self, rows: Sequence[Sequence[np.ndarray]], runtime: Any = None, pad_to: int | None = None
+    ) -> list[tuple | InstanceError]:
+        """One device call for rows of identical shapes (at most max_batch_size),
+        padded with zero rows up to the next bucket."""
         n = len(rows)
-        size = self.padded_size(n)
+        size = pad_to or self.padded_size(n)
         arrays = []
         for i, batched in enumerate(self.batched_inputs):
             if not batched:
@@ -152,24 +182,25 @@ class ModelStage:
                 stacked = np.concatenate([stacked, pad])
             arrays.append(stacked)
         try:
-            outputs = self._runtime().predict(arrays)
+            outputs = (runtime or self._runtime()).predict(arrays)
         except Exception as exc:
             error = InstanceError(f"Model Failed: {exc}", status=500)
             return [error] * n
         return [tuple(out[j] for out in outputs) for j in range(n)]
 
     def padded_size(self, n: int) -> int:
-        """The batch a call of ``n`` rows is padded to (the artifact's fixed size)."""
-        return self.fixed_batch or n
+        """The batch a call of ``n`` rows is padded to: the smallest bucket that fits."""
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
 
-    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+    def warm_up(self) -> None:
         """Compile every shape the request path will use, before the first request."""
         from .backends import concrete_shapes
 
+        sizes: list[int | None] = list(self.buckets) if self.model.with_batch_dim else [None]
         for runtime in self.runtimes:
-            sizes = [self.fixed_batch] if self.fixed_batch else list(batch_sizes)
-            if not self.model.with_batch_dim:
-                sizes = [None]
             for size in sizes:
                 shapes = concrete_shapes(runtime.inputs, size)
                 if shapes is not None and hasattr(runtime, "warm_up"):

@@ -4,34 +4,44 @@ Each instance carries a row of slots (method inputs, then each stage's outputs).
 stage runs over the instances still alive; one that fails turns into that instance's
 ``error_msg`` and the instance skips the remaining stages. Python stages run per
 instance or, with ``batch_size``, over lists of instances; model stages hand all live
-rows to their `ModelStage` (or to a batcher in front of it), which batches them.
+rows to their version's model runner (a cross-request batcher or the `ModelStage`
+itself). Between stages, instances past the request's deadline fail with ``Time out``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextvars
+import time
+from typing import Any, Sequence
 
 from .model_stage import InstanceError
-from .register import MethodDef, StageDef, _current_version
+from .register import MethodDef, Model, StageDef, _current_version
 from .servable import LoadedVersion
 
-# How a model stage's rows are executed: the stage itself by default, or a
-# cross-request batcher installed by the server.
-ModelRunner = Callable[[LoadedVersion, StageDef, list[tuple]], list[Any]]
 
+class _StageContext:
+    """What `Model.call` inside a Python stage runs against: this request's version
+    and deadline."""
 
-def direct_model_runner(version: LoadedVersion, stage: StageDef, rows: list[tuple]) -> list[Any]:
-    return version.model_stage(stage.target).run(rows)  # type: ignore[arg-type]
+    __slots__ = ("version", "deadline")
+
+    def __init__(self, version: LoadedVersion, deadline: float):
+        self.version = version
+        self.deadline = deadline
+
+    def call_model(self, model: Model, args: tuple) -> Any:
+        return self.version.call_model(model, args, self.deadline)
 
 
 def run_method(
     version: LoadedVersion,
     method: MethodDef,
     inputs: Sequence[Sequence[Any] | InstanceError],
-    model_runner: ModelRunner = direct_model_runner,
+    deadline: float = float("inf"),
 ) -> list[list[Any] | InstanceError]:
     """Run ``method`` on decoded instances (each a list of input values, or an error
-    from decoding). Returns per instance its output values or an `InstanceError`."""
+    from decoding) before ``deadline`` (``time.monotonic()`` seconds). Returns per
+    instance its output values or an `InstanceError`."""
     slots: list[list[Any] | None] = []
     errors: list[InstanceError | None] = []
     for item in inputs:
@@ -44,17 +54,20 @@ def run_method(
             slots.append(row)
             errors.append(None)
 
-    token = _current_version.set(version)
+    token = _current_version.set(_StageContext(version, deadline))
     try:
         for stage in method.stages:
+            if time.monotonic() >= deadline:
+                errors = [e or InstanceError("Time out", status=504) for e in errors]
+                break
             alive = [i for i, e in enumerate(errors) if e is None]
             if not alive:
                 break
             rows = [tuple(slots[i][s.index] for s in stage.inputs) for i in alive]  # type: ignore[index]
             if stage.is_model:
-                results = model_runner(version, stage, rows)
+                results = version.run_model(stage.target, rows, deadline)  # type: ignore[arg-type]
             elif stage.batch_size is None:
-                results = [_call_function(stage, row) for row in rows]
+                results = _map_function(version, stage, rows)
             else:
                 results = _call_batched_function(stage, rows)
             for i, result in zip(alive, results):
@@ -71,6 +84,18 @@ def run_method(
         errors[i] if errors[i] is not None else [slots[i][s.index] for s in method.output_slots]  # type: ignore[index]
         for i in range(len(slots))
     ]
+
+
+def _map_function(version: LoadedVersion, stage: StageDef, rows: list[tuple]) -> list[tuple | InstanceError]:
+    """A per-instance Python stage over rows; in the servable's worker pool when it
+    has one (decoders such as Pillow release the GIL, so a many-instance request
+    preprocesses in parallel)."""
+    pool = version.stage_pool
+    if pool is None or len(rows) < 2:
+        return [_call_function(stage, row) for row in rows]
+    # Each task gets a copy of this context, so Model.call works in pool threads.
+    futures = [pool.submit(contextvars.copy_context().run, _call_function, stage, row) for row in rows]
+    return [f.result() for f in futures]
 
 
 def _outputs(stage: StageDef, value: Any) -> tuple:

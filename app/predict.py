@@ -12,6 +12,8 @@ for the same reason (PROTOCOL.md section 3).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any, Sequence
 
 import orjson
@@ -19,7 +21,7 @@ import orjson
 from .codec import OutputError, decode_value, dumps, encode_value
 from .errors import BadRequest, ServingError
 from .model_stage import InstanceError
-from .pipeline import ModelRunner, direct_model_runner, run_method
+from .pipeline import run_method
 from .register import MethodDef
 from .servable import ServableRegistry
 from .urls import parse_predict_path
@@ -28,27 +30,60 @@ log = logging.getLogger("mserve.predict")
 
 
 class PredictHandler:
-    def __init__(self, registry: ServableRegistry, model_runner: ModelRunner = direct_model_runner):
-        self.registry = registry
-        self.model_runner = model_runner
+    """Answers predict requests for the servables in ``registry``.
 
-    def handle(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """Answer one predict request; never raises."""
+    ``max_enqueued_requests`` bounds the requests inside the server at once (more
+    get 503 with Retry-After); ``request_timeout`` (seconds) bounds each one (the
+    instances that miss it get ``Time out``; 504 when none finished).
+    """
+
+    def __init__(
+        self,
+        registry: ServableRegistry,
+        max_enqueued_requests: int = 10000,
+        request_timeout: float = 100.0,
+    ):
+        self.registry = registry
+        self.max_enqueued_requests = max_enqueued_requests
+        self.request_timeout = request_timeout
+        self._active = 0
+        self._lock = threading.Lock()
+        self.draining = False
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def handle(self, path: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """Answer one predict request: status, JSON body, extra headers. Never raises."""
+        headers: dict[str, str] = {}
+        with self._lock:
+            admitted = self._active < self.max_enqueued_requests and not self.draining
+            if admitted:
+                self._active += 1
+        if not admitted:
+            reason = "server is shutting down" if self.draining else "Serving Error: request queue is full"
+            return 503, dumps({"error_msg": reason}), {"Retry-After": "1"}
         try:
-            status, reply = self._handle(path, body)
+            status, reply = self._handle(path, body, time.monotonic() + self.request_timeout)
         except ServingError as exc:
             status, reply = exc.status, {"error_msg": exc.message}
         except Exception:
             log.exception("predict %s failed", path)
             status, reply = 500, {"error_msg": "internal server error, see the server log"}
-        return status, dumps(reply)
+        finally:
+            with self._lock:
+                self._active -= 1
+        if status == 503:
+            headers["Retry-After"] = "1"
+        return status, dumps(reply), headers
 
-    def _handle(self, path: str, body: bytes) -> tuple[int, dict]:
+    def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
         target = parse_predict_path(path)
         version, method = self.registry.lookup(target.servable, target.version, target.method)
         instances = parse_instances(body)
         decoded = [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
-        results = run_method(version, method, decoded, self.model_runner)
+        results = run_method(version, method, decoded, deadline)
         return build_reply(method, results)
 
 

@@ -9,18 +9,23 @@ the stage wiring against the models, and warms them up. Every failure here is a
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import register
 from .backends import get_backend
+from .batching import Batcher, BatchObserver
 from .errors import NotFound, ServableLoadError
-from .model_stage import ModelStage
+from .model_stage import InstanceError, ModelStage
 from .register import MethodDef, Model, ServableDefinition
+
+log = logging.getLogger("mserve.servable")
 
 
 def list_versions(servable_dir: Path) -> list[int]:
@@ -66,6 +71,23 @@ def _where(exc: BaseException, config: Path) -> str:
 
 
 @dataclass
+class BatchSettings:
+    """How model stages with a batch dimension are batched.
+
+    ``max_batch_size`` and ``batch_sizes`` (the buckets) apply to artifacts whose
+    batch dimension is free; a model's ``options`` may set its own. With
+    ``cross_request=False`` each request's instances are still batched together,
+    just never with other requests'.
+    """
+
+    max_batch_size: int = 32
+    batch_sizes: Sequence[int] | None = None
+    max_batch_delay_ms: float = 2.0
+    cross_request: bool = True
+    observer: BatchObserver | None = None
+
+
+@dataclass
 class LoadedVersion:
     """One version folder of a servable, its models loaded and warm."""
 
@@ -73,6 +95,8 @@ class LoadedVersion:
     version: int
     definition: ServableDefinition
     stages: dict[int, ModelStage]  # Model.index -> stage
+    batchers: dict[int, Batcher] = field(default_factory=dict)
+    stage_pool: ThreadPoolExecutor | None = None  # for per-instance Python stages
 
     @property
     def methods(self) -> dict[str, MethodDef]:
@@ -81,13 +105,18 @@ class LoadedVersion:
     def model_stage(self, model: Model) -> ModelStage:
         return self.stages[model.index]
 
-    def call_model(self, model: Model, args: tuple) -> Any:
-        """Model.call from inside a Python stage: one instance, or a list of them."""
-        from .model_stage import InstanceError
+    def run_model(self, model: Model, rows: list[tuple], deadline: float) -> list[tuple | InstanceError]:
+        """Rows through the model: via its cross-request batcher when it has one."""
+        batcher = self.batchers.get(model.index)
+        if batcher is not None:
+            return batcher.run(rows, deadline)
+        return self.stages[model.index].run(rows)
 
+    def call_model(self, model: Model, args: tuple, deadline: float) -> Any:
+        """Model.call from inside a Python stage: one instance, or a list of them."""
         many = len(args) == 1 and isinstance(args[0], list)
         rows = args[0] if many else [args]
-        results = self.model_stage(model).run([tuple(r) for r in rows])
+        results = self.run_model(model, [tuple(r) for r in rows], deadline)
         out = []
         for r in results:
             if isinstance(r, InstanceError):
@@ -99,14 +128,22 @@ class LoadedVersion:
     def compile_count(self) -> int:
         return sum(s.compile_count for s in self.stages.values())
 
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.stop()
+        if self.stage_pool is not None:
+            self.stage_pool.shutdown(wait=False, cancel_futures=True)
+
 
 def load_version(
     servable_directory: Path,
     definition: ServableDefinition,
     version: int,
     devices: Sequence[Any],
-    warm_batch_sizes: Sequence[int] = (1,),
+    batching: BatchSettings | None = None,
+    num_parallel_workers: int = 0,
 ) -> LoadedVersion:
+    batching = batching or BatchSettings()
     name = definition.name
     folder = Path(servable_directory) / name / str(version)
     stages: dict[int, ModelStage] = {}
@@ -128,16 +165,34 @@ def load_version(
                 f"servable '{name}' version {version}: loading {', '.join(model.model_files)} "
                 f"({model.model_format}) failed: {exc}"
             ) from exc
-        stages[model.index] = ModelStage(model, runtimes, model.options.get("max_batch_size"))
+        stages[model.index] = ModelStage(
+            model,
+            runtimes,
+            model.options.get("max_batch_size", batching.max_batch_size),
+            model.options.get("batch_sizes", batching.batch_sizes),
+        )
     _check_wiring(definition, stages)
     for stage in stages.values():
         try:
-            stage.warm_up(warm_batch_sizes)
+            stage.warm_up()
         except Exception as exc:
             raise ServableLoadError(
                 f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
             ) from exc
-    return LoadedVersion(name, version, definition, stages)
+    batchers = {}
+    if batching.cross_request:
+        for index, stage in stages.items():
+            if stage.model.with_batch_dim:
+                delay_ms = stage.model.options.get("max_batch_delay_ms", batching.max_batch_delay_ms)
+                batchers[index] = Batcher(stage, delay_ms / 1000.0, batching.observer)
+    pool = None
+    if num_parallel_workers > 0:
+        pool = ThreadPoolExecutor(num_parallel_workers, thread_name_prefix=f"mserve-{name}-stage")
+    log.info(
+        "servable %s version %d ready: %d model(s), %d program(s) compiled",
+        name, version, len(stages), sum(s.compile_count for s in stages.values()),
+    )
+    return LoadedVersion(name, version, definition, stages, batchers, pool)
 
 
 def _check_wiring(definition: ServableDefinition, stages: dict[int, ModelStage]) -> None:
@@ -189,11 +244,13 @@ class ServableRegistry:
             updated = Servable(current.name, current.directory, current.definition, versions)
             self._servables = {**self._servables, servable.name: updated}
 
-    def remove(self, name: str, version: int) -> None:
+    def remove(self, name: str, version: int) -> LoadedVersion | None:
+        """Stop routing to a version; returns it so the caller can close it once its
+        in-flight requests are done."""
         with self._lock:
             current = self._servables.get(name)
             if current is None or version not in current.versions:
-                return
+                return None
             versions = {v: lv for v, lv in current.versions.items() if v != version}
             servables = dict(self._servables)
             if versions:
@@ -201,10 +258,15 @@ class ServableRegistry:
             else:
                 del servables[name]
             self._servables = servables
+            return current.versions[version]
 
     def clear(self) -> None:
+        """Unload everything (stops the batchers' device threads)."""
         with self._lock:
-            self._servables = {}
+            servables, self._servables = self._servables, {}
+        for servable in servables.values():
+            for loaded in servable.versions.values():
+                loaded.close()
 
     def servables(self) -> dict[str, Servable]:
         return self._servables

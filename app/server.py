@@ -23,8 +23,8 @@ from typing import Any, Sequence
 from .errors import ServableLoadError
 from .http import create_app
 from .predict import PredictHandler
-from .servable import ServableRegistry, list_versions, load_definition, load_version
-from .servable import Servable
+from .compile_cache import enable_compile_cache
+from .servable import BatchSettings, Servable, ServableRegistry, list_versions, load_definition, load_version
 from .transport import WaitressTransport, bind_socket, parse_address
 
 log = logging.getLogger("mserve.server")
@@ -47,6 +47,11 @@ class ServableStartConfig:
     num_parallel_workers: int = 0
     dec_key: Any = None
     dec_mode: str = "AES-GCM"
+    # mserve additions: batching of models with a batch dimension (see BatchSettings).
+    max_batch_size: int = 32
+    batch_sizes: Sequence[int] | None = None
+    max_batch_delay_ms: float = 2.0
+    batching: bool = True
 
     def versions(self) -> list[int]:
         numbers = [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)
@@ -70,7 +75,9 @@ class SSLConfig:
 class _State:
     registry: ServableRegistry = field(default_factory=ServableRegistry)
     transports: list[Any] = field(default_factory=list)
+    handlers: list[PredictHandler] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    observer: Any = None  # metrics hooks for the batchers
 
 
 _state = _State()
@@ -107,6 +114,7 @@ def start_servables(servable_configs: ServableStartConfig | Sequence[ServableSta
     Extra MindSpore arguments (``enable_lite``) are accepted and ignored.
     """
     configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
+    enable_compile_cache()
     with _state.lock:
         for config in configs:
             _load(config)
@@ -133,8 +141,11 @@ def _load(config: ServableStartConfig) -> None:
             )
     devices = resolve_devices(config.device_type, config.device_list())
     servable = Servable(config.servable_name, root, definition)
+    batching = BatchSettings(
+        config.max_batch_size, config.batch_sizes, config.max_batch_delay_ms, config.batching, _state.observer
+    )
     for number in dict.fromkeys(wanted):
-        loaded = load_version(root, definition, number, devices)
+        loaded = load_version(root, definition, number, devices, batching, config.num_parallel_workers)
         _state.registry.add(servable, loaded)
         log.info("loaded servable %s version %d", config.servable_name, number)
 
@@ -160,16 +171,25 @@ def start_restful_server(
     address: str = "127.0.0.1:5500",
     max_msg_mb_size: int = 100,
     ssl_config: SSLConfig | None = None,
-    threads: int = 8,
+    threads: int = 16,
+    max_enqueued_requests: int = 10000,
+    request_timeout: float = 100.0,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
-    (``host:port``; port 0 picks a free one, see the returned server's ``port``)."""
+    (``host:port``; port 0 picks a free one, see the returned server's ``port``).
+
+    mserve additions: ``threads`` (HTTP worker threads; requests waiting on a batch
+    hold one each), ``max_enqueued_requests`` (more at once get 503), and
+    ``request_timeout`` in seconds (late instances get ``Time out``).
+    """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
-    app = create_app(PredictHandler(_state.registry), max_body)
+    handler = PredictHandler(_state.registry, max_enqueued_requests, request_timeout)
+    app = create_app(handler, max_body)
     with _state.lock:
+        _state.handlers.append(handler)
         sock = bind_socket(host, port)
         if ssl_config is not None:
             from .tls import TlsTransport
@@ -188,6 +208,9 @@ def stop(drain_timeout: float = 30.0) -> None:
     """Stop every RESTful server (letting in-flight requests finish) and unload."""
     with _state.lock:
         transports, _state.transports = _state.transports, []
+        handlers, _state.handlers = _state.handlers, []
+        for handler in handlers:
+            handler.draining = True
         for transport in transports:
             transport.stop(drain_timeout)
         _state.registry.clear()

@@ -7,6 +7,7 @@ the request path after warm-up.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Sequence
 
@@ -14,6 +15,8 @@ import jax
 import numpy as np
 
 from . import TensorSpec
+
+log = logging.getLogger("mserve.jax")
 
 
 def specs_from_avals(avals: Sequence[Any]) -> list[TensorSpec]:
@@ -53,6 +56,8 @@ class JaxProgram:
         self._executables: dict[tuple[tuple[int, ...], ...], Any] = {}
         self._lock = threading.Lock()
         self._compile_count = 0
+        self._warm = False
+        self.calls = 0  # device calls, for spotting how work spreads over devices
 
     @property
     def compile_count(self) -> int:
@@ -69,6 +74,8 @@ class JaxProgram:
                     jax.ShapeDtypeStruct(shape, spec.dtype, sharding=self._sharding)
                     for shape, spec in zip(shapes, self.inputs)
                 ]
+                if self._warm:
+                    log.warning("compiling on the request path for input shapes %s (not warmed up)", shapes)
                 exe = self._jitted.lower(*self._leading_specs, *specs).compile()
                 self._executables[shapes] = exe
                 self._compile_count += 1
@@ -81,9 +88,11 @@ class JaxProgram:
             zeros = [np.zeros(s, spec.dtype) for s, spec in zip(key, self.inputs)]
             # Run once too: the first execution allocates buffers and is slower.
             jax.block_until_ready(exe(*self._leading, *zeros))
+        self._warm = True
 
     def predict(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         exe = self._executable(tuple(a.shape for a in arrays))
+        self.calls += 1
         out = exe(*self._leading, *arrays)
         return [np.asarray(leaf) for leaf in jax.tree.leaves(out)]
 
