@@ -7,9 +7,11 @@ gathers more rows of the same shape up to the batch limit, waiting at most
 one device call and hands every row its own result. Rows whose request has timed out
 are dropped before they reach the device.
 
-While one batch runs, new rows queue up, so under load batches fill without any
-delay; the delay only matters at low concurrency, where it trades a little latency
-for larger batches.
+The executor only waits for rows it knows are coming: requests announce (`expect`)
+how many rows they will bring once they enter their method, and count them off when
+they submit. A lone request at low load is therefore never delayed, while under
+load a batch waits up to ``max_batch_delay`` for requests still in preprocessing.
+While one batch runs, new rows queue up, so batches also fill without any waiting.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Batcher:
         self.max_delay = max_delay
         self.observer = observer or BatchObserver()
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._coming = 0  # rows announced by requests that have not submitted yet
         self._cv = threading.Condition()
         self._stopping = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # rows per device call
@@ -73,7 +76,19 @@ class Batcher:
 
     # ------------------------------------------------------------ request side
 
-    def submit(self, rows: Sequence[tuple], deadline: float) -> list[Future]:
+    def expect(self, count: int) -> None:
+        """A request entered a method that will bring ``count`` rows here."""
+        with self._cv:
+            self._coming += count
+
+    def arrive(self, count: int) -> None:
+        """Rows announced with `expect` will not come after all (they failed earlier)."""
+        with self._cv:
+            self._coming -= count
+            self._cv.notify(len(self._threads))
+
+    def submit(self, rows: Sequence[tuple], deadline: float, announced: int = 0) -> list[Future]:
+        """Queue checked rows; ``announced`` is what this request had `expect`-ed."""
         futures = []
         items = []
         for row in rows:
@@ -87,18 +102,19 @@ class Batcher:
             item = _Pending(row, tuple(a.shape for a in row), deadline)
             items.append(item)
             futures.append(item.future)
+        with self._cv:
+            self._queue.extend(items)
+            self._coming -= announced
+            depth = len(self._queue)
+            self._cv.notify(len(self._threads))
         if items:
-            with self._cv:
-                self._queue.extend(items)
-                depth = len(self._queue)
-                self._cv.notify(len(self._threads))
             self.observer.queue_depth(self.stage, depth)
         return futures
 
-    def run(self, rows: Sequence[tuple], deadline: float) -> list[Any]:
+    def run(self, rows: Sequence[tuple], deadline: float, announced: int = 0) -> list[Any]:
         """Submit rows and wait for them: a result tuple or `InstanceError` per row."""
         results = []
-        for future in self.submit(rows, deadline):
+        for future in self.submit(rows, deadline, announced):
             remaining = deadline - time.monotonic()
             try:
                 results.append(future.result(timeout=max(remaining, 0)))
@@ -126,7 +142,7 @@ class Batcher:
                         item = self._queue.popleft()
                         (batch if item.key == first.key else keep).append(item)
                     self._queue.extendleft(reversed(keep))
-                if len(batch) >= self.max_batch_size:
+                if len(batch) >= self.max_batch_size or self._coming <= 0:
                     break
                 wait = give_up - time.monotonic()
                 if wait <= 0 or self._stopping:

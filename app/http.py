@@ -1,9 +1,12 @@
-"""The Flask app: routes HTTP onto the predict handler.
+"""The WSGI app: the predict path, and Flask for everything else.
 
-Any POST that is not another endpoint is a predict call; anything else on such a
-URL is answered 405 with MindSpore Serving's message. The body is read through
-`read_body`, which refuses an over-limit body from its Content-Length (or, when
-chunked, as soon as it crosses the limit), so it is never buffered whole first.
+Every POST is a predict call. It goes straight from WSGI to the predict handler:
+Flask's request/response machinery cost as much as the whole predict pipeline for a
+small model (benchmarks/bench_http_stack.py), and the predict path needs none of
+it. Everything else (405 for non-POST predict URLs, the GET endpoints) is the Flask
+app. The body is read through `read_body`, which refuses an over-limit body from its
+Content-Length (or, when chunked, as soon as it crosses the limit), so it is never
+buffered whole first.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from .codec import dumps
@@ -56,34 +59,58 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response(status, dumps({"error_msg": message}), headers)
 
 
-def create_app(handler: PredictHandler, max_body_bytes: int) -> Flask:
-    """The WSGI app serving ``handler``'s servables."""
-    app = Flask("mserve")
-    app.config["MAX_CONTENT_LENGTH"] = None  # read_body enforces the limit itself
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
-    def predict(path: str = "") -> Response:
+
+class MserveApp:
+    """The WSGI callable: POST -> the predict handler, anything else -> Flask."""
+
+    def __init__(self, handler: PredictHandler, flask_app: Flask, max_body_bytes: int):
+        self.handler = handler
+        self.flask = flask_app
+        self.max_body_bytes = max_body_bytes
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["REQUEST_METHOD"] != "POST":
+            return self.flask(environ, start_response)
         started = time.perf_counter()
-        full_path = "/" + path
-        if request.method != "POST":
-            response = error_response(405, "http message only support POST right now")
-            response.headers["Allow"] = "POST"
+        path = environ.get("PATH_INFO") or "/"
+        headers = [("Content-Type", "application/json")]
+        try:
+            body = read_body(environ, self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            status, reply = exc.status, dumps({"error_msg": exc.message})
+            headers.append(("Connection", "close"))
+        except Exception:  # the client went away mid-body, or the stream broke
+            logging.getLogger("mserve.http").warning("reading the request body failed", exc_info=True)
+            status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
         else:
-            try:
-                body = read_body(request.environ, max_body_bytes)
-            except PayloadTooLarge as exc:
-                response = error_response(exc.status, exc.message)
-                response.headers["Connection"] = "close"
-            else:
-                status, reply, headers = handler.handle(full_path, body)
-                response = json_response(status, reply, headers)
-        access_log.info(
-            "%s %s %d %.2fms", request.method, full_path, response.status_code, (time.perf_counter() - started) * 1e3
-        )
+            status, reply, extra = self.handler.handle(path, body)
+            headers.extend(extra.items())
+        headers.append(("Content-Length", str(len(reply))))
+        start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
+        access_log.info("POST %s %d %.2fms", path, status, (time.perf_counter() - started) * 1e3)
+        return [reply]
+
+
+def create_app(handler: PredictHandler, max_body_bytes: int) -> MserveApp:
+    """The WSGI app serving ``handler``'s servables."""
+    return MserveApp(handler, create_flask_app(), max_body_bytes)
+
+
+def create_flask_app() -> Flask:
+    """The non-predict side: 405 on predict URLs, and the GET endpoints."""
+    app = Flask("mserve")
+
+    def not_post(path: str = "") -> Response:
+        response = error_response(405, "http message only support POST right now")
+        response.headers["Allow"] = "POST"
         return response
 
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-    app.add_url_rule("/", "predict_root", predict, methods=methods)
-    app.add_url_rule("/<path:path>", "predict", predict, methods=methods)
+    methods = ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    app.add_url_rule("/", "predict_root", not_post, methods=methods)
+    app.add_url_rule("/<path:path>", "predict", not_post, methods=methods)
 
     @app.errorhandler(Exception)
     def any_error(exc: Exception) -> Response:  # JSON always, never a stack trace

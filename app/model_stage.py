@@ -201,10 +201,9 @@ class ModelStage:
 
         sizes: list[int | None] = list(self.buckets) if self.model.with_batch_dim else [None]
         for runtime in self.runtimes:
-            for size in sizes:
-                shapes = concrete_shapes(runtime.inputs, size)
-                if shapes is not None and hasattr(runtime, "warm_up"):
-                    runtime.warm_up([shapes])
+            shapes = [s for s in (concrete_shapes(runtime.inputs, size) for size in sizes) if s is not None]
+            if shapes and hasattr(runtime, "warm_up"):
+                runtime.warm_up(shapes)
 
     @property
     def compile_count(self) -> int:

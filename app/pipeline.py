@@ -54,9 +54,18 @@ def run_method(
             slots.append(row)
             errors.append(None)
 
+    # Tell the batchers ahead how many rows are coming, so they wait for them (and
+    # only for them); whatever never arrives is counted off in the finally.
+    alive_count = sum(e is None for e in errors)
+    announced = {}
+    for position, stage in enumerate(method.stages):
+        batcher = version.batchers.get(stage.target.index) if stage.is_model else None  # type: ignore[union-attr]
+        if batcher is not None and alive_count:
+            batcher.expect(alive_count)
+            announced[position] = batcher
     token = _current_version.set(_StageContext(version, deadline))
     try:
-        for stage in method.stages:
+        for position, stage in enumerate(method.stages):
             if time.monotonic() >= deadline:
                 errors = [e or InstanceError("Time out", status=504) for e in errors]
                 break
@@ -65,7 +74,8 @@ def run_method(
                 break
             rows = [tuple(slots[i][s.index] for s in stage.inputs) for i in alive]  # type: ignore[index]
             if stage.is_model:
-                results = version.run_model(stage.target, rows, deadline)  # type: ignore[arg-type]
+                count = alive_count if announced.pop(position, None) is not None else 0
+                results = version.run_model(stage.target, rows, deadline, count)  # type: ignore[arg-type]
             elif stage.batch_size is None:
                 results = _map_function(version, stage, rows)
             else:
@@ -79,6 +89,8 @@ def run_method(
                         row[slot.index] = value  # type: ignore[index]
     finally:
         _current_version.reset(token)
+        for batcher in announced.values():
+            batcher.arrive(alive_count)
 
     return [
         errors[i] if errors[i] is not None else [slots[i][s.index] for s in method.output_slots]  # type: ignore[index]

@@ -105,11 +105,14 @@ class LoadedVersion:
     def model_stage(self, model: Model) -> ModelStage:
         return self.stages[model.index]
 
-    def run_model(self, model: Model, rows: list[tuple], deadline: float) -> list[tuple | InstanceError]:
-        """Rows through the model: via its cross-request batcher when it has one."""
+    def run_model(
+        self, model: Model, rows: list[tuple], deadline: float, announced: int = 0
+    ) -> list[tuple | InstanceError]:
+        """Rows through the model: via its cross-request batcher when it has one
+        (``announced``: the rows this request told the batcher to expect)."""
         batcher = self.batchers.get(model.index)
         if batcher is not None:
-            return batcher.run(rows, deadline)
+            return batcher.run(rows, deadline, announced)
         return self.stages[model.index].run(rows)
 
     def call_model(self, model: Model, args: tuple, deadline: float) -> Any:

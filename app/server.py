@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,13 +175,16 @@ def start_restful_server(
     threads: int = 16,
     max_enqueued_requests: int = 10000,
     request_timeout: float = 100.0,
+    sock: socket.socket | None = None,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
 
     mserve additions: ``threads`` (HTTP worker threads; requests waiting on a batch
     hold one each), ``max_enqueued_requests`` (more at once get 503), and
-    ``request_timeout`` in seconds (late instances get ``Time out``).
+    ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
+    already listening socket to serve instead of binding ``address`` (worker
+    processes share one this way).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
@@ -190,7 +194,8 @@ def start_restful_server(
     app = create_app(handler, max_body)
     with _state.lock:
         _state.handlers.append(handler)
-        sock = bind_socket(host, port)
+        if sock is None:
+            sock = bind_socket(host, port)
         if ssl_config is not None:
             from .tls import TlsTransport
 

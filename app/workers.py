@@ -1,0 +1,163 @@
+"""Several server processes on one listening socket.
+
+One Python process serves the HTTP front end, the codec and the pipeline on one
+core, whatever its thread count (the GIL). `WorkerPool` binds the port once and
+starts N worker processes that inherit the socket; each loads the servables and
+serves with its own threads, and the kernel hands each new connection to whichever
+worker accepts it first. The pool restarts a worker that dies, and on stop sends
+SIGTERM to all, which drain their in-flight requests.
+
+Run as ``python -m mserve.workers`` it is one worker: it reads its settings as JSON
+on stdin and reports ``READY <json description>`` on stdout once it serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+log = logging.getLogger("mserve.workers")
+
+
+def _config_to_json(config: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["servable_directory"] = os.fspath(config.servable_directory)
+    return data
+
+
+class WorkerPool:
+    """N worker processes serving ``configs`` on ``sock``."""
+
+    def __init__(
+        self,
+        configs: Sequence[Any],
+        sock: socket.socket,
+        workers: int,
+        restful: dict[str, Any] | None = None,
+        ssl_config: Any = None,
+        log_level: int = logging.INFO,
+        ready_timeout: float = 600.0,
+    ):
+        self.sock = sock
+        self.workers = workers
+        self.ready_timeout = ready_timeout
+        self.settings = {
+            "configs": [_config_to_json(c) for c in configs],
+            "restful": dict(restful or {}),
+            "ssl_config": dataclasses.asdict(ssl_config) if ssl_config is not None else None,
+            "fd": sock.fileno(),
+            "log_level": log_level,
+        }
+        self.procs: list[subprocess.Popen | None] = [None] * workers
+        self.description: list[Any] = []
+        self._stopping = False
+        self._watcher: threading.Thread | None = None
+
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mserve.workers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=(self.sock.fileno(),),
+            text=True,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(self.settings))
+        proc.stdin.close()
+        return proc
+
+    def _wait_ready(self, proc: subprocess.Popen) -> Any:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.ready_timeout
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                return json.loads(line[6:])
+            if line.startswith("FAILED "):
+                raise RuntimeError(line[7:].strip())
+            if time.monotonic() > deadline:
+                break
+        code = proc.wait()
+        raise RuntimeError(f"worker process exited with code {code} before serving")
+
+    def start(self) -> list[Any]:
+        """Start every worker; returns once all serve (the description of worker 0's
+        servables), or raises the first worker's load error after stopping the rest."""
+        try:
+            for i in range(self.workers):
+                self.procs[i] = self._spawn()
+            descriptions = [self._wait_ready(p) for p in self.procs if p is not None]
+        except BaseException:
+            self.stop(drain_timeout=5)
+            raise
+        self.description = descriptions[0]
+        self._watcher = threading.Thread(target=self._watch, name="mserve-workers", daemon=True)
+        self._watcher.start()
+        return self.description
+
+    def _watch(self) -> None:
+        """Replace workers that die while the pool serves."""
+        while not self._stopping:
+            time.sleep(0.5)
+            for i, proc in enumerate(self.procs):
+                if self._stopping or proc is None or proc.poll() is None:
+                    continue
+                log.error("worker %d (pid %d) exited with code %s; starting a new one", i, proc.pid, proc.returncode)
+                try:
+                    self.procs[i] = self._spawn()
+                    self._wait_ready(self.procs[i])  # type: ignore[arg-type]
+                except Exception as exc:
+                    log.error("restarting worker %d failed: %s", i, exc)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
+        self._stopping = True
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + drain_timeout + 5
+        for proc in live:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.sock.close()
+
+
+def _worker_main() -> int:
+    settings = json.loads(sys.stdin.read())
+    logging.basicConfig(level=settings["log_level"], format=f"[worker {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    from . import server
+    from .errors import ServableLoadError
+    from .metadata import describe_servable
+
+    # Block the stop signals before any thread starts, so only sigwait sees them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    sock = socket.socket(fileno=settings["fd"])
+    try:
+        server.start_servables([server.ServableStartConfig(**c) for c in settings["configs"]])
+        ssl = settings["ssl_config"]
+        server.start_restful_server(
+            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["restful"]
+        )
+    except (ServableLoadError, RuntimeError) as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    described = [describe_servable(s) for s in server.registry().servables().values()]
+    print("READY " + json.dumps(described), flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
