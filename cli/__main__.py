@@ -1,0 +1,5 @@
+"""``python -m mserve.cli``: the same as the ``mserve`` command."""
+
+from .main import main
+
+main()

@@ -1,0 +1,352 @@
+"""`mserve invoke SERVABLE:METHOD`: build a predict request, send it, show the reply.
+
+Inputs come from ``-i NAME=VALUE`` (a JSON literal, or ``@file``: ``.npy`` -> typed
+b64 tensor, ``.json`` -> the JSON value, anything else -> b64 bytes) and/or
+``--instances FILE.json``. Tensors and bytes are encoded by ``mserve.codec``, the
+same codec the server decodes with.
+
+HTTP goes through the standard library (``urllib`` + ``ssl``): no extra dependency,
+the CLI starts fast, and ``ssl.SSLContext`` covers --cacert, --cert/--key and
+--insecure directly.
+
+Exit codes:
+  0  every instance answered;
+  1  the reply lists instances and at least one carries ``error_msg``;
+  2  no per-instance result: a request-level error (bad URL, unknown servable or
+     method, bad JSON, a single top-level ``error_msg`` such as a bad value in a
+     one-instance request), no connection, timeout, TLS failure, or a bad command line.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from . import render
+from .render import fail
+
+DEFAULT_URL = "http://127.0.0.1:5500"
+
+EPILOG = """\
+[bold]Examples[/]
+
+  mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[5.0,6.0],[7.0,8.0]]'
+  [dim]# typed tensors from .npy files[/]
+  mserve invoke add:add_common -i x1=@sample_data/add_x1.npy \\
+      -i x2=@sample_data/add_x2.npy
+  [dim]# prepared instances, raw JSON reply[/]
+  mserve invoke add:add_common --instances sample_data/add_instances.json --json
+  [dim]# 4 copies of the instance, version 1, outputs saved as .npy[/]
+  mserve invoke add:add_cast -i x1='[[1,2],[3,4]]' -i x2='[[1,1],[1,1]]' \\
+      -n 4 --version 1 --output out/
+  [dim]# HTTPS with a private CA[/]
+  mserve invoke demo:predict -i x='[1,2,3,4]' --url https://host:5500 --cacert ca.pem
+
+VALUE is a JSON literal (quote it for the shell; a string needs JSON quotes: -i text='"hi"') or @FILE: .npy -> typed tensor, .json -> its JSON value, any other file -> bytes.
+
+[bold]Exit codes[/]: 0 every instance answered; 1 some instance failed (error_msg in its place); 2 no per-instance result: request-level error (unknown servable or method, bad URL or JSON, a top-level error_msg), no connection, timeout, or a bad command line.
+"""
+
+# Tensors with more elements than this are summarized (dtype, shape, min/max/mean).
+_SHOW_LIMIT = 64
+
+
+# --------------------------------------------------------------------------- request
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    servable, sep, method = target.partition(":")
+    if not sep or not servable or not method or "/" in servable:
+        fail(f"expected SERVABLE:METHOD (e.g. add:add_common), got {target!r}")
+    return servable, method
+
+
+def read_value(text: str) -> Any:
+    """One ``-i`` VALUE: a JSON literal, or ``@file``."""
+    if text.startswith("@"):
+        return read_file_value(Path(text[1:]).expanduser())
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(
+            f"value {text!r} is not a JSON literal ({exc.msg}); quote strings as JSON (-i name='\"text\"') "
+            "or pass a file with @FILE"
+        )
+
+
+def read_file_value(path: Path) -> Any:
+    """``@file``: .npy -> typed b64 tensor, .json -> JSON value, else b64 bytes."""
+    from mserve import codec
+
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            import numpy as np
+
+            try:
+                array = np.load(path, allow_pickle=False)
+            except ValueError as exc:
+                fail(f"{path} is not a plain .npy array: {exc}")
+            try:
+                return codec.encode_tensor(array)
+            except ValueError as exc:
+                fail(f"{path}: {exc}")
+        if suffix == ".json":
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                fail(f"{path} is not valid JSON: {exc}")
+        return codec.encode_bytes(path.read_bytes())
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def parse_inputs(items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            fail(f"-i expects NAME=VALUE, got {item!r}")
+        if name in values:
+            fail(f"input {name!r} is given twice")
+        values[name] = read_value(text)
+    return values
+
+
+def read_instances(source: str) -> list[Any]:
+    """An instance list from a JSON file (or ``-`` for stdin): a list of instances,
+    one instance object, or a whole request body ``{"instances": ...}``."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).expanduser().read_text()
+    except OSError as exc:
+        fail(f"cannot read {source}: {exc.strerror or exc}")
+    where = "stdin" if source == "-" else source
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"{where} is not valid JSON: {exc}")
+    if isinstance(data, dict) and "instances" in data:
+        data = data["instances"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(i, dict) for i in data):
+        fail(f"{where}: expected a list of instance objects, one instance object, or {{\"instances\": [...]}}")
+    return data
+
+
+def build_body(inputs: dict[str, Any], instances_file: Optional[str], count: int) -> dict[str, Any]:
+    """The request body: file instances (each completed with ``-i`` inputs) or one
+    instance from ``-i``, repeated ``count`` times."""
+    if count < 1:
+        fail(f"--count must be at least 1, got {count}")
+    if instances_file is not None:
+        instances = [{**inst, **inputs} for inst in read_instances(instances_file)]
+        if not instances:
+            fail(f"{instances_file} holds no instances")
+    elif inputs:
+        instances = [inputs]
+    else:
+        fail("no inputs: give -i NAME=VALUE (repeatable) or --instances FILE.json")
+    return {"instances": instances * count}
+
+
+def predict_url(base: str, servable: str, method: str, version: Optional[int]) -> str:
+    from urllib.parse import quote
+
+    if "://" not in base:
+        fail(f"--url {base!r} needs a scheme: http://HOST:PORT or https://HOST:PORT")
+    path = render.predict_path(quote(servable, safe=""), quote(method, safe=""), version)
+    return base.rstrip("/") + path
+
+
+def ssl_context(url: str, cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool) -> Any:
+    if not url.lower().startswith("https://"):
+        if cacert or cert or key or insecure:
+            fail("--cacert, --cert, --key and --insecure apply to https:// URLs only")
+        return None
+    if key and not cert:
+        fail("--key needs --cert")
+    try:
+        context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
+        if insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if cert:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        fail(f"TLS setup failed: {exc}")
+    return context
+
+
+def post(url: str, body: bytes, timeout: float, context: Any) -> tuple[int, bytes]:
+    """POST ``body``; (status, reply bytes) for any HTTP answer, `CliError` otherwise."""
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            fail(f"TLS verification of {url} failed: {reason.verify_message or reason} (use --cacert FILE, or --insecure)")
+        if isinstance(reason, ssl.SSLError):
+            fail(f"TLS error talking to {url}: {reason}")
+        if isinstance(reason, ConnectionRefusedError):
+            fail(f"cannot connect to {url}: connection refused (is `mserve start` running there?)")
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            fail(f"no answer from {url} within {timeout:g}s (--timeout)")
+        if isinstance(reason, socket.gaierror):
+            fail(f"cannot resolve the host of {url}: {reason.strerror or reason}")
+        fail(f"cannot connect to {url}: {getattr(reason, 'strerror', None) or reason}")
+    except (TimeoutError, socket.timeout):
+        fail(f"no answer from {url} within {timeout:g}s (--timeout)")
+    except ssl.SSLError as exc:
+        fail(f"TLS error talking to {url}: {exc}")
+    except http.client.HTTPException as exc:  # not HTTP at all (e.g. http:// to an HTTPS port)
+        fail(f"no valid HTTP answer from {url}: {type(exc).__name__} {exc}")
+    except (ConnectionError, OSError) as exc:
+        fail(f"connection to {url} failed: {exc.strerror or exc}")
+
+
+# --------------------------------------------------------------------------- reply
+
+
+def show_value(value: Any) -> str:
+    """A reply value for the table: small values as JSON, big tensors summarized."""
+    from mserve import codec
+
+    decoded = codec.decode_reply_value(value)
+    if isinstance(decoded, bytes):
+        return f"<{len(decoded)} bytes>"
+    import numpy as np
+
+    if isinstance(decoded, np.ndarray) and decoded.dtype.kind in "biuf" and decoded.size > _SHOW_LIMIT:
+        kind = {"b": "bool", "i": "int", "u": "int", "f": "float"}[decoded.dtype.kind]
+        summary = f"{kind} tensor, shape {list(decoded.shape)}"
+        if decoded.dtype.kind in "iuf":
+            summary += f", min {decoded.min():.6g}, max {decoded.max():.6g}, mean {decoded.mean():.6g}"
+        return summary
+    return json.dumps(value, ensure_ascii=False)
+
+
+def reply_table(instances: list[Any]) -> Table:
+    table = Table(show_lines=False)
+    table.add_column("instance", justify="right")
+    table.add_column("output", style="cyan")
+    table.add_column("value", overflow="fold")
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            table.add_row(str(index), "", escape(json.dumps(instance)))
+        elif "error_msg" in instance:
+            table.add_row(str(index), "[red]error_msg[/]", f"[red]{escape(str(instance['error_msg']))}[/]")
+        else:
+            for name, value in instance.items():
+                table.add_row(str(index), escape(name), escape(show_value(value)))
+    return table
+
+
+def save_outputs(instances: list[Any], directory: Path) -> list[Path]:
+    """Every output of every answered instance as ``NAME_INDEX.npy`` (``.bin`` for
+    bytes, ``.txt`` for strings) in ``directory``."""
+    import numpy as np
+
+    from mserve import codec
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create {directory}: {exc.strerror or exc}")
+    written = []
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, dict) or "error_msg" in instance:
+            continue
+        for name, value in instance.items():
+            decoded = codec.decode_reply_value(value)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            if isinstance(decoded, bytes):
+                path = directory / f"{safe}_{index}.bin"
+                path.write_bytes(decoded)
+            elif isinstance(decoded, str):
+                path = directory / f"{safe}_{index}.txt"
+                path.write_text(decoded)
+            else:
+                path = directory / f"{safe}_{index}.npy"
+                np.save(path, np.asarray(decoded), allow_pickle=False)
+            written.append(path)
+    return written
+
+
+def invoke(
+    target: str = typer.Argument(..., metavar="SERVABLE:METHOD", help="What to call, e.g. add:add_common."),
+    inputs: Optional[list[str]] = typer.Option(
+        None, "--input", "-i", metavar="NAME=VALUE", help="An input: JSON literal or @FILE (repeatable)."
+    ),
+    instances: Optional[str] = typer.Option(
+        None, "--instances", metavar="FILE.json",
+        help="Instances from a JSON file ('-' = stdin): a list, one object, or a full request body. "
+        "-i inputs are added to each.",
+    ),
+    count: int = typer.Option(1, "--count", "-n", min=1, help="Send the instance(s) this many times."),
+    version: Optional[int] = typer.Option(None, "--version", "-V", min=0, help="Servable version (default: newest)."),
+    url: str = typer.Option(DEFAULT_URL, "--url", envvar="MSERVE_URL", help="Server base URL."),
+    cacert: Optional[Path] = typer.Option(None, help="CA bundle (PEM) to verify an https server.", show_default=False),
+    cert: Optional[Path] = typer.Option(None, help="Client certificate (PEM) for mutual TLS.", show_default=False),
+    key: Optional[Path] = typer.Option(None, help="Private key of --cert, if not inside it.", show_default=False),
+    insecure: bool = typer.Option(False, "--insecure", "-k", help="Do not verify the server's certificate."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply (for scripts)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", metavar="DIR", help="Save outputs as DIR/NAME_INDEX.npy (.bin for bytes)."
+    ),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the reply."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Call a method of a running server and show the reply.
+
+    Builds the request JSON for you: tensors from .npy files are sent as typed base64, other files as bytes. Shows a table of each instance's outputs; big tensors are summarized (use --json or --output DIR for the full values).
+    """
+    with render.reported(debug, unexpected_code=2):
+        servable, method = parse_target(target)
+        body = build_body(parse_inputs(inputs or []), instances, count)
+        address = predict_url(url, servable, method, version)
+        context = ssl_context(address, cacert, cert, key, insecure)
+        import orjson
+
+        status, raw = post(address, orjson.dumps(body), timeout, context)
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            snippet = " ".join(raw[:300].decode("utf-8", "replace").split())[:120]
+            fail(f"HTTP {status} from {address}, and the body is not JSON (is this an mserve server?): {snippet}")
+
+        if as_json:
+            sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\n") + "\n")
+        answered = isinstance(reply, dict) and isinstance(reply.get("instances"), list)
+        if answered and output is not None:
+            written = save_outputs(reply["instances"], output)
+            render.note(f"saved {len(written)} file(s) to {escape(str(output))}")
+        if not answered:
+            message = reply.get("error_msg") if isinstance(reply, dict) else None
+            fail(f"HTTP {status}: {message if message is not None else json.dumps(reply)}")
+        if not as_json:
+            render.out().print(reply_table(reply["instances"]))
+        failed = sum(1 for i in reply["instances"] if not isinstance(i, dict) or "error_msg" in i)
+        if failed:
+            render.error_line(f"{failed} of {len(reply['instances'])} instance(s) failed")
+            raise typer.Exit(1)

@@ -1,0 +1,284 @@
+"""`mserve start` settings: one dataclass that a YAML file and the flags both fill.
+
+    settings = StartSettings.build(config_file, flags)   # flags override the file
+
+Adding a start option means adding a field here (with its default and a help line
+in ``FIELD_HELP``) and a flag in ``start.py``; the YAML key is the field name
+(dashes are accepted too: ``max-msg-mb`` = ``max_msg_mb``). Paths in a YAML file are
+relative to the file's folder.
+
+Also here: which servables a start (or ``mserve list``) loads, from the servable
+directory argument and ``--servable NAME[:VERSION]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .render import fail
+
+CONFIG_FILE = "servable_config.py"
+
+
+@dataclass
+class StartSettings:
+    servable_directory: str | None = None
+    servables: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 5500
+    device_type: str | None = None
+    device_ids: list[int] = field(default_factory=lambda: [0])
+    max_msg_mb: int = 100
+    threads: int | None = None  # None: the server's default
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca: str | None = None
+    verify_client: bool = False
+    drain_timeout: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, config_file: str | os.PathLike | None, flags: Mapping[str, Any]) -> "StartSettings":
+        """Defaults, then the YAML file, then the flags that were given (not None)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(read_config(Path(config_file)))
+        for key, value in flags.items():
+            if value is None or (isinstance(value, (list, tuple)) and not value):
+                continue
+            values[key] = coerce(key, value, source="option")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            fail(f"port {self.port} is out of range (0-65535)")
+        if not 1 <= self.max_msg_mb <= 512:
+            fail(f"max_msg_mb must be from 1 to 512, got {self.max_msg_mb}")
+        if self.threads is not None and self.threads < 1:
+            fail(f"threads must be at least 1, got {self.threads}")
+        if not self.device_ids:
+            fail("device_ids is empty")
+        if any(d < 0 for d in self.device_ids):
+            fail(f"device_ids must be non-negative, got {self.device_ids}")
+        if self.drain_timeout < 0:
+            fail(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            fail("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+        if (self.ssl_ca or self.verify_client) and not self.ssl_certfile:
+            fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
+        if self.verify_client and not self.ssl_ca:
+            fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    def ssl_config(self) -> Any:
+        if not self.ssl_certfile:
+            return None
+        from mserve import server
+
+        return server.SSLConfig(
+            certificate=self.ssl_certfile,
+            private_key=str(self.ssl_keyfile),
+            custom_ca=self.ssl_ca,
+            verify_client=self.verify_client,
+        )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
+_OPTIONAL_INTS = {"threads"}
+_PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings in a YAML file, validated; relative paths made relative to it."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"config file {path}: {exc.strerror or exc}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        fail(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        fail(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS:
+            fail(f"config file {path}: unknown setting {raw_key!r}; known: {', '.join(FIELDS)}")
+        value = coerce(key, value, source=f"config file {path}")
+        if key in _PATH_FIELDS and value is not None and not Path(value).expanduser().is_absolute():
+            value = str(path.parent / Path(value).expanduser())
+        values[key] = value
+    return values
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """``value`` as the type of setting ``key``; a clear error otherwise."""
+    default = FIELDS[key].default
+    where = f"{source}: {key}"
+    if key == "servables":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+            fail(f"{where} must be a list of NAME or NAME:VERSION strings")
+        return list(items)
+    if key == "device_ids":
+        return parse_device_ids(value, where)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) or key in _OPTIONAL_INTS:
+        if value is None and key in _OPTIONAL_INTS:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{where} must be a number, got {value!r}")
+        return float(value)
+    # strings (and optional strings)
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        fail(f"{where} must be a string, got {value!r}")
+    return str(value)
+
+
+def parse_device_ids(value: Any, where: str = "device_ids") -> list[int]:
+    """``0``, ``"0,1"`` or ``[0, 1]``."""
+    if isinstance(value, bool):
+        fail(f"{where} must be device numbers such as 0 or 0,1, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    ids = []
+    for part in parts:
+        try:
+            if isinstance(part, bool):
+                raise ValueError
+            ids.append(int(part))
+        except (TypeError, ValueError):
+            fail(f"{where} must be device numbers such as 0 or 0,1, got {value!r}")
+    return ids
+
+
+# --------------------------------------------------------------------------- servables
+
+
+def parse_servable_spec(spec: str) -> tuple[str, list[int]]:
+    """``NAME`` -> (NAME, [0]) (newest); ``NAME:2`` or ``NAME:1,2`` -> those versions."""
+    name, sep, versions = spec.partition(":")
+    name = name.strip()
+    if not name or "/" in name:
+        fail(f"--servable {spec!r}: expected NAME or NAME:VERSION")
+    if not sep:
+        return name, [0]
+    numbers = []
+    for part in versions.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            fail(f"--servable {spec!r}: version {part!r} is not a number (expected NAME:VERSION, e.g. add:1)")
+        numbers.append(int(part))
+    return name, numbers
+
+
+def servables_in(directory: Path) -> list[str]:
+    """Names of the servables in ``directory`` (folders holding servable_config.py)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+
+def bundled_dir() -> Path:
+    from mserve.servables import BUNDLED_DIR
+
+    return Path(BUNDLED_DIR)
+
+
+def resolve_servables(directory: str | None, specs: list[str]) -> list[tuple[Path, str, list[int]]]:
+    """(servable directory, name, versions) for each servable to load.
+
+    * a directory given: every servable in it, or those named with ``--servable``;
+    * no directory, no ``--servable``: the bundled servables (the embedded default);
+    * no directory, ``--servable NAME``: NAME from the current directory if it is
+      there (what ``mserve new NAME`` just made), else the bundled one.
+    """
+    parsed = [parse_servable_spec(s) for s in specs]
+    seen = set()
+    for name, _ in parsed:
+        if name in seen:
+            fail(f"--servable {name} is given twice (use NAME:1,2 for several versions)")
+        seen.add(name)
+    if directory is not None:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            fail(f"servable directory {root} does not exist")
+        if not parsed:
+            names = servables_in(root)
+            if not names:
+                fail(f"no servables in {root} (a servable is a folder holding {CONFIG_FILE}; try `mserve new NAME`)")
+            return [(root, n, [0]) for n in names]
+        for name, _ in parsed:
+            if not (root / name / CONFIG_FILE).is_file():
+                known = ", ".join(servables_in(root)) or "none"
+                fail(f"servable {name!r} not found in {root} (servables there: {known})")
+        return [(root, n, v) for n, v in parsed]
+    bundled = bundled_dir()
+    if not parsed:
+        names = servables_in(bundled)
+        if not names:
+            fail(f"no bundled servables in {bundled}")
+        return [(bundled, n, [0]) for n in names]
+    resolved = []
+    for name, versions in parsed:
+        for root in (Path.cwd(), bundled):
+            if (root / name / CONFIG_FILE).is_file():
+                resolved.append((root, name, versions))
+                break
+        else:
+            known = ", ".join(servables_in(bundled)) or "none"
+            fail(
+                f"servable {name!r} is neither in the current directory nor bundled (bundled: {known}); "
+                "give its directory: mserve start DIR --servable NAME"
+            )
+    return resolved
+
+
+def start_configs(
+    resolved: list[tuple[Path, str, list[int]]], device_type: str | None = None, device_ids: list[int] | None = None
+) -> list[Any]:
+    from mserve import server
+
+    return [
+        server.ServableStartConfig(
+            str(root),
+            name,
+            device_ids=list(device_ids or [0]),
+            version_number=versions[0] if len(versions) == 1 else versions,
+            device_type=device_type,
+        )
+        for root, name, versions in resolved
+    ]
