@@ -134,14 +134,19 @@ class WorkerPool:
 
 
 def _worker_main() -> int:
+    # Block the stop signals first, so one that comes while loading is held until
+    # the worker serves and then drains like any other stop.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     settings = json.loads(sys.stdin.read())
-    logging.basicConfig(level=settings["log_level"], format=f"[worker {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    mserve_log = logging.getLogger("mserve")
+    mserve_log.addHandler(handler)
+    mserve_log.setLevel(settings["log_level"])
     from . import server
     from .errors import ServableLoadError
     from .metadata import describe_servable
 
-    # Block the stop signals before any thread starts, so only sigwait sees them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     sock = socket.socket(fileno=settings["fd"])
     try:
         server.start_servables([server.ServableStartConfig(**c) for c in settings["configs"]])

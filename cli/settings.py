@@ -41,6 +41,12 @@ class StartSettings:
     drain_timeout: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    workers: int = 1
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    batching: bool = True
+    max_enqueued_requests: int = 10000
+    request_timeout: float = 100.0
 
     # ------------------------------------------------------------------ building
 
@@ -69,6 +75,16 @@ class StartSettings:
             fail("device_ids is empty")
         if any(d < 0 for d in self.device_ids):
             fail(f"device_ids must be non-negative, got {self.device_ids}")
+        if self.workers < 1:
+            fail(f"workers must be at least 1, got {self.workers}")
+        if self.max_batch_size < 1:
+            fail(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_batch_delay_ms < 0:
+            fail(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.max_enqueued_requests < 1:
+            fail(f"max_enqueued_requests must be at least 1, got {self.max_enqueued_requests}")
+        if self.request_timeout <= 0:
+            fail(f"request_timeout must be > 0, got {self.request_timeout}")
         if self.drain_timeout < 0:
             fail(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -84,6 +100,17 @@ class StartSettings:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+    def restful_options(self) -> dict[str, Any]:
+        """Keyword arguments of server.start_restful_server beyond address and TLS."""
+        options: dict[str, Any] = {
+            "max_msg_mb_size": self.max_msg_mb,
+            "max_enqueued_requests": self.max_enqueued_requests,
+            "request_timeout": self.request_timeout,
+        }
+        if self.threads is not None:
+            options["threads"] = self.threads
+        return options
 
     def ssl_config(self) -> Any:
         if not self.ssl_certfile:
@@ -268,10 +295,20 @@ def resolve_servables(directory: str | None, specs: list[str]) -> list[tuple[Pat
 
 
 def start_configs(
-    resolved: list[tuple[Path, str, list[int]]], device_type: str | None = None, device_ids: list[int] | None = None
+    resolved: list[tuple[Path, str, list[int]]],
+    device_type: str | None = None,
+    device_ids: list[int] | None = None,
+    settings: StartSettings | None = None,
 ) -> list[Any]:
     from mserve import server
 
+    batching: dict[str, Any] = {}
+    if settings is not None:
+        batching = {
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_delay_ms": settings.max_batch_delay_ms,
+            "batching": settings.batching,
+        }
     return [
         server.ServableStartConfig(
             str(root),
@@ -279,6 +316,7 @@ def start_configs(
             device_ids=list(device_ids or [0]),
             version_number=versions[0] if len(versions) == 1 else versions,
             device_type=device_type,
+            **batching,
         )
         for root, name, versions in resolved
     ]

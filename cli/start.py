@@ -37,10 +37,12 @@ START_EPILOG = """\
   mserve new demo && mserve start --servable demo
   mserve start --host 0.0.0.0 --port 8080 --device-type gpu --device-ids 0,1
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem
+  [dim]# two server processes on one port (more CPU cores for HTTP and JSON)[/]
+  mserve start --workers 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -151,6 +153,26 @@ def start(
         None, "--access-log/--no-access-log", help="One log line per request.  \\[default: on]", show_default=False
     ),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error.  \\[default: info]", show_default=False),
+    workers: Optional[int] = typer.Option(
+        None, help="Server processes sharing the port (each loads the servables; >1 uses more cores).  \\[default: 1]",
+        show_default=False,
+    ),
+    max_batch_size: Optional[int] = typer.Option(
+        None, help="Most instances per device call for models with a free batch size.  \\[default: 32]",
+        show_default=False,
+    ),
+    max_batch_delay_ms: Optional[float] = typer.Option(
+        None, help="How long a batch may wait for requests already on their way.  \\[default: 2]", show_default=False
+    ),
+    batching: Optional[bool] = typer.Option(
+        None, "--batching/--no-batching", help="Batch instances across requests.  \\[default: on]", show_default=False
+    ),
+    max_enqueued_requests: Optional[int] = typer.Option(
+        None, help="Requests in the server at once; more get 503 + Retry-After.  \\[default: 10000]", show_default=False
+    ),
+    request_timeout: Optional[float] = typer.Option(
+        None, help="Seconds before a request's instances answer 'Time out'.  \\[default: 100]", show_default=False
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -177,6 +199,12 @@ def start(
             "drain_timeout": drain_timeout,
             "access_log": access_log,
             "log_level": log_level,
+            "workers": workers,
+            "max_batch_size": max_batch_size,
+            "max_batch_delay_ms": max_batch_delay_ms,
+            "batching": batching,
+            "max_enqueued_requests": max_enqueued_requests,
+            "request_timeout": request_timeout,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -190,7 +218,7 @@ def serve(settings: StartSettings) -> None:
 
 def _serve(settings: StartSettings) -> None:
     resolved = resolve_servables(settings.servable_directory, settings.servables)
-    configs = start_configs(resolved, settings.device_type, settings.device_ids)
+    configs = start_configs(resolved, settings.device_type, settings.device_ids, settings)
 
     # Signals are caught from here on, so a Ctrl+C during a long load stops cleanly too.
     stop_requested = threading.Event()
@@ -209,6 +237,9 @@ def _serve(settings: StartSettings) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if settings.workers > 1:
+            _serve_workers(settings, configs, stop_requested, signals_seen)
+            return
         from mserve import server
 
         _load(configs)
@@ -216,11 +247,8 @@ def _serve(settings: StartSettings) -> None:
             server.stop(settings.drain_timeout)
             return
         try:
-            options: dict[str, Any] = {}
-            if settings.threads is not None:
-                options["threads"] = settings.threads
             restful = server.start_restful_server(
-                settings.address, max_msg_mb_size=settings.max_msg_mb, ssl_config=settings.ssl_config(), **options
+                settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
             )
         except ImportError as exc:
             server.stop()
@@ -249,6 +277,45 @@ def _serve(settings: StartSettings) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _serve_workers(
+    settings: StartSettings, configs: list[Any], stop_requested: threading.Event, signals_seen: list[int]
+) -> None:
+    """``--workers N``: N server processes on one listening socket (see mserve.workers)."""
+    from mserve.transport import bind_socket
+    from mserve.workers import WorkerPool
+
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except (RuntimeError, OSError) as exc:
+        render.fail(str(exc), code=1)
+    scheme = "https" if settings.ssl_certfile else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"{scheme}://{host}:{sock.getsockname()[1]}"
+    pool = WorkerPool(
+        configs, sock, settings.workers, restful=settings.restful_options(), ssl_config=settings.ssl_config(),
+        log_level=getattr(logging, settings.log_level.upper()),
+    )
+    try:
+        described = pool.start()
+    except RuntimeError as exc:
+        render.fail(str(exc), code=1)
+    try:
+        console = render.out()
+        console.print(render.servables_table(described, url))
+        console.print(
+            f"[bold green]mserve[/] serving on [bold]{escape(url)}[/] with {settings.workers} worker processes"
+            "  (Ctrl+C to stop)", soft_wrap=True,
+        )
+        sys.stdout.flush()
+        while not stop_requested.wait(0.5):
+            pass
+        name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
+        render.note(f"{name}: stopping workers, letting in-flight requests finish (up to {settings.drain_timeout:g}s)")
+    finally:
+        pool.stop(settings.drain_timeout)
+    render.note("stopped")
 
 
 def list_servables(
