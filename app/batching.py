@@ -93,13 +93,13 @@ class Batcher:
         items = []
         for row in rows:
             try:
-                self.stage.check(row)
+                row = self.stage.check(row)
             except InstanceError as exc:
                 done: Future = Future()
                 done.set_result(exc)
                 futures.append(done)
                 continue
-            item = _Pending(row, tuple(a.shape for a in row), deadline)
+            item = _Pending(row, self.stage.batch_key(row), deadline)
             items.append(item)
             futures.append(item.future)
         with self._cv:
@@ -126,7 +126,7 @@ class Batcher:
     # ------------------------------------------------------------ device side
 
     def _take(self) -> list[_Pending] | None:
-        """The next batch: rows of one shape, oldest first."""
+        """The next batch: rows that can share a call (`ModelStage.batch_key`), oldest first."""
         with self._cv:
             while not self._queue and not self._stopping:
                 self._cv.wait()

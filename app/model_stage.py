@@ -106,8 +106,11 @@ class ModelStage:
         return tuple(spec.shape)
 
     def check(self, args: Sequence[Any]) -> tuple[np.ndarray, ...]:
-        """Raise `InstanceError` (MindSpore's wording) unless ``args`` fit the model."""
-        for i, (value, spec) in enumerate(zip(args, self.inputs)):
+        """The row as arrays, or `InstanceError` (MindSpore's wording) unless ``args``
+        fit the model. Numpy scalars (what arithmetic on 0-d arrays returns in a
+        Python stage) count as 0-d arrays."""
+        row = tuple(np.asarray(v) if isinstance(v, np.generic) else v for v in args)
+        for i, (value, spec) in enumerate(zip(row, self.inputs)):
             given = _type_name(value)
             if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
                 raise InstanceError(
@@ -121,7 +124,15 @@ class ModelStage:
                 raise InstanceError(
                     f"Given model input {i} size {tuple(value.shape)} not match the size {shown} defined in model"
                 )
-        return tuple(args)
+        return row
+
+    def batch_key(self, row: Sequence[np.ndarray]) -> tuple:
+        """Rows with equal keys can share a device call: same shapes, and the same
+        values for inputs without a batch dimension (one value serves the batch)."""
+        return tuple(
+            a.shape if batched else (a.shape, a.dtype.str, a.tobytes())
+            for a, batched in zip(row, self.batched_inputs)
+        )
 
     # ----------------------------------------------------------------- running
 
@@ -135,26 +146,24 @@ class ModelStage:
         """Run checked rows (one tuple of inputs per instance); a result or an
         `InstanceError` per row, in order."""
         results: list[tuple | InstanceError | None] = [None] * len(rows)
-        good: list[int] = []
+        checked: dict[int, tuple] = {}
         for i, args in enumerate(rows):
             try:
-                self.check(args)
-                good.append(i)
+                checked[i] = self.check(args)
             except InstanceError as exc:
                 results[i] = exc
         if not self.model.with_batch_dim:
-            for i in good:
-                results[i] = self._call_one(rows[i])
+            for i, row in checked.items():
+                results[i] = self._call_one(row)
         else:
-            # Rows whose free dimensions differ cannot share a batch.
             groups: dict[tuple, list[int]] = {}
-            for i in good:
-                groups.setdefault(tuple(np.shape(a) for a in rows[i]), []).append(i)
+            for i, row in checked.items():
+                groups.setdefault(self.batch_key(row), []).append(i)
             for members in groups.values():
                 step = self.max_batch_size or len(members)
                 for start in range(0, len(members), step):
                     chunk = members[start : start + step]
-                    for i, out in zip(chunk, self.run_batch([rows[i] for i in chunk])):
+                    for i, out in zip(chunk, self.run_batch([checked[i] for i in chunk])):
                         results[i] = out
         return results  # type: ignore[return-value]
 

@@ -12,6 +12,7 @@ Two things Waitress does not do out of the box, done here:
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import threading
@@ -21,6 +22,7 @@ from typing import Any, Callable
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import RequestEntityTooLarge
@@ -85,8 +87,31 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+class _Parser(HTTPRequestParser):
+    """Waitress counts chunk framing (size lines, CRLFs) against the body limit, so
+    a chunked body gets headroom for it here; the app's `read_body` then enforces the
+    exact limit on the payload. Content-Length bodies keep the exact, unread check."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.chunked:
+            limit = self.adj.max_request_body_size
+            self.adj = _with_body_limit(self.adj, limit + limit // 8 + (1 << 16))
+
+
+def _with_body_limit(adj: Adjustments, limit: int) -> Adjustments:
+    """A copy of ``adj`` with another body limit (made once per server)."""
+    cached = getattr(adj, "_mserve_chunked", None)
+    if cached is None:
+        cached = copy.copy(adj)
+        cached.max_request_body_size = limit
+        adj._mserve_chunked = cached  # type: ignore[attr-defined]
+    return cached
+
+
 class _Channel(HTTPChannel):
     error_task_class = _JsonErrorTask
+    parser_class = _Parser
 
 
 class _Server(TcpWSGIServer):
