@@ -13,6 +13,7 @@ is written once. Rules and error texts follow PROTOCOL.md sections 2 and 3:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,13 @@ def _decode_array(value: list) -> Any:
                 dtype = _LEAF_DTYPES.get(leaf)
                 if dtype is not None:
                     if leaf is int:
-                        wide = obj.astype(np.int64)
-                        if wide.min() < _INT32_MIN or wide.max() > _INT32_MAX:
-                            bad = wide.max() if wide.max() > _INT32_MAX else wide.min()
-                            _check_int32(int(bad))
+                        try:
+                            wide = obj.astype(np.int64)
+                        except OverflowError:  # beyond int64 (orjson parses up to uint64)
+                            wide = None
+                        if wide is None or wide.min() < _INT32_MIN or wide.max() > _INT32_MAX:
+                            flat = obj.ravel().tolist()
+                            _check_int32(max(flat) if max(flat) > _INT32_MAX else min(flat))
                         return wide.astype(np.int32)
                     return obj.astype(dtype)
     return _decode_array_slow(value)
@@ -193,7 +197,7 @@ def decode_b64_object(obj: dict) -> Any:
     dtype = np.dtype(target).newbyteorder("<")
     if shape is None:
         shape = [1]
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
     if count == 0 and raw:
         raise ValueError_("json object, key is 'shape', invalid shape value")
     if len(raw) != count * dtype.itemsize:
@@ -201,7 +205,10 @@ def decode_b64_object(obj: dict) -> Any:
             f"size is not matched: type {type_name} and shape {list(shape)} need "
             f"{count * dtype.itemsize} bytes, got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    except ValueError:  # a zero-size shape numpy cannot represent, e.g. [0, 2**63]
+        raise ValueError_(f"json object, key is 'shape', invalid shape value {list(shape)}") from None
 
 
 def _b64_shape(obj: dict) -> list[int] | None:
@@ -228,6 +235,8 @@ def encode_value(value: Any) -> Any:
         return _encode_array(np.asarray(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"b64": pybase64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        raise OutputError(f"output integer {value} does not fit in 64 bits")
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
@@ -247,7 +256,8 @@ def _encode_array(array: np.ndarray) -> Any:
     if array.dtype == np.float16:
         # orjson prints float16 through float32 (0.1 -> 0.099975586); go through
         # numpy's shortest float16 repr so the client sees what the model meant.
-        shortest = np.array([float(repr(x)) for x in array.ravel().tolist()] if array.size else [], np.float64)
+        # str() of a numpy float16 is its shortest round-trip decimal ("0.1").
+        shortest = np.array([float(str(x)) for x in array.ravel()], np.float64)
         array = shortest.reshape(array.shape)
     if array.ndim == 0:
         return array[()]

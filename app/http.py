@@ -80,8 +80,9 @@ class MserveApp:
         try:
             body = read_body(environ, self.max_body_bytes)
         except PayloadTooLarge as exc:
+            # No "Connection: close" here: Waitress refuses hop-by-hop headers from
+            # the app (a 500); the body was read, so the connection stays usable.
             status, reply = exc.status, dumps({"error_msg": exc.message})
-            headers.append(("Connection", "close"))
         except Exception:  # the client went away mid-body, or the stream broke
             logging.getLogger("mserve.http").warning("reading the request body failed", exc_info=True)
             status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})

@@ -41,11 +41,13 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
 
 
 class InstanceError(ServingError):
-    """One instance failed; the others go on."""
+    """One instance failed; the others go on. ``cause`` is the message without the
+    instance's position, so instances failing alike can be reported once."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, cause: str | None = None):
         super().__init__(message)
         self.status = status
+        self.cause = cause or message
 
 
 class ModelStage:

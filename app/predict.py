@@ -76,7 +76,12 @@ class PredictHandler:
                 self._active -= 1
         if status == 503:
             headers["Retry-After"] = "1"
-        return status, dumps(reply), headers
+        try:
+            data = dumps(reply)
+        except Exception:  # an output the codec let through but JSON cannot carry
+            log.exception("predict %s: the reply cannot be serialized", path)
+            status, data = 500, dumps({"error_msg": "internal server error: the reply cannot be encoded as JSON"})
+        return status, data, headers
 
     def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
         target = parse_predict_path(path)
@@ -106,20 +111,26 @@ def parse_instances(body: bytes) -> list[Any]:
     return instances
 
 
+def _instance_error(cause: str, where: str) -> InstanceError:
+    """An instance's error: ``cause`` plus where it happened. Instances failing with
+    the same cause count as one cause (a single top-level error_msg)."""
+    return InstanceError(f"{cause} ({where})", cause=cause)
+
+
 def decode_instance(instance: Any, index: int, method: MethodDef, servable: str) -> list[Any] | InstanceError:
     if not isinstance(instance, dict):
-        return InstanceError(f"Parser request failed, instance {index} is not a JSON object")
+        return _instance_error("Parser request failed, instance is not a JSON object", f"instance {index}")
     values = []
     for name in method.input_names:
         if name not in instance:
-            return InstanceError(
-                f"Cannot find input {name} in instance input , servable {servable}, method {method.name}"
-                + (f" (instance {index})" if index else "")
+            return _instance_error(
+                f"Cannot find input {name} in instance input , servable {servable}, method {method.name}",
+                f"instance {index}",
             )
         try:
             values.append(decode_value(instance[name]))
         except BadRequest as exc:
-            return InstanceError(f"Parser request failed, {exc.message} (instance {index}, input '{name}')")
+            return _instance_error(f"Parser request failed, {exc.message}", f"instance {index}, input '{name}'")
     return values
 
 
@@ -139,9 +150,10 @@ def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError])
         return 200, {"instances": [_instance_body(e) for e in encoded]}
     statuses = {e.status for e in failed}
     status = statuses.pop() if len(statuses) == 1 else max(e.status for e in failed)
-    messages = {e.message for e in failed}
-    if len(messages) == 1:
-        return status, {"error_msg": failed[0].message}
+    causes = {e.cause for e in failed}
+    if len(causes) == 1:
+        # One shared cause: report it once, without one instance's position.
+        return status, {"error_msg": causes.pop() if len(failed) > 1 else failed[0].message}
     return status, {"instances": [_instance_body(e) for e in encoded]}
 
 

@@ -175,6 +175,7 @@ def load_version(
             model.options.get("batch_sizes", batching.batch_sizes),
         )
     _check_wiring(definition, stages)
+    _check_batch_dims(name, stages)
     for stage in stages.values():
         try:
             stage.warm_up()
@@ -196,6 +197,32 @@ def load_version(
         name, version, len(stages), sum(s.compile_count for s in stages.values()),
     )
     return LoadedVersion(name, version, definition, stages, batchers, pool)
+
+
+def _check_batch_dims(name: str, stages: dict[int, ModelStage]) -> None:
+    """A model declared ``with_batch_dim=True`` must have the batch as the leading
+    dimension of every batched input and of every output (instances are stacked into
+    it and split out of it); otherwise requests would fail, so refuse it at load."""
+    for ms in stages.values():
+        model = ms.model
+        what = f"servable '{name}': model {model.model_files[0]}"
+        bad = [i for i in model.without_batch_dim_inputs if not 0 <= i < len(ms.inputs)]
+        if bad:
+            raise ServableLoadError(
+                f"{what}: without_batch_dim_inputs {bad} out of range, the model has {len(ms.inputs)} inputs"
+            )
+        if not model.with_batch_dim:
+            continue
+        batch = ms.fixed_batch  # None: a symbolic batch dimension
+        specs = [("input", i, s) for i, s in enumerate(ms.inputs) if ms.batched_inputs[i]]
+        specs += [("output", i, s) for i, s in enumerate(ms.outputs)]
+        for kind, i, spec in specs:
+            if spec.shape is not None and (not spec.shape or spec.shape[0] != batch):
+                raise ServableLoadError(
+                    f"{what} is declared with_batch_dim=True, but its {kind} {i} ({spec.describe()}) does not lead "
+                    f"with the batch dimension ({'symbolic' if batch is None else batch}); declare the model with "
+                    f"with_batch_dim=False, or list inputs without it in without_batch_dim_inputs"
+                )
 
 
 def _check_wiring(definition: ServableDefinition, stages: dict[int, ModelStage]) -> None:

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 from .errors import BadRequest
 
-_MAX_VERSION = 2**31 - 1
+# MindSpore Serving reads the version as a long and refuses >= UINT32_MAX.
+_MAX_VERSION = 2**32 - 2
 
 
 class PredictTarget(NamedTuple):
@@ -28,6 +29,11 @@ def parse_predict_path(path: str) -> PredictTarget:
         raise BadRequest("please check url, the keyword:[service method] must contain.")
     parts[-1] = head
     if len(parts) % 2:
+        # A key without its value, as in /model/add/version:add_common.
+        if parts[-1] == "version":
+            _parse_version("")
+        if parts[-1] == "model":
+            raise BadRequest("please check url, the keyword:[model] must contain.")
         raise BadRequest(f"please check url, expected /model/{{servable}}[/version/{{N}}]:{{method}}, got {path}")
     servable, version = None, 0
     for key, value in zip(parts[::2], parts[1::2]):
@@ -37,7 +43,9 @@ def parse_predict_path(path: str) -> PredictTarget:
             version = _parse_version(value)
         else:
             raise BadRequest(f"please check url, the keyword:[{key}] is not supported")
-    return PredictTarget(servable or "", version, method)
+    if not servable:
+        raise BadRequest("please check url, the keyword:[model] must contain.")
+    return PredictTarget(servable, version, method)
 
 
 def _parse_version(text: str) -> int:
