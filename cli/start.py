@@ -261,16 +261,7 @@ def _serve(settings: StartSettings) -> None:
             render.fail(str(exc), code=1)
 
         try:
-            console = render.out()
-            console.print(render.servables_table(_describe_loaded(), restful.url))
-            console.print(
-                f"[bold green]mserve[/] serving on [bold]{escape(restful.url)}[/]  (Ctrl+C to stop)", soft_wrap=True
-            )
-            sys.stdout.flush()
-            while not stop_requested.wait(0.5):
-                pass
-            name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
-            render.note(f"{name}: stopping, letting in-flight requests finish (up to {settings.drain_timeout:g}s)")
+            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen)
         finally:
             server.stop(settings.drain_timeout)
         render.note("stopped")
@@ -302,20 +293,30 @@ def _serve_workers(
     except RuntimeError as exc:
         render.fail(str(exc), code=1)
     try:
-        console = render.out()
-        console.print(render.servables_table(described, url))
-        console.print(
-            f"[bold green]mserve[/] serving on [bold]{escape(url)}[/] with {settings.workers} worker processes"
-            "  (Ctrl+C to stop)", soft_wrap=True,
-        )
-        sys.stdout.flush()
-        while not stop_requested.wait(0.5):
-            pass
-        name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
-        render.note(f"{name}: stopping workers, letting in-flight requests finish (up to {settings.drain_timeout:g}s)")
+        workers = f" with {settings.workers} worker processes"
+        _announce_and_wait(described, url, workers, settings, stop_requested, signals_seen)
     finally:
         pool.stop(settings.drain_timeout)
     render.note("stopped")
+
+
+def _announce_and_wait(
+    described: list[Any],
+    url: str,
+    how: str,
+    settings: StartSettings,
+    stop_requested: threading.Event,
+    signals_seen: list[int],
+) -> None:
+    """Print what is served and where, then block until SIGINT/SIGTERM."""
+    console = render.out()
+    console.print(render.servables_table(described, url))
+    console.print(f"[bold green]mserve[/] serving on [bold]{escape(url)}[/]{how}  (Ctrl+C to stop)", soft_wrap=True)
+    sys.stdout.flush()
+    while not stop_requested.wait(0.5):
+        pass
+    name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
+    render.note(f"{name}: stopping, letting in-flight requests finish (up to {settings.drain_timeout:g}s)")
 
 
 def list_servables(
