@@ -30,12 +30,6 @@ class NotFound(ServingError):
     status = 404
 
 
-class MethodNotAllowed(ServingError):
-    """Anything but POST on a predict URL (405)."""
-
-    status = 405
-
-
 class PayloadTooLarge(ServingError):
     """Body over ``max_msg_mb_size`` (413)."""
 
