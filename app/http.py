@@ -3,10 +3,14 @@
 Every POST is a predict call. It goes straight from WSGI to the predict handler:
 Flask's request/response machinery cost as much as the whole predict pipeline for a
 small model (benchmarks/bench_http_stack.py), and the predict path needs none of
-it. Everything else (405 for non-POST predict URLs, the GET endpoints) is the Flask
-app. The body is read through `read_body`, which refuses an over-limit body from its
-Content-Length (or, when chunked, as soon as it crosses the limit), so it is never
-buffered whole first.
+it. Everything else (405 for non-POST predict URLs, the GET endpoints of
+`mserve.endpoints`) is the Flask app. The body is read through `read_body`, which
+refuses an over-limit body from its Content-Length (or, when chunked, as soon as it
+crosses the limit), so it is never buffered whole first.
+
+Around both, `MserveApp` gives every request an id (``X-Request-ID``, echoed), one
+access-log record (`mserve.access_log`), and, for predicts, the request metrics and
+an epoch in `RequestEpochs` (so hot reload knows when a retired version is idle).
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .access_log import current_request_id, log_request, request_id
 from .codec import dumps
 from .errors import PayloadTooLarge
+from .metrics import RequestMetrics
 from .predict import PredictHandler
-
-access_log = logging.getLogger("mserve.access")
+from .reload import RequestEpochs
 
 _CHUNK = 1 << 16
 
@@ -64,19 +69,34 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class MserveApp:
-    """The WSGI callable: POST -> the predict handler, anything else -> Flask."""
+    """The WSGI callable: POST -> the predict handler, anything else -> Flask.
 
-    def __init__(self, handler: PredictHandler, flask_app: Flask, max_body_bytes: int):
+    ``state`` is the server's state (`mserve.server._State`): readiness, the request
+    epochs, and what the GET endpoints describe.
+    """
+
+    def __init__(self, handler: PredictHandler, flask_app: Flask, max_body_bytes: int, state: Any = None):
         self.handler = handler
         self.flask = flask_app
         self.max_body_bytes = max_body_bytes
+        self.state = state
+        self.epochs: RequestEpochs = state.epochs if state is not None else RequestEpochs()
+        self.metrics = RequestMetrics(handler.registry.servables)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        if environ["REQUEST_METHOD"] != "POST":
-            return self.flask(environ, start_response)
         started = time.perf_counter()
+        rid = request_id(environ)
+        token = current_request_id.set(rid)
+        try:
+            if environ["REQUEST_METHOD"] != "POST":
+                return self._other(environ, start_response, rid, started)
+            return self._predict(environ, start_response, rid, started)
+        finally:
+            current_request_id.reset(token)
+
+    def _predict(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
         path = environ.get("PATH_INFO") or "/"
-        headers = [("Content-Type", "application/json")]
+        headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
         try:
             body = read_body(environ, self.max_body_bytes)
         except PayloadTooLarge as exc:
@@ -87,27 +107,62 @@ class MserveApp:
             logging.getLogger("mserve.http").warning("reading the request body failed", exc_info=True)
             status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
         else:
-            status, reply, extra = self.handler.handle(path, body)
+            epoch = self.epochs.enter()
+            try:
+                status, reply, extra = self.handler.handle(path, body)
+            finally:
+                self.epochs.leave(epoch)
+            if status == 404 and self.state is not None and self.state.loading:
+                status = 503
+                reply = dumps({"error_msg": "servable is not available: the server is still loading servables"})
+                extra = {"Retry-After": "1"}
             headers.extend(extra.items())
         headers.append(("Content-Length", str(len(reply))))
         start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
-        access_log.info("POST %s %d %.2fms", path, status, (time.perf_counter() - started) * 1e3)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(path, status, elapsed)
+        log_request("POST", path, status, elapsed, rid, environ, len(reply))
         return [reply]
 
+    def _other(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
+        seen: list[int] = []
 
-def create_app(handler: PredictHandler, max_body_bytes: int) -> MserveApp:
-    """The WSGI app serving ``handler``'s servables."""
-    return MserveApp(handler, create_flask_app(), max_body_bytes)
+        def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            seen.append(int(status.split(" ", 1)[0]))
+            headers.append(("X-Request-ID", rid))
+            return start_response(status, headers, exc_info)
+
+        result = self.flask(environ, respond)
+        path = environ.get("PATH_INFO") or "/"
+        log_request(environ["REQUEST_METHOD"], path, seen[-1] if seen else 0, time.perf_counter() - started, rid,
+                    environ, None)
+        return result
 
 
-def create_flask_app() -> Flask:
-    """The non-predict side: 405 on predict URLs, and the GET endpoints."""
+def create_app(handler: PredictHandler, max_body_bytes: int, state: Any = None) -> MserveApp:
+    """The WSGI app serving ``handler``'s servables; ``state`` (the server's, by
+    default) answers readiness and the metadata endpoints."""
+    if state is None:
+        from . import server
+
+        state = server._state
+    return MserveApp(handler, create_flask_app(state), max_body_bytes, state)
+
+
+def create_flask_app(state: Any = None) -> Flask:
+    """The non-predict side: the GET endpoints, and 405 on predict URLs."""
+    from .endpoints import create_blueprint, is_get_path
+
     app = Flask("mserve")
+    if state is not None:
+        app.register_blueprint(create_blueprint(state))
 
     def not_post(path: str = "") -> Response:
-        response = error_response(405, "http message only support POST right now")
-        response.headers["Allow"] = "POST"
-        return response
+        if state is not None and is_get_path(request.path):
+            response = error_response(405, f"method {request.method} not allowed, {request.path} answers GET")
+            response.headers["Allow"] = "GET, HEAD"
+            return response
+        return method_not_allowed()
 
     methods = ["GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
     app.add_url_rule("/", "predict_root", not_post, methods=methods)
@@ -116,9 +171,18 @@ def create_flask_app() -> Flask:
     @app.errorhandler(Exception)
     def any_error(exc: Exception) -> Response:  # JSON always, never a stack trace
         if isinstance(exc, HTTPException):
-            return error_response(exc.code or 500, exc.description or exc.name)
+            response = error_response(exc.code or 500, exc.description or exc.name)
+            if exc.code == 405 and getattr(exc, "valid_methods", None):
+                response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+            return response
         logging.getLogger("mserve.http").exception("unhandled error")
         return error_response(500, "internal server error, see the server log")
 
     return app
 
+
+def method_not_allowed() -> Response:
+    """A predict URL asked with anything but POST (PROTOCOL.md section 1)."""
+    response = error_response(405, "http message only support POST right now")
+    response.headers["Allow"] = "POST"
+    return response

@@ -9,6 +9,19 @@
 
 ``start_*`` return once the servables are loaded and warm, and the socket listens;
 the server runs in background threads until `stop`.
+
+mserve additions (operability):
+
+* Readiness: `readiness` (``GET /ready``) is true only once every configured
+  servable is loaded and warm, and false again from the first moment of `stop`. Call
+  `start_restful_server` first and `start_servables` second to answer ``/health``
+  (200) and ``/ready`` (503) while models load; predicts meanwhile get 503.
+* Hot reload: ``start_servables(..., poll_interval=2.0)`` watches the version
+  folders (see `mserve.reload`); off by default.
+* Graceful stop: ``stop(drain_timeout, grace)``: ``/ready`` turns 503 at once, new
+  requests are still served for ``grace`` seconds (so load balancers notice), then
+  the listener closes and in-flight requests finish, up to ``drain_timeout``.
+* Metrics: batch and model hooks go to `mserve.metrics` (``GET /metrics``).
 """
 
 from __future__ import annotations
@@ -17,15 +30,20 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import metrics
 from .errors import ServableLoadError
 from .http import create_app
 from .predict import PredictHandler
 from .compile_cache import enable_compile_cache
-from .servable import BatchSettings, Servable, ServableRegistry, list_versions, load_definition, load_version
+from .reload import RequestEpochs, VersionWatcher, WatchTarget
+from .servable import (
+    BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
+)
 from .transport import WaitressTransport, bind_socket, parse_address
 
 log = logging.getLogger("mserve.server")
@@ -73,12 +91,51 @@ class SSLConfig:
 
 
 @dataclass
+class _Loaded:
+    """How a configured servable was loaded, so hot reload can load more versions."""
+
+    config: ServableStartConfig
+    servable: Servable
+    devices: list[Any]
+
+
+@dataclass
 class _State:
     registry: ServableRegistry = field(default_factory=ServableRegistry)
     transports: list[Any] = field(default_factory=list)
     handlers: list[PredictHandler] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
-    observer: Any = None  # metrics hooks for the batchers
+    # Batch hooks: an object with ``bind(servable, version) -> BatchObserver`` gets one
+    # observer per loaded version; a plain BatchObserver is shared by all.
+    observer: Any = field(default_factory=metrics.MetricsObserver)
+    configured: dict[str, _Loaded] = field(default_factory=dict)  # servable name -> how it loaded
+    loading: int = 0  # start_servables calls in progress
+    stopping: bool = False
+    epochs: RequestEpochs = field(default_factory=RequestEpochs)  # requests in flight, for retiring versions
+    watcher: VersionWatcher | None = None
+    observers: dict[int, Any] = field(default_factory=dict)  # id(LoadedVersion) -> its VersionObserver
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): ready once every configured servable serves a warm version."""
+        if self.stopping:
+            return False, "stopping"
+        if self.loading:
+            return False, "loading servables"
+        if not self.configured:
+            return False, "no servable loaded"
+        served = self.registry.servables()
+        missing = [name for name in self.configured if name not in served]
+        if missing:
+            return False, f"no version of servable {', '.join(missing)} is loaded"
+        return True, "ready"
+
+    def failed_versions(self, name: str) -> list[dict[str, Any]]:
+        """Versions hot reload could not load (they are skipped until they change)."""
+        watcher = self.watcher
+        if watcher is None:
+            return []
+        failures = list(watcher.failures.get(name, {}).values())
+        return [{"version": f.version, "error": f.error} for f in sorted(failures, key=lambda f: f.version)]
 
 
 _state = _State()
@@ -87,6 +144,15 @@ _state = _State()
 def registry() -> ServableRegistry:
     """The servables this process serves (for tools and tests)."""
     return _state.registry
+
+
+def readiness() -> tuple[bool, str]:
+    """(ready, reason): what ``GET /ready`` answers (200 when ready, else 503)."""
+    return _state.readiness()
+
+
+def _refresh_ready() -> None:
+    metrics.READY.set(1 if _state.readiness()[0] else 0)
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
@@ -109,16 +175,33 @@ def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[
     return [(kind, i) for i in device_ids]
 
 
-def start_servables(servable_configs: ServableStartConfig | Sequence[ServableStartConfig], **ignored: Any) -> None:
+def start_servables(
+    servable_configs: ServableStartConfig | Sequence[ServableStartConfig],
+    poll_interval: float | None = None,
+    **ignored: Any,
+) -> None:
     """Load and warm up the servables; raises `ServableLoadError` on any problem.
 
-    Extra MindSpore arguments (``enable_lite``) are accepted and ignored.
+    ``poll_interval`` (seconds, mserve addition): watch the servables' version
+    folders and hot-reload versions that appear or disappear (see `mserve.reload`);
+    ``None`` (the default) or 0 leaves them alone. Extra MindSpore arguments
+    (``enable_lite``) are accepted and ignored.
     """
     configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
+    if poll_interval is not None and poll_interval < 0:
+        raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     enable_compile_cache()
     with _state.lock:
-        for config in configs:
-            _load(config)
+        _state.loading += 1
+        _refresh_ready()
+        try:
+            for config in configs:
+                _load(config)
+            if poll_interval:
+                _watch([_state.configured[c.servable_name] for c in configs], poll_interval)
+        finally:
+            _state.loading -= 1
+            _refresh_ready()
 
 
 def _load(config: ServableStartConfig) -> None:
@@ -142,13 +225,83 @@ def _load(config: ServableStartConfig) -> None:
             )
     devices = resolve_devices(config.device_type, config.device_list())
     servable = Servable(config.servable_name, root, definition)
-    batching = BatchSettings(
-        config.max_batch_size, config.batch_sizes, config.max_batch_delay_ms, config.batching, _state.observer
-    )
+    entry = _Loaded(config, servable, devices)
     for number in dict.fromkeys(wanted):
-        loaded = load_version(root, definition, number, devices, batching, config.num_parallel_workers)
+        loaded = _load_version(entry, number)
         _state.registry.add(servable, loaded)
         log.info("loaded servable %s version %d", config.servable_name, number)
+    _state.configured[config.servable_name] = entry
+
+
+def _load_version(entry: _Loaded, number: int) -> LoadedVersion:
+    """One version folder, loaded and warm, with its metrics hooks attached."""
+    config, name = entry.config, entry.config.servable_name
+    bind = getattr(_state.observer, "bind", None)
+    observer = bind(name, number) if bind is not None else _state.observer
+    batching = BatchSettings(
+        config.max_batch_size, config.batch_sizes, config.max_batch_delay_ms, config.batching, observer
+    )
+    try:
+        loaded = load_version(
+            entry.servable.directory, entry.servable.definition, number, entry.devices, batching,
+            config.num_parallel_workers,
+        )
+    except BaseException:
+        metrics.VERSION_LOADS.labels(name, "failed").inc()
+        raise
+    metrics.VERSION_LOADS.labels(name, "ok").inc()
+    if isinstance(observer, metrics.VersionObserver):
+        observer.attach(loaded)
+        _state.observers[id(loaded)] = observer
+    return loaded
+
+
+def _close_version(loaded: LoadedVersion) -> None:
+    loaded.close()
+    observer = _state.observers.pop(id(loaded), None)
+    if observer is not None:
+        observer.detach()
+
+
+def _retire_version(name: str, version: int, timeout: float | None = None) -> None:
+    """Stop routing to a version, let the requests that may use it finish, close it."""
+    loaded = _state.registry.remove(name, version)
+    if loaded is None:
+        return
+    if timeout is None:
+        timeout = max((h.request_timeout for h in list(_state.handlers)), default=100.0) + 5.0
+    if not _state.epochs.wait_for_earlier(timeout):
+        log.warning("servable %s version %d: requests still running after %gs; closing it anyway", name, version, timeout)
+    _close_version(loaded)
+    log.info("unloaded servable %s version %d", name, version)
+
+
+def _watch(entries: list[_Loaded], poll_interval: float) -> None:
+    """Start (or widen) hot reload for these servables."""
+    targets = {}
+    if _state.watcher is not None:
+        _state.watcher.stop()
+        targets = dict(_state.watcher.targets)
+    for entry in entries:
+        numbers = entry.config.versions()
+        targets[entry.config.servable_name] = WatchTarget(
+            entry.config.servable_name,
+            Path(entry.servable.directory) / entry.config.servable_name,
+            pinned={n for n in numbers if n},
+            newest=0 in numbers,
+        )
+
+    def load(name: str, version: int) -> LoadedVersion:
+        return _load_version(_state.configured[name], version)
+
+    def add(name: str, loaded: LoadedVersion) -> None:
+        _state.registry.add(_state.configured[name].servable, loaded)
+
+    _state.watcher = VersionWatcher(
+        list(targets.values()), _state.registry, load, add, _retire_version, poll_interval, _refresh_ready
+    )
+    _state.watcher.start()
+    log.info("hot reload: watching %s every %gs", ", ".join(sorted(targets)), poll_interval)
 
 
 class RestfulServer:
@@ -191,7 +344,7 @@ def start_restful_server(
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
     handler = PredictHandler(_state.registry, max_enqueued_requests, request_timeout)
-    app = create_app(handler, max_body)
+    app = create_app(handler, max_body, _state)
     with _state.lock:
         _state.handlers.append(handler)
         if sock is None:
@@ -209,8 +362,24 @@ def start_restful_server(
     return server
 
 
-def stop(drain_timeout: float = 30.0) -> None:
-    """Stop every RESTful server (letting in-flight requests finish) and unload."""
+def begin_shutdown() -> None:
+    """Answer ``/ready`` with 503 from now on and stop hot reload; requests are
+    still served. `stop` does this first; call it earlier (say, on a signal) to give
+    load balancers a head start."""
+    _state.stopping = True
+    _refresh_ready()
+    watcher = _state.watcher
+    if watcher is not None:
+        watcher.stop()
+
+
+def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
+    """Stop gracefully and unload: ``/ready`` answers 503 at once; new requests are
+    still served for ``grace`` seconds; then the listeners close, new predicts get
+    503, and in-flight requests finish (up to ``drain_timeout`` seconds)."""
+    begin_shutdown()
+    if grace > 0:
+        time.sleep(grace)
     with _state.lock:
         transports, _state.transports = _state.transports, []
         handlers, _state.handlers = _state.handlers, []
@@ -218,4 +387,11 @@ def stop(drain_timeout: float = 30.0) -> None:
             handler.draining = True
         for transport in transports:
             transport.stop(drain_timeout)
+        _state.watcher = None
         _state.registry.clear()
+        for observer in _state.observers.values():
+            observer.detach()
+        _state.observers.clear()
+        _state.configured.clear()
+        _state.stopping = False
+        _refresh_ready()
