@@ -345,17 +345,25 @@ def start_restful_server(
     max_body = max_msg_mb_size * 1024 * 1024
     handler = PredictHandler(_state.registry, max_enqueued_requests, request_timeout)
     app = create_app(handler, max_body, _state)
+    if ssl_config is not None:
+        from .tls import build_ssl_context
+
+        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
     with _state.lock:
-        _state.handlers.append(handler)
         if sock is None:
             sock = bind_socket(host, port)
-        if ssl_config is not None:
-            from .tls import TlsTransport
+        try:
+            if ssl_config is not None:
+                from .tls import TlsTransport
 
-            transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
-        else:
-            transport = WaitressTransport(app, sock, threads=threads, max_body_bytes=max_body)
-        transport.start()
+                transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
+            else:
+                transport = WaitressTransport(app, sock, threads=threads, max_body_bytes=max_body)
+            transport.start()
+        except BaseException:
+            sock.close()
+            raise
+        _state.handlers.append(handler)
         _state.transports.append(transport)
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)

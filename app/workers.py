@@ -46,6 +46,7 @@ class WorkerPool:
         ssl_config: Any = None,
         log_level: int = logging.INFO,
         ready_timeout: float = 600.0,
+        poll_interval: float | None = None,
     ):
         self.sock = sock
         self.workers = workers
@@ -56,6 +57,7 @@ class WorkerPool:
             "ssl_config": dataclasses.asdict(ssl_config) if ssl_config is not None else None,
             "fd": sock.fileno(),
             "log_level": log_level,
+            "poll_interval": poll_interval,
         }
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self.description: list[Any] = []
@@ -149,7 +151,9 @@ def _worker_main() -> int:
 
     sock = socket.socket(fileno=settings["fd"])
     try:
-        server.start_servables([server.ServableStartConfig(**c) for c in settings["configs"]])
+        server.start_servables(
+            [server.ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
+        )
         ssl = settings["ssl_config"]
         server.start_restful_server(
             sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["restful"]

@@ -47,6 +47,7 @@ class StartSettings:
     batching: bool = True
     max_enqueued_requests: int = 10000
     request_timeout: float = 100.0
+    poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
 
     # ------------------------------------------------------------------ building
 
@@ -83,6 +84,8 @@ class StartSettings:
             fail(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
         if self.max_enqueued_requests < 1:
             fail(f"max_enqueued_requests must be at least 1, got {self.max_enqueued_requests}")
+        if self.poll_interval < 0:
+            fail(f"poll_interval must be >= 0, got {self.poll_interval}")
         if self.request_timeout <= 0:
             fail(f"request_timeout must be > 0, got {self.request_timeout}")
         if self.drain_timeout < 0:

@@ -42,7 +42,7 @@ START_EPILOG = """\
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -97,13 +97,13 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
             lg.propagate = propagate
 
 
-def _load(configs: list[Any]) -> None:
+def _load(configs: list[Any], poll_interval: float | None = None) -> None:
     """Load servables; load failures exit 1 with one line (after unloading)."""
     from mserve import server
     from mserve.errors import ServableLoadError
 
     try:
-        server.start_servables(configs)
+        server.start_servables(configs, poll_interval=poll_interval)
     except (ServableLoadError, RuntimeError) as exc:
         server.stop()
         render.fail(str(exc), code=1)
@@ -173,6 +173,10 @@ def start(
     request_timeout: Optional[float] = typer.Option(
         None, help="Seconds before a request's instances answer 'Time out'.  \\[default: 100]", show_default=False
     ),
+    poll_interval: Optional[float] = typer.Option(
+        None, help="Hot reload: seconds between scans of the version folders (0: off).  \\[default: 0]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -205,6 +209,7 @@ def start(
             "batching": batching,
             "max_enqueued_requests": max_enqueued_requests,
             "request_timeout": request_timeout,
+            "poll_interval": poll_interval,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -242,7 +247,7 @@ def _serve(settings: StartSettings) -> None:
             return
         from mserve import server
 
-        _load(configs)
+        _load(configs, settings.poll_interval or None)
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
             return
@@ -287,6 +292,7 @@ def _serve_workers(
     pool = WorkerPool(
         configs, sock, settings.workers, restful=settings.restful_options(), ssl_config=settings.ssl_config(),
         log_level=getattr(logging, settings.log_level.upper()),
+        poll_interval=settings.poll_interval or None,
     )
     try:
         described = pool.start()
@@ -312,6 +318,10 @@ def _announce_and_wait(
     console = render.out()
     console.print(render.servables_table(described, url))
     console.print(f"[bold green]mserve[/] serving on [bold]{escape(url)}[/]{how}  (Ctrl+C to stop)", soft_wrap=True)
+    console.print(
+        f"health: {escape(url)}/health  ready: {escape(url)}/ready  metrics: {escape(url)}/metrics  "
+        f"openapi: {escape(url)}/openapi.json", soft_wrap=True,
+    )
     sys.stdout.flush()
     while not stop_requested.wait(0.5):
         pass
