@@ -66,7 +66,7 @@ def decode_value(value: Any) -> Any:
     if kind is dict:
         return decode_b64_object(value)
     if kind is float:
-        return np.array(value, dtype=np.float32)
+        return _float32(np.array(value, dtype=np.float64))
     if kind is bool:
         return np.array(value, dtype=np.bool_)
     if kind is int:
@@ -107,6 +107,8 @@ def _decode_array(value: list) -> Any:
                             flat = obj.ravel().tolist()
                             _check_int32(max(flat) if max(flat) > _INT32_MAX else min(flat))
                         return wide.astype(np.int32)
+                    if leaf is float:
+                        return _float32(obj.astype(np.float64))
                     return obj.astype(dtype)
     return _decode_array_slow(value)
 
@@ -160,7 +162,19 @@ def _decode_array_slow(value: list) -> Any:
     if kind is int:
         for leaf in leaves:
             _check_int32(leaf)
+    if kind is float:
+        return _float32(np.array(leaves, dtype=np.float64)).reshape(shape)
     return np.array(leaves, dtype=_LEAF_DTYPES[kind]).reshape(shape)
+
+
+def _float32(wide: np.ndarray) -> np.ndarray:
+    """JSON floats as float32; one beyond float32's range is an error, not inf."""
+    with np.errstate(over="ignore"):
+        narrow = wide.astype(np.float32)
+    if not np.isfinite(narrow).all():
+        bad = wide.ravel()[~np.isfinite(narrow.ravel())][0]
+        raise ValueError_(f"json float {bad!r} is out of float32 range")
+    return narrow
 
 
 def decode_b64_object(obj: dict) -> Any:

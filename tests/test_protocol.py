@@ -1265,3 +1265,12 @@ def test_malformed_http_gets_a_json_error(url):
     assert status == 400 and headers["content-type"] == "application/json"
     assert list(orjson.loads(body)) == ["error_msg"]
     assert post(url, "/model/add:add_common", ADD_BODY).status_code == 200
+
+
+@pytest.mark.parametrize("value", [1e39, [1.0, -1e300], [[3.5e38]]])
+def test_float_beyond_float32_is_refused_not_inf(value):
+    from mserve.codec import ValueError_, decode_value
+
+    with pytest.raises(ValueError_, match="out of float32 range"):
+        decode_value(value)
+    assert decode_value([3.4e38]).dtype == np.float32
