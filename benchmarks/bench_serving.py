@@ -80,7 +80,7 @@ class Server:
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         configs = [server.ServableStartConfig(str(SERVABLES), name, **config)]
-        self.pool = WorkerPool(configs, sock, workers, restful={"threads": 32}, log_level=30)
+        self.pool = WorkerPool(configs, sock, workers, log_level=40)
         self.pool.start()
 
     def url(self, path: str) -> str:
