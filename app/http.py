@@ -16,6 +16,7 @@ an epoch in `RequestEpochs` (so hot reload knows when a retired version is idle)
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 import time
 from typing import Any
 
@@ -64,8 +65,8 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response(status, dumps({"error_msg": message}), headers)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# WSGI status lines, built once from the standard library's table.
+_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 
 
 class MserveApp:
@@ -118,7 +119,7 @@ class MserveApp:
                 extra = {"Retry-After": "1"}
             headers.extend(extra.items())
         headers.append(("Content-Length", str(len(reply))))
-        start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
+        start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
         self.metrics.observe(path, status, elapsed)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))

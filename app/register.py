@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from .errors import ServableLoadError
 
 
-@dataclass
+@dataclass(eq=False)  # a declared model is itself: identity equality and hash
 class Model:
     """A model declared by servable_config.py; ``add_stage(model, ...)`` runs it, and
     ``model.call(...)`` runs it from inside a Python stage."""
@@ -46,12 +46,6 @@ class Model:
         if runner is None:
             raise RuntimeError("Model.call can only be used inside a stage while mserve runs a request")
         return runner.call_model(self, args)
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 @dataclass(frozen=True)

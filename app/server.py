@@ -73,8 +73,7 @@ class ServableStartConfig:
     batching: bool = True
 
     def versions(self) -> list[int]:
-        numbers = [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)
-        return numbers
+        return [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)
 
     def device_list(self) -> list[int]:
         return [self.device_ids] if isinstance(self.device_ids, int) else list(self.device_ids)

@@ -7,6 +7,7 @@ a free port of 127.0.0.1, requests sent over a socket.
 from __future__ import annotations
 
 import contextlib
+import socket
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -20,6 +21,13 @@ from mserve import server
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "servables"
 ADD_BODY = {"instances": [{"x1": [[1.0, 2.0], [3.0, 4.0]], "x2": [[1.0, 2.0], [3.0, 4.0]]}]}
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, for servers started as subprocesses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def export_to(path: Path, fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> Path:

@@ -34,7 +34,7 @@ from mserve.cli.main import app
 from mserve.cli.settings import StartSettings
 from mserve.cli.render import CliError
 
-from support import REPO, write_servable
+from support import REPO, free_port, write_servable
 
 SAMPLES = REPO / "sample_data"
 MSERVE = Path(sys.executable).with_name("mserve")
@@ -88,12 +88,6 @@ ECHO_CONFIG = """
 
 def cli(*args: str, env: dict | None = None, input: str | None = None):
     return runner.invoke(app, [str(a) for a in args], env=env, input=input)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mserve_cmd() -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mserve import server
 
-from support import ADD_BODY, BUNDLED, export_to, serving, spec, write_servable
+from support import ADD_BODY, BUNDLED, export_to, free_port, serving, spec, write_servable
 
 DOUBLE_CONFIG = """
     from mserve import register
@@ -349,16 +348,10 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
 # --------------------------------------------------------------------------- graceful shutdown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_turns_ready_503_then_drains_and_exits_0(tmp_path):
     write_servable(tmp_path, "nap", NAP_CONFIG)
     (tmp_path / "nap" / "1").mkdir()
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     mserve = Path(sys.executable).with_name("mserve")
     cmd = [str(mserve)] if mserve.exists() else [sys.executable, "-m", "mserve.cli"]
