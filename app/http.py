@@ -113,10 +113,6 @@ class MserveApp:
                 status, reply, extra = self.handler.handle(path, body)
             finally:
                 self.epochs.leave(epoch)
-            if status == 404 and self.state is not None and self.state.loading:
-                status = 503
-                reply = dumps({"error_msg": "servable is not available: the server is still loading servables"})
-                extra = {"Retry-After": "1"}
             headers.extend(extra.items())
         headers.append(("Content-Length", str(len(reply))))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)

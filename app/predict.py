@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 
 from .codec import OutputError, decode_value, dumps, encode_value
-from .errors import BadRequest, ServingError
+from .errors import BadRequest, NotFound, ServingError
 from .model_stage import InstanceError
 from .pipeline import run_method
 from .register import MethodDef
@@ -42,8 +42,10 @@ class PredictHandler:
         registry: ServableRegistry,
         max_enqueued_requests: int = 10000,
         request_timeout: float = 100.0,
+        loading: Callable[[], bool] = lambda: False,
     ):
         self.registry = registry
+        self.loading = loading  # servables still loading: a 404 may only mean "not yet"
         self.max_enqueued_requests = max_enqueued_requests
         self.request_timeout = request_timeout
         self._active = 0
@@ -66,6 +68,11 @@ class PredictHandler:
             return 503, dumps({"error_msg": reason}), {"Retry-After": "1"}
         try:
             status, reply = self._handle(path, body, time.monotonic() + self.request_timeout)
+        except NotFound as exc:
+            if self.loading():
+                status, reply = 503, {"error_msg": "servable is not available: the server is still loading servables"}
+            else:
+                status, reply = exc.status, {"error_msg": exc.message}
         except ServingError as exc:
             status, reply = exc.status, {"error_msg": exc.message}
         except Exception:

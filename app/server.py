@@ -342,7 +342,9 @@ def start_restful_server(
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
-    handler = PredictHandler(_state.registry, max_enqueued_requests, request_timeout)
+    handler = PredictHandler(
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
+    )
     app = create_app(handler, max_body, _state)
     if ssl_config is not None:
         from .tls import build_ssl_context
