@@ -1274,3 +1274,17 @@ def test_float_beyond_float32_is_refused_not_inf(value):
     with pytest.raises(ValueError_, match="out of float32 range"):
         decode_value(value)
     assert decode_value([3.4e38]).dtype == np.float32
+
+
+def test_unknown_servable_while_loading_is_503_not_404():
+    from mserve.predict import PredictHandler
+    from mserve.servable import ServableRegistry
+
+    body = json.dumps(ADD_BODY).encode()
+    loading = PredictHandler(ServableRegistry(), loading=lambda: True)
+    status, reply, headers = loading.handle("/model/add:add_common", body)
+    assert (status, headers.get("Retry-After")) == (503, "1")
+    assert "still loading" in json.loads(reply)["error_msg"]
+    loaded = PredictHandler(ServableRegistry())
+    status, reply, _ = loaded.handle("/model/add:add_common", body)
+    assert status == 404 and "servable is not available" in json.loads(reply)["error_msg"]
