@@ -1277,6 +1277,8 @@ def test_float_beyond_float32_is_refused_not_inf(value):
 
 
 def test_unknown_servable_while_loading_is_503_not_404():
+    import json
+
     from mserve.predict import PredictHandler
     from mserve.servable import ServableRegistry
 
