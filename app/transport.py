@@ -166,6 +166,7 @@ class WaitressTransport:
         self._server = _Server(
             self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
         )
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="mserve-http", daemon=True)
 
     @property
@@ -174,9 +175,23 @@ class WaitressTransport:
 
     def _run(self) -> None:
         try:
-            wasyncore.loop(timeout=1.0, map=self._map, use_poll=True)
+            while self._map and not self._closed:
+                wasyncore.poll2(1.0, self._map)
         except Exception:  # pragma: no cover - waitress's loop is not expected to raise
             log.exception("HTTP loop stopped")
+
+    def _close_connections(self) -> None:
+        """Runs on the loop thread: close the listener and every connection, but
+        not the trigger, whose pipe other threads may still be writing to; `stop`
+        closes it once the loop has ended."""
+        trigger = self._server.trigger
+        for dispatcher in list(self._map.values()):
+            if dispatcher is not trigger and dispatcher is not self._server:
+                try:
+                    dispatcher.close()
+                except OSError:
+                    pass
+        self._closed = True
 
     def start(self) -> None:
         self._thread.start()
@@ -195,5 +210,11 @@ class WaitressTransport:
         ):
             time.sleep(0.01)
         self._dispatcher.shutdown(cancel_pending=True, timeout=5)
-        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._map))
+        trigger = self._server.trigger
+        trigger.pull_trigger(self._close_connections)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            # A request thread outliving the drain may still wake the loop; let it
+            # find a no-op rather than a closed (or reused) file descriptor.
+            trigger._physical_pull = lambda: None
+            trigger.close()
