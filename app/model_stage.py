@@ -113,10 +113,10 @@ class ModelStage:
         Python stage) count as 0-d arrays."""
         row = tuple(np.asarray(v) if isinstance(v, np.generic) else v for v in args)
         for i, (value, spec) in enumerate(zip(row, self.inputs)):
-            given = _type_name(value)
             if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
                 raise InstanceError(
-                    f"Given model input {i} data type {given} not match the data type {spec.dtype.name} defined in model"
+                    f"Given model input {i} data type {_type_name(value)} not match the data type {spec.dtype.name}"
+                    " defined in model"
                 )
             want = self.instance_shape(i)
             if want is not None and (

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import metrics
+from .balance import ConnectionBalance
 from .errors import ServableLoadError
 from .http import create_app
 from .predict import PredictHandler
@@ -328,6 +329,7 @@ def start_restful_server(
     max_enqueued_requests: int = 10000,
     request_timeout: float = 100.0,
     sock: socket.socket | None = None,
+    balance: ConnectionBalance | None = None,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -336,7 +338,7 @@ def start_restful_server(
     hold one each), ``max_enqueued_requests`` (more at once get 503), and
     ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
     already listening socket to serve instead of binding ``address`` (worker
-    processes share one this way).
+    processes share one this way, evened out by ``balance``; plain HTTP only).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
@@ -359,7 +361,7 @@ def start_restful_server(
 
                 transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
             else:
-                transport = WaitressTransport(app, sock, threads=threads, max_body_bytes=max_body)
+                transport = WaitressTransport(app, sock, threads=threads, max_body_bytes=max_body, balance=balance)
             transport.start()
         except BaseException:
             sock.close()

@@ -24,9 +24,10 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import RequestEntityTooLarge
 
+from .balance import ConnectionBalance
 from .codec import dumps
 
 log = logging.getLogger("mserve.transport")
@@ -109,13 +110,41 @@ def _with_body_limit(adj: Adjustments, limit: int) -> Adjustments:
     return cached
 
 
+class _Task(WSGITask):
+    """Sends the status line, headers and body of a one-piece reply in one write.
+
+    Waitress writes the header block and the body separately, and (with its default
+    ``send_bytes=1``) each write is a ``send`` of its own: two syscalls and two TCP
+    segments per small JSON reply. Joined, a reply is one ``send`` from the request
+    thread."""
+
+    def write(self, data: bytes) -> None:
+        if not self.wrote_header and data and self.complete and self.has_body and self.request.command != "HEAD":
+            cl = self.content_length
+            if cl is not None and len(data) <= cl:
+                self.wrote_header = True
+                self.content_bytes_written += len(data)
+                self.channel.write_soon(self.build_response_header() + data)
+                return
+        super().write(data)
+
+
 class _Channel(HTTPChannel):
+    task_class = _Task
     error_task_class = _JsonErrorTask
     parser_class = _Parser
 
 
 class _Server(TcpWSGIServer):
     channel_class = _Channel
+    balance: ConnectionBalance | None = None
+
+    def readable(self) -> bool:
+        # Called on every turn of the loop, which is when a worker process takes or
+        # declines its turn at accepting (see balance.py).
+        if not super().readable():
+            return False
+        return self.balance is None or self.balance.may_accept(len(self.active_channels))
 
 
 class InFlight:
@@ -147,7 +176,15 @@ class WaitressTransport:
 
     scheme = "http"
 
-    def __init__(self, app: Callable[..., Any], sock: socket.socket, *, threads: int, max_body_bytes: int):
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        sock: socket.socket,
+        *,
+        threads: int,
+        max_body_bytes: int,
+        balance: ConnectionBalance | None = None,
+    ):
         self.socket = sock
         self.app = InFlight(app)
         adj = Adjustments(
@@ -166,6 +203,10 @@ class WaitressTransport:
         self._server = _Server(
             self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
         )
+        self._server.balance = balance
+        # Waitress wraps the app in a middleware that deletes X-Forwarded-* headers
+        # from every request's environ; mserve never reads them, so skip its cost.
+        self._server.application = self.app
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mserve-http", daemon=True)
 

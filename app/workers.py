@@ -3,9 +3,11 @@
 One Python process serves the HTTP front end, the codec and the pipeline on one
 core, whatever its thread count (the GIL). `WorkerPool` binds the port once and
 starts N worker processes that inherit the socket; each loads the servables and
-serves with its own threads, and the kernel hands each new connection to whichever
-worker accepts it first. The pool restarts a worker that dies, and on stop sends
-SIGTERM to all, which drain their in-flight requests.
+serves with its own threads. Over plain HTTP the workers take turns accepting
+through a shared table (balance.py), so keep-alive connections spread evenly; over
+HTTPS the kernel hands each new connection to whichever worker accepts it first.
+The pool restarts a worker that dies, and on stop sends SIGTERM to all, which drain
+their in-flight requests.
 
 Run as ``python -m mserve.workers`` it is one worker: it reads its settings as JSON
 on stdin and reports ``READY <json description>`` on stdout once it serves.
@@ -24,6 +26,8 @@ import sys
 import threading
 import time
 from typing import Any, Sequence
+
+from .balance import ConnectionBalance
 
 log = logging.getLogger("mserve.workers")
 
@@ -59,21 +63,26 @@ class WorkerPool:
             "log_level": log_level,
             "poll_interval": poll_interval,
         }
+        # HTTPS connections are accepted by cheroot's own loop: no turn-taking there.
+        self.balance_fd = ConnectionBalance.create_table(workers) if ssl_config is None and workers > 1 else None
+        self.settings["balance_fd"] = self.balance_fd
+        self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self.description: list[Any] = []
         self._stopping = False
         self._watcher: threading.Thread | None = None
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self, index: int) -> subprocess.Popen:
+        fds = [self.sock.fileno()] + ([self.balance_fd] if self.balance_fd is not None else [])
         proc = subprocess.Popen(
             [sys.executable, "-m", "mserve.workers"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            pass_fds=(self.sock.fileno(),),
+            pass_fds=fds,
             text=True,
         )
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(self.settings))
+        proc.stdin.write(json.dumps({**self.settings, "index": index}))
         proc.stdin.close()
         return proc
 
@@ -95,7 +104,7 @@ class WorkerPool:
         servables), or raises the first worker's load error after stopping the rest."""
         try:
             for i in range(self.workers):
-                self.procs[i] = self._spawn()
+                self.procs[i] = self._spawn(i)
             descriptions = [self._wait_ready(p) for p in self.procs if p is not None]
         except BaseException:
             self.stop(drain_timeout=5)
@@ -114,7 +123,7 @@ class WorkerPool:
                     continue
                 log.error("worker %d (pid %d) exited with code %s; starting a new one", i, proc.pid, proc.returncode)
                 try:
-                    self.procs[i] = self._spawn()
+                    self.procs[i] = self._spawn(i)
                     self._wait_ready(self.procs[i])  # type: ignore[arg-type]
                 except Exception as exc:
                     log.error("restarting worker %d failed: %s", i, exc)
@@ -133,6 +142,9 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
         self.sock.close()
+        if self.balance_fd is not None:
+            os.close(self.balance_fd)
+            self.balance_fd = None
 
 
 def _worker_main() -> int:
@@ -145,18 +157,24 @@ def _worker_main() -> int:
     mserve_log = logging.getLogger("mserve")
     mserve_log.addHandler(handler)
     mserve_log.setLevel(settings["log_level"])
+    waitress_log = logging.getLogger("waitress")  # its warnings (e.g. task queue depth) at the same level
+    waitress_log.addHandler(handler)
+    waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
+    waitress_log.propagate = False
     from . import server
     from .errors import ServableLoadError
     from .metadata import describe_servable
 
     sock = socket.socket(fileno=settings["fd"])
+    balance_fd = settings.get("balance_fd")
+    balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
     try:
         server.start_servables(
             [server.ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
         )
         ssl = settings["ssl_config"]
         server.start_restful_server(
-            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["restful"]
+            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
         )
     except (ServableLoadError, RuntimeError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)

@@ -1276,6 +1276,17 @@ def test_float_beyond_float32_is_refused_not_inf(value):
     assert decode_value([3.4e38]).dtype == np.float32
 
 
+def test_float32_max_as_printed_still_decodes():
+    """float32's largest value prints as 3.4028235e+38, a little above it as a
+    float64; it rounds to the largest float32, not to infinity, so it is accepted."""
+    from mserve.codec import ValueError_, decode_value
+
+    largest = float(np.finfo(np.float32).max)
+    assert decode_value([3.4028235e38, -3.4028235e38]).tolist() == [largest, -largest]
+    with pytest.raises(ValueError_, match=r"json float 3\.40282356\d*e\+38 is out of float32 range"):
+        decode_value(2.0**128 - 2.0**103)  # halfway to the next power of two: rounds to inf
+
+
 def test_unknown_servable_while_loading_is_503_not_404():
     import json
 

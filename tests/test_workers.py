@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
+import threading
 import time
 
 import pytest
 import requests
 
 from mserve import server
+from mserve.balance import ConnectionBalance
 from mserve.transport import bind_socket
 from mserve.workers import WorkerPool
 from support import ADD_BODY, BUNDLED, write_servable
@@ -55,3 +59,79 @@ def test_a_worker_that_cannot_load_fails_the_start(tmp_path):
     with pytest.raises(RuntimeError, match="no model for you"):
         pool.start()
     assert all(p is None or p.poll() is not None for p in pool.procs)
+
+
+WHOAMI_CONFIG = """
+import os
+from mserve import register
+
+def pid(x):
+    return os.getpid()
+
+@register.register_method(output_names=["pid"])
+def who(x):
+    y = register.add_stage(pid, x, outputs_count=1)
+    return y
+"""
+
+
+def _pids_of_keepalive_connections(port: int, count: int) -> list[int]:
+    """Open ``count`` keep-alive connections at the same moment (as wrk and
+    connection pools do), send one request on each, and say which worker served it."""
+    barrier = threading.Barrier(count)
+    pids: list[int] = [0] * count
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(count)]
+
+    def one(i: int) -> None:
+        barrier.wait()
+        conns[i].request("POST", "/model/whoami:who", body=b'{"instances": [{"x": 1}]}')
+        pids[i] = json.loads(conns[i].getresponse().read())["instances"][0]["pid"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A second request on each connection stays with the worker that accepted it.
+    for i, conn in enumerate(conns):
+        conn.request("POST", "/model/whoami:who", body=b'{"instances": [{"x": 1}]}')
+        assert json.loads(conn.getresponse().read())["instances"][0]["pid"] == pids[i]
+    for conn in conns:
+        conn.close()
+    return pids
+
+
+def test_keepalive_connections_spread_evenly_over_workers(tmp_path):
+    write_servable(tmp_path, "whoami", WHOAMI_CONFIG)
+    (tmp_path / "whoami" / "1").mkdir()
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    pool = WorkerPool([server.ServableStartConfig(tmp_path, "whoami")], sock, workers=2)
+    pool.start()
+    try:
+        workers = {p.pid for p in pool.procs}
+        for _ in range(3):
+            pids = _pids_of_keepalive_connections(port, 4)
+            assert set(pids) == workers
+            assert sorted(pids.count(pid) for pid in workers) == [2, 2], pids
+            time.sleep(0.3)  # the closed connections leave both workers' counts
+    finally:
+        pool.stop(drain_timeout=5)
+
+
+def test_balance_table_prefers_the_least_loaded_live_worker():
+    fd = ConnectionBalance.create_table(3)
+    try:
+        a, b, c = (ConnectionBalance(fd, 3, i) for i in range(3))
+        # c has never published: it is loading (or dead) and left out.
+        assert a.may_accept(0) and b.may_accept(0)
+        assert not a.may_accept(1)  # b holds 0
+        assert b.may_accept(1)  # ties accept
+        assert c.may_accept(5) is False  # live a and b hold fewer
+        assert a.may_accept(1)
+        b.close()  # gone: a is compared with c alone
+        assert a.may_accept(4)
+        with pytest.raises(ValueError):
+            ConnectionBalance(fd, 3, 3)
+    finally:
+        os.close(fd)
