@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from .access_log import current_request_id, log_request, request_id
 from .codec import dumps
 from .errors import PayloadTooLarge
+from .inline import InlinePolicy
 from .metrics import RequestMetrics
 from .predict import PredictHandler
 from .reload import RequestEpochs
@@ -76,11 +77,19 @@ class MserveApp:
     epochs, and what the GET endpoints describe.
     """
 
-    def __init__(self, handler: PredictHandler, flask_app: Flask, max_body_bytes: int, state: Any = None):
+    def __init__(
+        self,
+        handler: PredictHandler,
+        flask_app: Flask,
+        max_body_bytes: int,
+        state: Any = None,
+        inline: InlinePolicy | None = None,
+    ):
         self.handler = handler
         self.flask = flask_app
         self.max_body_bytes = max_body_bytes
         self.state = state
+        self.inline = inline
         self.epochs: RequestEpochs = state.epochs if state is not None else RequestEpochs()
         self.metrics = RequestMetrics(handler.registry.servables)
 
@@ -97,6 +106,7 @@ class MserveApp:
 
     def _predict(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
         path = environ.get("PATH_INFO") or "/"
+        cpu_started = time.thread_time() if self.inline is not None else 0.0
         headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
         try:
             body = read_body(environ, self.max_body_bytes)
@@ -117,6 +127,9 @@ class MserveApp:
         headers.append(("Content-Length", str(len(reply))))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
+        if self.inline is not None and status != 404:  # 404s would let clients fill its table
+            wall = elapsed if environ.get("mserve.inline") else None
+            self.inline.observe(path, time.thread_time() - cpu_started, wall)
         self.metrics.observe(path, status, elapsed)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
         return [reply]
@@ -136,14 +149,17 @@ class MserveApp:
         return result
 
 
-def create_app(handler: PredictHandler, max_body_bytes: int, state: Any = None) -> MserveApp:
+def create_app(
+    handler: PredictHandler, max_body_bytes: int, state: Any = None, inline: InlinePolicy | None = None
+) -> MserveApp:
     """The WSGI app serving ``handler``'s servables; ``state`` (the server's, by
-    default) answers readiness and the metadata endpoints."""
+    default) answers readiness and the metadata endpoints; ``inline`` learns what
+    predicts cost (the transport asks it which may run on its I/O thread)."""
     if state is None:
         from . import server
 
         state = server._state
-    return MserveApp(handler, create_flask_app(state), max_body_bytes, state)
+    return MserveApp(handler, create_flask_app(state), max_body_bytes, state, inline)
 
 
 def create_flask_app(state: Any = None) -> Flask:

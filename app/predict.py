@@ -90,6 +90,16 @@ class PredictHandler:
             status, data = 500, dumps({"error_msg": "internal server error: the reply cannot be encoded as JSON"})
         return status, data, headers
 
+    def inline_eligible(self, path: str) -> bool:
+        """Whether a request to ``path`` may run on the I/O thread at all: not when
+        its version batches across requests, which needs requests side by side."""
+        try:
+            target = parse_predict_path(path)
+            version, _ = self.registry.lookup(target.servable, target.version, target.method)
+        except ServingError:
+            return True  # answered at once
+        return not version.batchers
+
     def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
         target = parse_predict_path(path)
         version, method = self.registry.lookup(target.servable, target.version, target.method)

@@ -39,6 +39,7 @@ from . import metrics
 from .balance import ConnectionBalance
 from .errors import ServableLoadError
 from .http import create_app
+from .inline import InlinePolicy
 from .predict import PredictHandler
 from .compile_cache import enable_compile_cache
 from .reload import RequestEpochs, VersionWatcher, WatchTarget
@@ -330,6 +331,7 @@ def start_restful_server(
     request_timeout: float = 100.0,
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
+    inline_max_ms: float = 1.0,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -338,7 +340,10 @@ def start_restful_server(
     hold one each), ``max_enqueued_requests`` (more at once get 503), and
     ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
     already listening socket to serve instead of binding ``address`` (worker
-    processes share one this way, evened out by ``balance``; plain HTTP only).
+    processes share one this way, evened out by ``balance``; plain HTTP only), and
+    ``inline_max_ms``: predicts of methods that take at most this long (and do not
+    batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
+    each (see `mserve.inline`; plain HTTP only; 0 turns it off).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
@@ -347,7 +352,10 @@ def start_restful_server(
     handler = PredictHandler(
         _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
     )
-    app = create_app(handler, max_body, _state)
+    if inline_max_ms < 0:
+        raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
+    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
+    app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
         from .tls import build_ssl_context
 
@@ -361,7 +369,9 @@ def start_restful_server(
 
                 transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
             else:
-                transport = WaitressTransport(app, sock, threads=threads, max_body_bytes=max_body, balance=balance)
+                transport = WaitressTransport(
+                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline
+                )
             transport.start()
         except BaseException:
             sock.close()

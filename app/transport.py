@@ -1,11 +1,15 @@
 """Waitress as the HTTP transport, run in the background with a graceful stop.
 
-Two things Waitress does not do out of the box, done here:
+What Waitress does not do out of the box, done here:
 
 * Its own early refusals (body over the limit, malformed HTTP) answer with JSON
   ``{"error_msg"}`` like the rest of the protocol. Waitress checks Content-Length
   against ``max_request_body_size`` before reading the body, so an over-limit body
   is refused unread.
+* Requests an `InlinePolicy` knows to be quick run on the I/O thread that read them,
+  skipping the two thread hand-offs of Waitress's worker pool (inline.py).
+* Worker processes sharing the socket take turns accepting (balance.py).
+* A reply goes out in one ``send``.
 * `WaitressTransport.stop` stops accepting, lets in-flight requests finish (up to a
   drain timeout), then closes every connection.
 """
@@ -29,6 +33,7 @@ from waitress.utilities import RequestEntityTooLarge
 
 from .balance import ConnectionBalance
 from .codec import dumps
+from .inline import InlinePolicy
 
 log = logging.getLogger("mserve.transport")
 
@@ -118,6 +123,12 @@ class _Task(WSGITask):
     segments per small JSON reply. Joined, a reply is one ``send`` from the request
     thread."""
 
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        # The app times inline requests by the wall clock, others by thread CPU.
+        environ["mserve.inline"] = threading.current_thread() is self.channel.server.loop_thread
+        return environ
+
     def write(self, data: bytes) -> None:
         if not self.wrote_header and data and self.complete and self.has_body and self.request.command != "HEAD":
             cl = self.content_length
@@ -133,11 +144,42 @@ class _Channel(HTTPChannel):
     task_class = _Task
     error_task_class = _JsonErrorTask
     parser_class = _Parser
+    inline_pending = False  # set by _Server.add_task: serve on this thread once the read is done
+
+    def handle_read(self) -> None:
+        super().handle_read()
+        # Not from inside received(): it holds requests_lock, which service() takes.
+        while self.inline_pending:
+            self.inline_pending = False
+            self.service()
+
+    def _flush_outbufs_below_high_watermark(self) -> None:
+        # A worker thread waits here for the I/O thread to drain a huge reply; the
+        # I/O thread itself must not wait for itself. It flushes on its next turn.
+        if threading.current_thread() is not self.server.loop_thread:
+            super()._flush_outbufs_below_high_watermark()
 
 
 class _Server(TcpWSGIServer):
     channel_class = _Channel
     balance: ConnectionBalance | None = None
+    inline: InlinePolicy | None = None
+    loop_thread: threading.Thread | None = None
+
+    def add_task(self, task: Any) -> None:
+        # ``task`` is the channel with a complete request at requests[0].
+        if self.inline is not None and threading.current_thread() is self.loop_thread:
+            request = task.requests[0]
+            if self.inline.allows(request.command, request.path, request.content_length):
+                task.inline_pending = True
+                return
+        super().add_task(task)
+
+    def pull_trigger(self) -> None:
+        # The wake-up is for the I/O thread; it needs none from itself (inline
+        # requests), as it re-polls every connection after this turn anyway.
+        if threading.current_thread() is not self.loop_thread:
+            self.trigger.pull_trigger()
 
     def readable(self) -> bool:
         # Called on every turn of the loop, which is when a worker process takes or
@@ -184,6 +226,7 @@ class WaitressTransport:
         threads: int,
         max_body_bytes: int,
         balance: ConnectionBalance | None = None,
+        inline: InlinePolicy | None = None,
     ):
         self.socket = sock
         self.app = InFlight(app)
@@ -204,6 +247,7 @@ class WaitressTransport:
             self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
         )
         self._server.balance = balance
+        self._server.inline = inline
         # Waitress wraps the app in a middleware that deletes X-Forwarded-* headers
         # from every request's environ; mserve never reads them, so skip its cost.
         self._server.application = self.app
@@ -215,6 +259,7 @@ class WaitressTransport:
         return self.socket.getsockname()[1]
 
     def _run(self) -> None:
+        self._server.loop_thread = threading.current_thread()
         try:
             while self._map and not self._closed:
                 wasyncore.poll2(1.0, self._map)

@@ -48,6 +48,7 @@ class StartSettings:
     max_enqueued_requests: int = 10000
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
+    inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
 
     # ------------------------------------------------------------------ building
 
@@ -86,6 +87,8 @@ class StartSettings:
             fail(f"max_enqueued_requests must be at least 1, got {self.max_enqueued_requests}")
         if self.poll_interval < 0:
             fail(f"poll_interval must be >= 0, got {self.poll_interval}")
+        if self.inline_max_ms < 0:
+            fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
             fail(f"request_timeout must be > 0, got {self.request_timeout}")
         if self.drain_timeout < 0:
@@ -110,6 +113,7 @@ class StartSettings:
             "max_msg_mb_size": self.max_msg_mb,
             "max_enqueued_requests": self.max_enqueued_requests,
             "request_timeout": self.request_timeout,
+            "inline_max_ms": self.inline_max_ms,
         }
         if self.threads is not None:
             options["threads"] = self.threads

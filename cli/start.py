@@ -42,7 +42,7 @@ START_EPILOG = """\
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -177,6 +177,12 @@ def start(
         None, help="Hot reload: seconds between scans of the version folders (0: off).  \\[default: 0]",
         show_default=False,
     ),
+    inline_max_ms: Optional[float] = typer.Option(
+        None,
+        help="Predicts that take at most this long (and do not batch across requests) run on the HTTP I/O thread,"
+        " skipping two thread hand-offs (0: off).  \\[default: 1]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -210,6 +216,7 @@ def start(
             "max_enqueued_requests": max_enqueued_requests,
             "request_timeout": request_timeout,
             "poll_interval": poll_interval,
+            "inline_max_ms": inline_max_ms,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)

@@ -489,6 +489,12 @@ def test_start_config_file_and_flags(tmp_path):
     assert settings.threads == 4 and settings.device_ids == [0, 1] and settings.servables == ["add"]
     assert settings.servable_directory == str(tmp_path / "servables")  # relative to the file
     assert settings.address == "127.0.0.1:7000"
+    assert settings.restful_options()["inline_max_ms"] == 1.0
+    config.write_text("inline_max_ms: 0\n")
+    assert StartSettings.build(config, {}).restful_options()["inline_max_ms"] == 0
+    assert StartSettings.build(config, {"inline_max_ms": 2.5}).restful_options()["inline_max_ms"] == 2.5
+    with pytest.raises(CliError, match="inline_max_ms must be >= 0"):
+        StartSettings.build(None, {"inline_max_ms": -1.0})
 
     config.write_text("prot: 1\n")
     result = cli("start", "--config", config)

@@ -1,0 +1,165 @@
+"""Quick predicts run on the HTTP I/O thread (`mserve.inline`), slow or batched ones
+do not. The servables here report the name of the thread that ran them: Waitress's
+I/O thread is ``mserve-http``, its worker threads ``waitress-N``."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import requests
+
+from mserve import server
+from mserve.inline import InlinePolicy
+from support import export_to, serving, spec, write_servable
+
+IO_THREAD = "mserve-http"
+
+WHO_CONFIG = """
+import threading
+import time
+
+from mserve import register
+
+
+def name(x):
+    return threading.current_thread().name
+
+
+def nap(x):
+    time.sleep(0.02)  # waiting, not computing: costs no CPU time
+    return threading.current_thread().name
+
+
+@register.register_method(output_names=["thread"])
+def who(x):
+    return register.add_stage(name, x, outputs_count=1)
+
+
+@register.register_method(output_names=["thread"])
+def slow(x):
+    return register.add_stage(nap, x, outputs_count=1)
+"""
+
+BATCHED_CONFIG = """
+import threading
+
+from mserve import register
+
+model = register.declare_model(model_file="double.jaxexport", model_format="jax_export")
+
+
+def name(y):
+    return threading.current_thread().name
+
+
+@register.register_method(output_names=["thread"])
+def who(x):
+    y = register.add_stage(model, x, outputs_count=1)
+    return register.add_stage(name, y, outputs_count=1)
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inline")
+    write_servable(root, "who", WHO_CONFIG)
+    (root / "who" / "1").mkdir()
+    write_servable(root, "batched", BATCHED_CONFIG)
+    export_to(root / "batched" / "1" / "double.jaxexport", lambda x: x * 2, spec("b, 3"))
+    return root
+
+
+def threads(session: requests.Session, url: str, count: int, body: dict | None = None) -> list[str]:
+    names = []
+    for _ in range(count):
+        r = session.post(url, json=body or {"instances": [{"x": 1.0}]}, timeout=10)
+        assert r.status_code == 200, r.text
+        names.append(r.json()["instances"][0]["thread"])
+    return names
+
+
+def first_inline(names: list[str]) -> int:
+    assert IO_THREAD in names, names
+    return names.index(IO_THREAD)
+
+
+def test_a_quick_method_moves_to_the_io_thread_and_stays(root):
+    with serving(server.ServableStartConfig(root, "who")) as base, requests.Session() as session:
+        names = threads(session, base + "/model/who:who", 40)
+        start = first_inline(names)
+        assert start >= 4  # it learns the cost from a few requests in worker threads first
+        assert all(n.startswith("waitress") for n in names[:start])
+        rest = names[start:]
+        assert rest.count(IO_THREAD) >= len(rest) - 2, names  # a GC pause may cost one or two
+
+
+def test_a_method_that_waits_is_sent_back_to_worker_threads(root):
+    """Sleeping costs no CPU, so it looks quick until two inline runs take 20 ms each."""
+    with serving(server.ServableStartConfig(root, "who")) as base, requests.Session() as session:
+        names = threads(session, base + "/model/who:slow", 20)
+        start = first_inline(names)
+        assert names[start : start + 2] == [IO_THREAD, IO_THREAD]
+        assert IO_THREAD not in names[start + 2 :], names
+
+
+def test_methods_that_batch_across_requests_never_run_inline(root):
+    config = server.ServableStartConfig(root, "batched", max_batch_size=4)
+    with serving(config) as base, requests.Session() as session:
+        names = threads(session, base + "/model/batched:who", 30, {"instances": [{"x": [1.0, 2.0, 3.0]}]})
+        assert IO_THREAD not in names
+
+
+def test_inline_max_ms_0_turns_it_off(root):
+    with serving(server.ServableStartConfig(root, "who"), inline_max_ms=0) as base, requests.Session() as session:
+        assert IO_THREAD not in threads(session, base + "/model/who:who", 30)
+
+
+def test_pipelined_requests_on_the_io_thread_are_answered_in_order(root):
+    with serving(server.ServableStartConfig(root, "who")) as base, requests.Session() as session:
+        first_inline(threads(session, base + "/model/who:who", 20))
+        host, port = base.removeprefix("http://").split(":")
+        bodies = [b'{"instances": [{"x": %d}]}' % i for i in range(3)]
+        wire = b"".join(
+            b"POST /model/who:who HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            for body in bodies
+        )
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(wire)  # three requests in one write
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(b"}"):
+                chunk = conn.recv(65536)
+                assert chunk, received
+                received += chunk
+        assert received.count(b'"thread":"mserve-http"') == 3
+
+
+def test_policy_rules():
+    eligible = {"/model/a:m": True, "/model/b:m": False}
+    policy = InlinePolicy(0.001, lambda path: eligible[path])
+    for path in eligible:
+        for _ in range(3):
+            policy.observe(path, 0.0001)
+    assert not policy.allows("POST", "/model/a:m", 100)  # three samples are too few
+    policy.observe("/model/a:m", 0.0001)
+    policy.observe("/model/b:m", 0.0001)
+    assert policy.allows("POST", "/model/a:m", 100)
+    assert not policy.allows("POST", "/model/b:m", 100)  # batches across requests
+    assert not policy.allows("GET", "/model/a:m", 0)
+    assert not policy.allows("POST", "/model/a:m", 65 * 1024)  # large bodies decode slowly
+    assert not policy.allows("POST", "/model/c:m", 100)  # never seen
+
+    policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)  # one slow run: preempted?
+    assert policy.allows("POST", "/model/a:m", 100)
+    policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.0002)
+    policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)
+    assert policy.allows("POST", "/model/a:m", 100)  # not two in a row
+    policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)
+    assert not policy.allows("POST", "/model/a:m", 100)  # two in a row: backs off
+
+    costly = InlinePolicy(0.001, lambda path: True)
+    for _ in range(10):
+        costly.observe("/model/a:m", 0.004)
+    assert not costly.allows("POST", "/model/a:m", 100)
+    assert not InlinePolicy(0, lambda path: True).allows("POST", "/model/a:m", 100)
