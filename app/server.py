@@ -192,6 +192,9 @@ def start_servables(
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     enable_compile_cache()
+    from .backends.jax_runtime import prefer_sync_cpu_dispatch
+
+    prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
     with _state.lock:
         _state.loading += 1
         _refresh_ready()

@@ -72,7 +72,7 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]
 class Server:
     """`mserve` worker processes on a free port (as `mserve start --workers N`)."""
 
-    def __init__(self, name: str, workers: int, **config: object):
+    def __init__(self, name: str, workers: int, restful: dict | None = None, **config: object):
         from mserve import server
         from mserve.transport import bind_socket
         from mserve.workers import WorkerPool
@@ -80,7 +80,7 @@ class Server:
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         configs = [server.ServableStartConfig(str(SERVABLES), name, **config)]
-        self.pool = WorkerPool(configs, sock, workers, log_level=40)
+        self.pool = WorkerPool(configs, sock, workers, restful=restful, log_level=40)
         self.pool.start()
 
     def url(self, path: str) -> str:
@@ -134,20 +134,26 @@ def main() -> None:
     if args.only in (None, "add"):
         if args.mindspore:
             rows += mindspore_add(args.seconds, [1, 4, 16])
-        for workers in sorted({1, args.workers}):
-            add = Server("add", workers)
+        # inline_max_ms=0: every request goes through Waitress's worker threads, as
+        # before requests could run on the I/O thread (see mserve/inline.py).
+        for workers, inline in sorted({(1, 1.0), (args.workers, 1.0), (args.workers, 0.0)}, key=lambda w: (w[0], -w[1])):
+            add = Server("add", workers, restful={"inline_max_ms": inline})
+            label = "" if inline else ", inline off"
             try:
                 for c in (1, 4, 16):
-                    rows.append((f"mserve add, {workers} worker(s), c{c}",
+                    rows.append((f"mserve add, {workers} worker(s){label}, c{c}",
                                  wrk(add.url("/model/add:add_common"), ADD_BODY, c, args.seconds)))
             finally:
                 add.stop()
     if args.only in (None, "lenet"):
-        for batching in (True, False):
-            lenet = Server("lenet", args.workers, batching=batching, max_batch_size=32)
+        # Batched versions never run inline; unbatched ones do unless inline is off.
+        for batching, inline in ((True, 1.0), (False, 1.0), (False, 0.0)):
+            lenet = Server("lenet", args.workers, restful={"inline_max_ms": inline}, batching=batching,
+                           max_batch_size=32)
+            label = f"batching {'on' if batching else 'off'}" + ("" if inline else ", inline off")
             try:
                 for c in (1, 32):
-                    rows.append((f"mserve lenet:predict, batching {'on' if batching else 'off'}, c{c}",
+                    rows.append((f"mserve lenet:predict, {label}, c{c}",
                                  wrk(lenet.url("/model/lenet:predict"), lenet_body(), c, args.seconds)))
             finally:
                 lenet.stop()

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from mserve import server
-from support import REPO, export_to, serving, spec, write_servable
+from support import BUNDLED, REPO, export_to, serving, spec, write_servable
 
 CONFIG = """
     import time
@@ -207,3 +207,26 @@ def test_two_host_devices_both_get_work(servable_dir):
     assert len(set(report["devices"])) == 2
     # Warm-up made 4 calls on each device; both must have served requests too.
     assert all(calls > 4 for calls in report["calls"]), report
+
+
+SYNC_CHECK = """
+import jax
+from mserve import server
+server.start_servables(server.ServableStartConfig({root!r}, "add"))
+print(jax.config.values["jax_cpu_enable_async_dispatch"])
+server.stop()
+"""
+
+
+@pytest.mark.parametrize("env, expected", [({}, "False"), ({"MSERVE_JAX_CPU_ASYNC": "1"}, "True")])
+def test_cpu_computations_run_on_the_calling_thread(env, expected):
+    """JAX's asynchronous CPU dispatch only adds a thread hand-off when the caller
+    waits at once; start_servables turns it off before JAX makes its CPU client."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SYNC_CHECK.format(root=str(BUNDLED))], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
