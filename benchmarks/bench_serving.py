@@ -1,4 +1,4 @@
-"""Serving throughput and latency: add, LeNet (batching on/off), the raw jitted ceiling.
+"""Serving throughput and latency: add, LeNet and a weight-heavy MLP (batching on/off), the raw jitted LeNet.
 
     .venv/bin/python benchmarks/bench_serving.py [--seconds 5] [--workers 2] [--mindspore]
 
@@ -72,14 +72,16 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]
 class Server:
     """`mserve` worker processes on a free port (as `mserve start --workers N`)."""
 
-    def __init__(self, name: str, workers: int, restful: dict | None = None, **config: object):
+    def __init__(
+        self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES, **config: object
+    ):
         from mserve import server
         from mserve.transport import bind_socket
         from mserve.workers import WorkerPool
 
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
-        configs = [server.ServableStartConfig(str(SERVABLES), name, **config)]
+        configs = [server.ServableStartConfig(str(root), name, **config)]
         self.pool = WorkerPool(configs, sock, workers, restful=restful, log_level=40)
         self.pool.start()
 
@@ -88,6 +90,46 @@ class Server:
 
     def stop(self) -> None:
         self.pool.stop(drain_timeout=5)
+
+
+MLP_SIZES = (1024, 2048, 2048, 10)
+MLP_CONFIG = """
+from mserve import register
+
+model = register.declare_model(model_file="mlp.jaxexport", model_format="jax_export", with_batch_dim=True)
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def write_mlp_servable(root: Path) -> None:
+    """A weight-heavy model (MLP 1024-2048-2048-10, random weights, 25 MB), where a
+    call reads every weight whatever the batch size: what batching is for."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a) for a, b in zip(MLP_SIZES, MLP_SIZES[1:])]
+
+    def mlp(x):
+        for w in weights[:-1]:
+            x = jax.nn.relu(x @ jnp.asarray(w))
+        return x @ jnp.asarray(weights[-1])
+
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {MLP_SIZES[0]}"), jnp.float32)
+    (root / "mlp" / "1").mkdir(parents=True)
+    (root / "mlp" / "servable_config.py").write_text(MLP_CONFIG)
+    (root / "mlp" / "1" / "mlp.jaxexport").write_bytes(export.export(jax.jit(mlp))(spec).serialize())
+
+
+def mlp_body() -> str:
+    x = np.random.default_rng(1).standard_normal(MLP_SIZES[0], dtype=np.float32)
+    b64 = __import__("base64").b64encode(x.tobytes()).decode()
+    return json.dumps({"instances": [{"x": {"b64": b64, "type": "float32", "shape": [MLP_SIZES[0]]}}]})
 
 
 def raw_lenet(batch: int, seconds: float) -> dict[str, float]:
@@ -125,10 +167,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="mserve worker processes")
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving's add (anchor)")
-    parser.add_argument("--only", choices=["add", "lenet"], help="run one group")
+    parser.add_argument("--only", choices=["add", "lenet", "mlp"], help="run one group")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
+    from mserve.backends.jax_runtime import prefer_sync_cpu_dispatch
+
+    prefer_sync_cpu_dispatch()  # the raw loops below run like the server's programs
 
     rows: list[tuple[str, dict]] = []
     if args.only in (None, "add"):
@@ -159,6 +204,17 @@ def main() -> None:
                 lenet.stop()
         rows.append(("raw jitted LeNet, batch 32, in-process loop (images/s)", raw_lenet(32, args.seconds)))
         rows.append(("raw jitted LeNet, batch 1, in-process loop (images/s)", raw_lenet(1, args.seconds)))
+    if args.only in (None, "mlp"):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_mlp_servable(Path(tmp))
+            for batching in (True, False):
+                mlp = Server("mlp", args.workers, root=Path(tmp), batching=batching, max_batch_size=32)
+                try:
+                    for c in (1, 32):
+                        rows.append((f"mserve mlp:predict (weight-heavy), batching {'on' if batching else 'off'}, c{c}",
+                                     wrk(mlp.url("/model/mlp:predict"), mlp_body(), c, args.seconds)))
+                finally:
+                    mlp.stop()
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"python {platform.python_version()}; load generator: wrk -t1, keep-alive, {args.seconds:g}s per row")
