@@ -116,12 +116,13 @@ def _with_body_limit(adj: Adjustments, limit: int) -> Adjustments:
 
 
 class _Task(WSGITask):
-    """Sends the status line, headers and body of a one-piece reply in one write.
+    """One request: tells the app whether it runs inline (on the I/O thread), and
+    sends the status line, headers and body of a one-piece reply in one write.
 
     Waitress writes the header block and the body separately, and (with its default
     ``send_bytes=1``) each write is a ``send`` of its own: two syscalls and two TCP
-    segments per small JSON reply. Joined, a reply is one ``send`` from the request
-    thread."""
+    segments per small JSON reply. Joined, a reply is one ``send`` from the thread
+    that ran the request."""
 
     def get_environment(self) -> dict:
         environ = super().get_environment()
