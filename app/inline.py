@@ -11,7 +11,7 @@ connections one request at a time, like an event-loop server.
 
 `InlinePolicy` decides per request from what earlier requests to the same path cost:
 
-* only predict calls (POST) with a body of at most 64 KiB, to versions without
+* only predict calls (POST) with a body of at most 16 KiB, to versions without
   cross-request batchers (batching needs requests side by side in worker threads);
 * the path's average cost is at most ``max_seconds`` (1 ms by default) over recent
   requests, in thread CPU time (wall time in a worker thread includes waiting for
@@ -23,8 +23,13 @@ connections one request at a time, like an event-loop server.
   preemption.
 
 While a request runs inline the other connections of that process wait, so the limit
-bounds their extra latency. ``max_seconds=0`` turns the policy off (`allows` is
-always false).
+bounds their extra latency. A client can still make one request of a cheap path
+expensive (many instances in 16 KiB); the running average then shuts the path out
+of the I/O thread for the next several requests. ``max_seconds=0`` turns the policy
+off (`allows` is always false).
+
+Costs are updated without a lock: a lost update between racing threads only nudges
+an estimate.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16 * 1024  # a costly body to decode blocks the I/O thread once, briefly
 _MIN_SAMPLES = 4
 _WEIGHT = 0.2  # of the newest request in the running average
 _MAX_PATHS = 4096  # paths are client-chosen: bound the table

@@ -147,7 +147,8 @@ def test_policy_rules():
     assert policy.allows("POST", "/model/a:m", 100)
     assert not policy.allows("POST", "/model/b:m", 100)  # batches across requests
     assert not policy.allows("GET", "/model/a:m", 0)
-    assert not policy.allows("POST", "/model/a:m", 65 * 1024)  # large bodies decode slowly
+    assert policy.allows("POST", "/model/a:m", 16 * 1024)
+    assert not policy.allows("POST", "/model/a:m", 16 * 1024 + 1)  # large bodies decode slowly
     assert not policy.allows("POST", "/model/c:m", 100)  # never seen
 
     policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)  # one slow run: preempted?
