@@ -33,6 +33,7 @@ from __future__ import annotations
 import _pyio
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -53,6 +54,10 @@ from .transport import InFlight
 log = logging.getLogger("mserve.tls")
 
 _PLAIN_HTTP_MESSAGE = "this port speaks HTTPS only: the client sent plain HTTP, use https://"
+# A worker stays with a keep-alive connection while its next request comes within
+# _STAY seconds (a client sending back to back), up to _MAX_STAY_REQUESTS in a row.
+_STAY = 0.002
+_MAX_STAY_REQUESTS = 100
 
 
 # --------------------------------------------------------------------------- context
@@ -278,9 +283,29 @@ class _Connection(HTTPConnection):
         sock.settimeout(server.io_timeout)
 
     def communicate(self) -> bool:
+        """Serve the connection's next request, and the ones after it while they come
+        within `_STAY` seconds and no other connection waits for a worker: handing an
+        active keep-alive connection back to cheroot's selector after each request
+        costs two thread wake-ups per request."""
         if not self.handshaken and not self._handshake():
             return False
-        return super().communicate()
+        keep = super().communicate()
+        served = 1
+        while keep and served < _MAX_STAY_REQUESTS and self._next_request_soon():
+            keep = super().communicate()
+            served += 1
+        return keep
+
+    def _next_request_soon(self) -> bool:
+        if not self.server.ready or self.server.requests.qsize:
+            return False
+        if self.rfile.has_data():
+            return True
+        try:
+            readable, _, _ = select.select([self.socket], [], [], _STAY)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(readable)
 
     def _handshake(self) -> bool:
         sock = self.socket
