@@ -34,7 +34,10 @@ class ConnectionBalance:
         self.index = index
         self._map = mmap.mmap(fd, workers * _SLOT * 8)
         self._table = memoryview(self._map).cast("q")
+        # A replacement starts out of the comparison: its predecessor's last count
+        # and heartbeat must not make the others decline while it is still loading.
         self._table[index * _SLOT] = 0
+        self._table[index * _SLOT + 1] = 0
 
     @staticmethod
     def create_table(workers: int) -> int:
@@ -45,6 +48,15 @@ class ConnectionBalance:
         handle.close()
         os.ftruncate(fd, workers * _SLOT * 8)
         return fd
+
+    @staticmethod
+    def forget(fd: int, workers: int, index: int) -> None:
+        """Take worker ``index`` out of the comparison at once (the pool calls this
+        when the worker dies, so the others need not wait for its heartbeat to age)."""
+        with mmap.mmap(fd, workers * _SLOT * 8) as table:
+            view = memoryview(table).cast("q")
+            view[index * _SLOT + 1] = 0
+            view.release()
 
     def may_accept(self, connections: int) -> bool:
         """Publish this worker's ``connections`` and say whether it should accept."""

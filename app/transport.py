@@ -182,12 +182,15 @@ class _Server(TcpWSGIServer):
         if threading.current_thread() is not self.loop_thread:
             self.trigger.pull_trigger()
 
+    declined = False  # the balance said another worker's turn at the last look
+
     def readable(self) -> bool:
         # Called on every turn of the loop, which is when a worker process takes or
         # declines its turn at accepting (see balance.py).
         if not super().readable():
             return False
-        return self.balance is None or self.balance.may_accept(len(self.active_channels))
+        self.declined = self.balance is not None and not self.balance.may_accept(len(self.active_channels))
+        return not self.declined
 
 
 class InFlight:
@@ -263,7 +266,8 @@ class WaitressTransport:
         self._server.loop_thread = threading.current_thread()
         try:
             while self._map and not self._closed:
-                wasyncore.poll2(1.0, self._map)
+                # Not listening by turn: look again soon, the turn may have come.
+                wasyncore.poll2(0.05 if self._server.declined else 1.0, self._map)
         except Exception:  # pragma: no cover - waitress's loop is not expected to raise
             log.exception("HTTP loop stopped")
 

@@ -122,6 +122,8 @@ class WorkerPool:
                 if self._stopping or proc is None or proc.poll() is None:
                     continue
                 log.error("worker %d (pid %d) exited with code %s; starting a new one", i, proc.pid, proc.returncode)
+                if self.balance_fd is not None:
+                    ConnectionBalance.forget(self.balance_fd, self.workers, i)
                 try:
                     self.procs[i] = self._spawn(i)
                     self._wait_ready(self.procs[i])  # type: ignore[arg-type]

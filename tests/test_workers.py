@@ -131,7 +131,42 @@ def test_balance_table_prefers_the_least_loaded_live_worker():
         assert a.may_accept(1)
         b.close()  # gone: a is compared with c alone
         assert a.may_accept(4)
+        b = ConnectionBalance(fd, 3, 1)  # b's replacement: out of the comparison until it serves
+        assert a.may_accept(4)
+        assert b.may_accept(0)  # serving now, with no connections
+        assert not a.may_accept(4)
+        ConnectionBalance.forget(fd, 3, 1)  # the pool saw b die
+        assert a.may_accept(4)
+        b.close()
         with pytest.raises(ValueError):
             ConnectionBalance(fd, 3, 3)
     finally:
         os.close(fd)
+
+
+def test_a_dead_worker_does_not_hold_up_new_connections(tmp_path):
+    """The survivor holds a connection; the dead worker's last entry in the balance
+    table (no connections, a recent heartbeat) must not keep it declining new ones
+    until the heartbeat ages (3 s): the pool takes the dead worker out at once."""
+    write_servable(tmp_path, "whoami", WHOAMI_CONFIG)
+    (tmp_path / "whoami" / "1").mkdir()
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    pool = WorkerPool([server.ServableStartConfig(tmp_path, "whoami")], sock, workers=2)
+    pool.start()
+    try:
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        held.request("POST", "/model/whoami:who", body=b'{"instances": [{"x": 1}]}')
+        survivor = json.loads(held.getresponse().read())["instances"][0]["pid"]
+        victim = next(p for p in pool.procs if p.pid != survivor)
+        time.sleep(0.2)  # both workers have published since
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        started = time.monotonic()
+        r = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1}]}, timeout=10)
+        waited = time.monotonic() - started
+        assert r.json()["instances"][0]["pid"] == survivor
+        assert waited < 1.5, f"a new connection waited {waited:.2f}s for the survivor"
+        held.close()
+    finally:
+        pool.stop(drain_timeout=5)
