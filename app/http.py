@@ -127,10 +127,10 @@ class MserveApp:
         headers.append(("Content-Length", str(len(reply))))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
+        inline = environ.get("mserve.inline", False)
         if self.inline is not None and status != 404:  # 404s would let clients fill its table
-            wall = elapsed if environ.get("mserve.inline") else None
-            self.inline.observe(path, time.thread_time() - cpu_started, wall)
-        self.metrics.observe(path, status, elapsed)
+            self.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None)
+        self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
         return [reply]
 

@@ -8,6 +8,7 @@ name                                        type       labels
 ==========================================  =========  ===============================
 mserve_requests_total                       counter    servable, method, status
 mserve_request_duration_seconds             histogram  servable, method
+mserve_inline_requests_total                counter    servable, method
 mserve_queue_duration_seconds               histogram  servable, version, model
 mserve_model_duration_seconds               histogram  servable, version, model
 mserve_batch_size                           histogram  servable, version, model
@@ -80,6 +81,12 @@ REQUEST_SECONDS = Histogram(
     "Predict request latency inside the server, from the request line to the reply.",
     ["servable", "method"],
     buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INLINE_REQUESTS = Counter(
+    "mserve_inline_requests",
+    "Predict requests run on the HTTP I/O thread instead of a worker thread (mserve.inline).",
+    ["servable", "method"],
     registry=REGISTRY,
 )
 QUEUE_SECONDS = Histogram(
@@ -160,16 +167,18 @@ class RequestMetrics:
 
     def __init__(self, servables: Callable[[], dict[str, Any]]):
         self._servables = servables  # name -> Servable, as the registry has them now
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
-    def observe(self, path: str, status: int, seconds: float) -> None:
+    def observe(self, path: str, status: int, seconds: float, inline: bool = False) -> None:
         children = self._children.get((path, status))
         if children is None:
             children = self._resolve(path, status)
         children[0].inc()
         children[1].observe(seconds)
+        if inline:
+            children[2].inc()
 
-    def _resolve(self, path: str, status: int) -> tuple[Any, Any]:
+    def _resolve(self, path: str, status: int) -> tuple[Any, Any, Any]:
         servable = method = UNKNOWN
         try:
             target = parse_predict_path(path)
@@ -179,7 +188,11 @@ class RequestMetrics:
             found = self._servables().get(target.servable)
             if found is not None and target.method in found.definition.methods:
                 servable, method = target.servable, target.method
-        children = (REQUESTS.labels(servable, method, str(status)), REQUEST_SECONDS.labels(servable, method))
+        children = (
+            REQUESTS.labels(servable, method, str(status)),
+            REQUEST_SECONDS.labels(servable, method),
+            INLINE_REQUESTS.labels(servable, method),
+        )
         # Only known names are cached: unknown paths are rare, and caching them
         # would let a client grow the cache (and a name known later stays unknown).
         if servable != UNKNOWN and len(self._children) < self.MAX_CACHED:

@@ -84,14 +84,24 @@ def first_inline(names: list[str]) -> int:
     return names.index(IO_THREAD)
 
 
+def inline_count(base: str) -> float:
+    """mserve_inline_requests_total for who:who, from /metrics."""
+    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("mserve_inline_requests_total{") and 'method="who"' in line and 'servable="who"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_quick_method_moves_to_the_io_thread_and_stays(root):
     with serving(server.ServableStartConfig(root, "who")) as base, requests.Session() as session:
+        before = inline_count(base)
         names = threads(session, base + "/model/who:who", 40)
         start = first_inline(names)
         assert start >= 4  # it learns the cost from a few requests in worker threads first
         assert all(n.startswith("waitress") for n in names[:start])
         rest = names[start:]
         assert rest.count(IO_THREAD) >= len(rest) - 2, names  # a GC pause may cost one or two
+        assert inline_count(base) - before == names.count(IO_THREAD)  # the metric counts them
 
 
 def test_a_method_that_waits_is_sent_back_to_worker_threads(root):
