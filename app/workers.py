@@ -68,6 +68,7 @@ class WorkerPool:
         self.settings["balance_fd"] = self.balance_fd
         self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
+        self.restarts = 0  # replacements that came up and serve
         self.description: list[Any] = []
         self._stopping = False
         self._watcher: threading.Thread | None = None
@@ -127,6 +128,7 @@ class WorkerPool:
                 try:
                     self.procs[i] = self._spawn(i)
                     self._wait_ready(self.procs[i])  # type: ignore[arg-type]
+                    self.restarts += 1
                 except Exception as exc:
                     log.error("restarting worker %d failed: %s", i, exc)
 
