@@ -23,7 +23,7 @@ from .errors import BadRequest, NotFound, ServingError
 from .model_stage import InstanceError
 from .pipeline import run_method
 from .register import MethodDef
-from .servable import ServableRegistry
+from .servable import LoadedVersion, ServableRegistry
 from .urls import parse_predict_path
 
 log = logging.getLogger("mserve.predict")
@@ -51,6 +51,8 @@ class PredictHandler:
         self._active = 0
         self._lock = threading.Lock()
         self.draining = False
+        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
+        self._eligible_in: dict | None = None  # ... for this registry snapshot
 
     @property
     def active(self) -> int:
@@ -92,17 +94,28 @@ class PredictHandler:
 
     def inline_eligible(self, path: str) -> bool:
         """Whether a request to ``path`` may run on the I/O thread at all: not when
-        its version batches across requests, which needs requests side by side."""
-        try:
-            target = parse_predict_path(path)
-            version, _ = self.registry.lookup(target.servable, target.version, target.method)
-        except ServingError:
-            return True  # answered at once
-        return not version.batchers
+        its version batches across requests, which needs requests side by side.
+        Asked on the I/O thread for every candidate request, so the answers are kept
+        until the registry changes (a load, a reload, a retired version)."""
+        snapshot = self.registry.servables()
+        if snapshot is not self._eligible_in:
+            self._eligible, self._eligible_in = {}, snapshot
+        eligible = self._eligible.get(path)
+        if eligible is None:
+            try:
+                version, _ = self._resolve(path)
+                eligible = not version.batchers
+            except ServingError:
+                eligible = True  # answered at once
+            self._eligible[path] = eligible  # paths come from InlinePolicy's bounded table
+        return eligible
+
+    def _resolve(self, path: str) -> tuple[LoadedVersion, MethodDef]:
+        target = parse_predict_path(path)
+        return self.registry.lookup(target.servable, target.version, target.method)
 
     def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
-        target = parse_predict_path(path)
-        version, method = self.registry.lookup(target.servable, target.version, target.method)
+        version, method = self._resolve(path)
         instances = parse_instances(body)
         decoded = [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
         results = run_method(version, method, decoded, deadline)
