@@ -92,6 +92,14 @@ def _reason(exc: ssl.SSLError) -> str:
     return getattr(exc, "reason", None) or str(exc)
 
 
+def _load_certificates(context: ssl.SSLContext, label: str, path: str) -> None:
+    """Trust the PEM certificates in ``path``; a clear RuntimeError if there are none."""
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise RuntimeError(f"load {label} from {path} failed: not a PEM certificate ({_reason(exc)})") from None
+
+
 def build_ssl_context(ssl_config: Any) -> ssl.SSLContext:
     """The server-side `ssl.SSLContext` for ``ssl_config`` (an `mserve.server.SSLConfig`).
 
@@ -117,13 +125,7 @@ def build_ssl_context(ssl_config: Any) -> ssl.SSLContext:
 
     # The certificate alone first, so that a bad certificate and a bad key get
     # different messages (load_cert_chain reports both as "PEM lib").
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        probe.load_verify_locations(cafile=certificate)
-    except ssl.SSLError as exc:
-        raise RuntimeError(
-            f"load certificate from {certificate} failed: not a PEM certificate ({_reason(exc)})"
-        ) from None
+    _load_certificates(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "certificate", certificate)
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = max(context.minimum_version, ssl.TLSVersion.TLSv1_2)
@@ -145,12 +147,7 @@ def build_ssl_context(ssl_config: Any) -> ssl.SSLContext:
             reason = f"the private key does not match the certificate {certificate}"
         raise RuntimeError(f"load private_key from {private_key} failed: {reason}") from None
     if verify_client:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError as exc:
-            raise RuntimeError(
-                f"load custom_ca from {ca_file} failed: not a PEM certificate ({_reason(exc)})"
-            ) from None
+        _load_certificates(context, "custom_ca", ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     else:
         context.verify_mode = ssl.CERT_NONE
