@@ -101,22 +101,28 @@ def _pids_of_keepalive_connections(port: int, count: int) -> list[int]:
     return pids
 
 
-def test_keepalive_connections_spread_evenly_over_workers(tmp_path):
+@pytest.fixture
+def whoami_pool(tmp_path):
+    """Two workers serving ``whoami`` (which answers its process id); yields (pool, port)."""
     write_servable(tmp_path, "whoami", WHOAMI_CONFIG)
     (tmp_path / "whoami" / "1").mkdir()
     sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
     pool = WorkerPool([server.ServableStartConfig(tmp_path, "whoami")], sock, workers=2)
     pool.start()
     try:
-        workers = {p.pid for p in pool.procs}
-        for _ in range(3):
-            pids = _pids_of_keepalive_connections(port, 4)
-            assert set(pids) == workers
-            assert sorted(pids.count(pid) for pid in workers) == [2, 2], pids
-            time.sleep(0.3)  # the closed connections leave both workers' counts
+        yield pool, sock.getsockname()[1]
     finally:
         pool.stop(drain_timeout=5)
+
+
+def test_keepalive_connections_spread_evenly_over_workers(whoami_pool):
+    pool, port = whoami_pool
+    workers = {p.pid for p in pool.procs}
+    for _ in range(3):
+        pids = _pids_of_keepalive_connections(port, 4)
+        assert set(pids) == workers
+        assert sorted(pids.count(pid) for pid in workers) == [2, 2], pids
+        time.sleep(0.3)  # the closed connections leave both workers' counts
 
 
 def test_balance_table_prefers_the_least_loaded_live_worker():
@@ -144,29 +150,21 @@ def test_balance_table_prefers_the_least_loaded_live_worker():
         os.close(fd)
 
 
-def test_a_dead_worker_does_not_hold_up_new_connections(tmp_path):
+def test_a_dead_worker_does_not_hold_up_new_connections(whoami_pool):
     """The survivor holds a connection; the dead worker's last entry in the balance
     table (no connections, a recent heartbeat) must not keep it declining new ones
     until the heartbeat ages (3 s): the pool takes the dead worker out at once."""
-    write_servable(tmp_path, "whoami", WHOAMI_CONFIG)
-    (tmp_path / "whoami" / "1").mkdir()
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    pool = WorkerPool([server.ServableStartConfig(tmp_path, "whoami")], sock, workers=2)
-    pool.start()
-    try:
-        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        held.request("POST", "/model/whoami:who", body=b'{"instances": [{"x": 1}]}')
-        survivor = json.loads(held.getresponse().read())["instances"][0]["pid"]
-        victim = next(p for p in pool.procs if p.pid != survivor)
-        time.sleep(0.2)  # both workers have published since
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        started = time.monotonic()
-        r = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1}]}, timeout=10)
-        waited = time.monotonic() - started
-        assert r.json()["instances"][0]["pid"] == survivor
-        assert waited < 1.5, f"a new connection waited {waited:.2f}s for the survivor"
-        held.close()
-    finally:
-        pool.stop(drain_timeout=5)
+    pool, port = whoami_pool
+    held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    held.request("POST", "/model/whoami:who", body=b'{"instances": [{"x": 1}]}')
+    survivor = json.loads(held.getresponse().read())["instances"][0]["pid"]
+    victim = next(p for p in pool.procs if p.pid != survivor)
+    time.sleep(0.2)  # both workers have published since
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    started = time.monotonic()
+    r = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1}]}, timeout=10)
+    waited = time.monotonic() - started
+    assert r.json()["instances"][0]["pid"] == survivor
+    assert waited < 1.5, f"a new connection waited {waited:.2f}s for the survivor"
+    held.close()
