@@ -51,5 +51,15 @@ class Timeout(ServingError):
         super().__init__(message)
 
 
+class InstanceError(ServingError):
+    """One instance failed; the others go on. ``cause`` is the message without the
+    instance's position, so instances failing alike can be reported once."""
+
+    def __init__(self, message: str, status: int = 400, cause: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.cause = cause or message
+
+
 class ServableLoadError(RuntimeError):
     """A servable could not be loaded; raised at start-up, never on the request path."""

@@ -17,11 +17,11 @@ mserve additions (operability):
   `start_restful_server` first and `start_servables` second to answer ``/health``
   (200) and ``/ready`` (503) while models load; predicts meanwhile get 503.
 * Hot reload: ``start_servables(..., poll_interval=2.0)`` watches the version
-  folders (see `mserve.reload`); off by default.
+  folders (see `mserve.serving.reload`); off by default.
 * Graceful stop: ``stop(drain_timeout, grace)``: ``/ready`` turns 503 at once, new
   requests are still served for ``grace`` seconds (so load balancers notice), then
   the listener closes and in-flight requests finish, up to ``drain_timeout``.
-* Metrics: batch and model hooks go to `mserve.metrics` (``GET /metrics``).
+* Metrics: batch and model hooks go to `mserve.ops.metrics` (``GET /metrics``).
 """
 
 from __future__ import annotations
@@ -35,18 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import metrics
-from .balance import ConnectionBalance
+from .ops import metrics
+from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
-from .http import create_app
-from .inline import InlinePolicy
-from .predict import PredictHandler
-from .compile_cache import enable_compile_cache
-from .reload import RequestEpochs, VersionWatcher, WatchTarget
-from .servable import (
+from .transport.wsgi import create_app
+from .transport.inline import InlinePolicy
+from .serving.dataplane import PredictHandler
+from .serving.compile_cache import enable_compile_cache
+from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
+from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
 )
-from .transport import WaitressTransport, bind_socket, parse_address
+from .transport.http import WaitressTransport, bind_socket, parse_address
 
 log = logging.getLogger("mserve.server")
 
@@ -184,7 +184,7 @@ def start_servables(
     """Load and warm up the servables; raises `ServableLoadError` on any problem.
 
     ``poll_interval`` (seconds, mserve addition): watch the servables' version
-    folders and hot-reload versions that appear or disappear (see `mserve.reload`);
+    folders and hot-reload versions that appear or disappear (see `mserve.serving.reload`);
     ``None`` (the default) or 0 leaves them alone. Extra MindSpore arguments
     (``enable_lite``) are accepted and ignored.
     """
@@ -346,7 +346,7 @@ def start_restful_server(
     processes share one this way, evened out by ``balance``; plain HTTP only), and
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
-    each (see `mserve.inline`; plain HTTP only; 0 turns it off).
+    each (see `mserve.transport.inline`; plain HTTP only; 0 turns it off).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
@@ -360,7 +360,7 @@ def start_restful_server(
     inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
     app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
-        from .tls import build_ssl_context
+        from .transport.https import build_ssl_context
 
         build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
     with _state.lock:
@@ -368,7 +368,7 @@ def start_restful_server(
             sock = bind_socket(host, port)
         try:
             if ssl_config is not None:
-                from .tls import TlsTransport
+                from .transport.https import TlsTransport
 
                 transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
             else:

@@ -76,8 +76,8 @@ class Server:
         self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES, **config: object
     ):
         from mserve import server
-        from mserve.transport import bind_socket
-        from mserve.workers import WorkerPool
+        from mserve.transport.http import bind_socket
+        from mserve.transport.workers import WorkerPool
 
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]

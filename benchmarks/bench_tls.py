@@ -1,7 +1,7 @@
 """HTTPS against HTTP on the bundled add servable, one process, same run.
 
 Starts the add servable once, serves it over plain HTTP (Waitress) and HTTPS
-(cheroot, `mserve.tls`, one-way, trustme certificates) in this process, and drives
+(cheroot, `mserve.transport.https`, one-way, trustme certificates) in this process, and drives
 each with keep-alive connections from a separate load-generator process: Debian's
 ``wrk`` when it is installed (``apt-get install -y wrk``), otherwise a Python
 http.client load generator (threads in a subprocess; slower, so it understates both

@@ -8,7 +8,7 @@
   file, in order, to build an instance with several inputs); ``--instances`` wraps
   that as a request body ``{"instances": [{...}]}``.
 
-The objects are made by ``mserve.codec`` (the server's own wire codec).
+The objects are made by ``mserve.protocol.codec`` (the server's own wire codec).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def parse_shape(text: str) -> list[int]:
 def encode_file(path: Path, type_name: Optional[str], shape: Optional[list[int]]) -> dict[str, Any]:
     import numpy as np
 
-    from mserve import codec
+    from mserve.protocol import codec
 
     try:
         if path.suffix.lower() == ".npy":
@@ -101,7 +101,7 @@ def encode_file(path: Path, type_name: Optional[str], shape: Optional[list[int]]
 
 
 def _numeric_dtype(type_name: str) -> Any:
-    from mserve import codec
+    from mserve.protocol import codec
 
     target = codec.B64_TYPES.get(type_name)
     if target is None or target in (str, bytes):
@@ -155,7 +155,7 @@ def encode(
 
 
 def _type_ok(type_name: str) -> None:
-    from mserve import codec
+    from mserve.protocol import codec
 
     if type_name not in codec.B64_TYPES:
         fail(f"--type {type_name!r} is unknown; use one of: {', '.join(codec.B64_TYPES)}")

@@ -2,7 +2,7 @@
 
 Inputs come from ``-i NAME=VALUE`` (a JSON literal, or ``@file``: ``.npy`` -> typed
 b64 tensor, ``.json`` -> the JSON value, anything else -> b64 bytes) and/or
-``--instances FILE.json``. Tensors and bytes are encoded by ``mserve.codec``, the
+``--instances FILE.json``. Tensors and bytes are encoded by ``mserve.protocol.codec``, the
 same codec the server decodes with.
 
 HTTP goes through the standard library (``urllib`` + ``ssl``): no extra dependency,
@@ -83,7 +83,7 @@ def read_value(text: str) -> Any:
 
 def read_file_value(path: Path) -> Any:
     """``@file``: .npy -> typed b64 tensor, .json -> JSON value, else b64 bytes."""
-    from mserve import codec
+    from mserve.protocol import codec
 
     try:
         suffix = path.suffix.lower()
@@ -230,7 +230,7 @@ def post(url: str, body: bytes, timeout: float, context: Any) -> tuple[int, byte
 
 def show_value(value: Any) -> str:
     """A reply value for the table: small values as JSON, big tensors summarized."""
-    from mserve import codec
+    from mserve.protocol import codec
 
     decoded = codec.decode_reply_value(value)
     if isinstance(decoded, bytes):
@@ -267,7 +267,7 @@ def save_outputs(instances: list[Any], directory: Path) -> list[Path]:
     bytes, ``.txt`` for strings) in ``directory``."""
     import numpy as np
 
-    from mserve import codec
+    from mserve.protocol import codec
 
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def predict_path(servable: str, method: str, version: int | None = None) -> str:
 
 
 def servables_table(descriptions: Sequence[dict[str, Any]], base_url: str | None = None) -> Table:
-    """One row per servable/version/method, from `mserve.metadata.describe_servable`.
+    """One row per servable/version/method, from `mserve.ops.metadata.describe_servable`.
 
     With ``base_url`` the last column is the URL to POST to, else the path. The newest
     version is addressed without ``/version/N``, older ones with it.

@@ -1,7 +1,7 @@
 """`mserve start` (serve until SIGINT/SIGTERM) and `mserve list` (describe, don't serve).
 
 Both load servables through the server API (``mserve.server``) and describe them with
-``mserve.metadata``; heavy modules are imported inside the commands so ``mserve
+``mserve.ops.metadata``; heavy modules are imported inside the commands so ``mserve
 --help`` stays fast.
 
 Exit codes of ``start``: 0 after a graceful stop; 1 when loading or listening fails
@@ -110,7 +110,8 @@ def _load(configs: list[Any], poll_interval: float | None = None) -> None:
 
 
 def _describe_loaded() -> list[dict[str, Any]]:
-    from mserve import metadata, server
+    from mserve.ops import metadata
+    from mserve import server
 
     servables = server.registry().servables()
     return [metadata.describe_servable(servables[name]) for name in sorted(servables)]
@@ -285,9 +286,9 @@ def _serve(settings: StartSettings) -> None:
 def _serve_workers(
     settings: StartSettings, configs: list[Any], stop_requested: threading.Event, signals_seen: list[int]
 ) -> None:
-    """``--workers N``: N server processes on one listening socket (see mserve.workers)."""
-    from mserve.transport import bind_socket
-    from mserve.workers import WorkerPool
+    """``--workers N``: N server processes on one listening socket (see mserve.transport.workers)."""
+    from mserve.transport.http import bind_socket
+    from mserve.transport.workers import WorkerPool
 
     try:
         sock = bind_socket(settings.host, settings.port)

@@ -29,7 +29,7 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
-from mserve import codec
+from mserve.protocol import codec
 from mserve.cli.main import app
 from mserve.cli.settings import StartSettings
 from mserve.cli.render import CliError
@@ -547,7 +547,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(workdir):
 
 
 def test_https_invoke(workdir, tmp_path):
-    pytest.importorskip("mserve.tls", reason="HTTPS transport (mserve.tls) not there yet")
+    pytest.importorskip("mserve.transport.https", reason="HTTPS transport (mserve.transport.https) not there yet")
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     server_cert = ca.issue_cert("127.0.0.1", "localhost")

@@ -1,4 +1,4 @@
-"""Quick predicts run on the HTTP I/O thread (`mserve.inline`), slow or batched ones
+"""Quick predicts run on the HTTP I/O thread (`mserve.transport.inline`), slow or batched ones
 do not. The servables here report the name of the thread that ran them: Waitress's
 I/O thread is ``mserve-http``, its worker threads ``waitress-N``."""
 
@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from mserve import server
-from mserve.inline import InlinePolicy
+from mserve.transport.inline import InlinePolicy
 from support import export_to, serving, spec, write_servable
 
 IO_THREAD = "mserve-http"

@@ -246,7 +246,7 @@ def test_request_id_is_made_when_missing_or_not_sane(url):
 
 
 def test_json_access_log_formatter():
-    from mserve.access_log import JsonFormatter
+    from mserve.ops.access_log import JsonFormatter
     import orjson
 
     record = logging.LogRecord("mserve.access", logging.INFO, __file__, 1, "POST %s %d", ("/m", 200), None)

@@ -1269,7 +1269,7 @@ def test_malformed_http_gets_a_json_error(url):
 
 @pytest.mark.parametrize("value", [1e39, [1.0, -1e300], [[3.5e38]]])
 def test_float_beyond_float32_is_refused_not_inf(value):
-    from mserve.codec import ValueError_, decode_value
+    from mserve.protocol.codec import ValueError_, decode_value
 
     with pytest.raises(ValueError_, match="out of float32 range"):
         decode_value(value)
@@ -1279,7 +1279,7 @@ def test_float_beyond_float32_is_refused_not_inf(value):
 def test_float32_max_as_printed_still_decodes():
     """float32's largest value prints as 3.4028235e+38, a little above it as a
     float64; it rounds to the largest float32, not to infinity, so it is accepted."""
-    from mserve.codec import ValueError_, decode_value
+    from mserve.protocol.codec import ValueError_, decode_value
 
     largest = float(np.finfo(np.float32).max)
     assert decode_value([3.4028235e38, -3.4028235e38]).tolist() == [largest, -largest]
@@ -1290,8 +1290,8 @@ def test_float32_max_as_printed_still_decodes():
 def test_unknown_servable_while_loading_is_503_not_404():
     import json
 
-    from mserve.predict import PredictHandler
-    from mserve.servable import ServableRegistry
+    from mserve.serving.dataplane import PredictHandler
+    from mserve.serving.servable import ServableRegistry
 
     body = json.dumps(ADD_BODY).encode()
     loading = PredictHandler(ServableRegistry(), loading=lambda: True)

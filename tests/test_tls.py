@@ -18,8 +18,8 @@ import requests
 import trustme
 
 from mserve import server
-from mserve.tls import TlsTransport, build_ssl_context
-from mserve.transport import bind_socket
+from mserve.transport.https import TlsTransport, build_ssl_context
+from mserve.transport.http import bind_socket
 
 from support import ADD_BODY, BUNDLED, serving
 

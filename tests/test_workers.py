@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from mserve import server
-from mserve.balance import ConnectionBalance
-from mserve.transport import bind_socket
-from mserve.workers import WorkerPool
+from mserve.transport.balance import ConnectionBalance
+from mserve.transport.http import bind_socket
+from mserve.transport.workers import WorkerPool
 from support import ADD_BODY, BUNDLED, write_servable
 
 EXPECTED = {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}

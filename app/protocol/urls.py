@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 # MindSpore Serving reads the version as a long and refuses >= UINT32_MAX.
 _MAX_VERSION = 2**32 - 2

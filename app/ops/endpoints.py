@@ -6,8 +6,8 @@
     GET /model/{name}                    versions (and the latest), methods with their
                                          inputs/outputs, models with their batching
     GET /model/{name}/version/{n}        one version
-    GET /metrics                         Prometheus exposition (mserve.metrics)
-    GET /openapi.json                    the OpenAPI 3 document (mserve.openapi)
+    GET /metrics                         Prometheus exposition (mserve.ops.metrics)
+    GET /openapi.json                    the OpenAPI 3 document (mserve.ops.openapi)
 
 They never touch the predict contract: a predict URL (``/model/add:add_common``)
 asked with GET still answers 405, and every POST goes to the predict handler.
@@ -21,9 +21,9 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from . import metrics
-from .codec import dumps
+from ..protocol.codec import dumps
 from .metadata import describe_servable, describe_version
-from .servable import LoadedVersion, Servable
+from ..serving.servable import LoadedVersion, Servable
 
 
 GET_PATHS = frozenset({"/health", "/ready", "/models", "/metrics", "/openapi.json"})
@@ -99,7 +99,7 @@ def create_blueprint(state: Any) -> Blueprint:
     @get("/model/<name>")
     def model(name: str) -> Response:
         if ":" in name:  # a predict URL
-            from .http import method_not_allowed
+            from ..transport.wsgi import method_not_allowed
 
             return method_not_allowed()
         servable = registry.servables().get(name)
@@ -110,7 +110,7 @@ def create_blueprint(state: Any) -> Blueprint:
     @get("/model/<name>/version/<version>")
     def model_version(name: str, version: str) -> Response:
         if ":" in version:  # a predict URL
-            from .http import method_not_allowed
+            from ..transport.wsgi import method_not_allowed
 
             return method_not_allowed()
         if not (version.isascii() and version.isdigit()):

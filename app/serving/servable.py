@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import register
-from .backends import get_backend
+from .. import register
+from ..backends import get_backend
 from .batching import Batcher, BatchObserver
-from .errors import NotFound, ServableLoadError
+from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
-from .register import MethodDef, Model, ServableDefinition
+from ..register import MethodDef, Model, ServableDefinition
 
-log = logging.getLogger("mserve.servable")
+log = logging.getLogger("mserve.serving.servable")
 
 
 def list_versions(servable_dir: Path) -> list[int]:

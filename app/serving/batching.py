@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from .model_stage import InstanceError, ModelStage
 
-log = logging.getLogger("mserve.batching")
+log = logging.getLogger("mserve.serving.batching")
 
 
 class _Pending:

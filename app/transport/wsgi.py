@@ -4,12 +4,12 @@ Every POST is a predict call. It goes straight from WSGI to the predict handler:
 Flask's request/response machinery cost as much as the whole predict pipeline for a
 small model (benchmarks/bench_http_stack.py), and the predict path needs none of
 it. Everything else (405 for non-POST predict URLs, the GET endpoints of
-`mserve.endpoints`) is the Flask app. The body is read through `read_body`, which
+`mserve.ops.endpoints`) is the Flask app. The body is read through `read_body`, which
 refuses an over-limit body from its Content-Length (or, when chunked, as soon as it
 crosses the limit), so it is never buffered whole first.
 
 Around both, `MserveApp` gives every request an id (``X-Request-ID``, echoed), one
-access-log record (`mserve.access_log`), and, for predicts, the request metrics and
+access-log record (`mserve.ops.access_log`), and, for predicts, the request metrics and
 an epoch in `RequestEpochs` (so hot reload knows when a retired version is idle).
 """
 
@@ -23,13 +23,13 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from .access_log import current_request_id, log_request, request_id
-from .codec import dumps
-from .errors import PayloadTooLarge
+from ..ops.access_log import current_request_id, log_request, request_id
+from ..protocol.codec import dumps
+from ..errors import PayloadTooLarge
 from .inline import InlinePolicy
-from .metrics import RequestMetrics
-from .predict import PredictHandler
-from .reload import RequestEpochs
+from ..ops.metrics import RequestMetrics
+from ..serving.dataplane import PredictHandler
+from ..serving.reload import RequestEpochs
 
 _CHUNK = 1 << 16
 
@@ -115,7 +115,7 @@ class MserveApp:
             # the app (a 500); the body was read, so the connection stays usable.
             status, reply = exc.status, dumps({"error_msg": exc.message})
         except Exception:  # the client went away mid-body, or the stream broke
-            logging.getLogger("mserve.http").warning("reading the request body failed", exc_info=True)
+            logging.getLogger("mserve.transport.wsgi").warning("reading the request body failed", exc_info=True)
             status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
         else:
             epoch = self.epochs.enter()
@@ -156,7 +156,7 @@ def create_app(
     default) answers readiness and the metadata endpoints; ``inline`` learns what
     predicts cost (the transport asks it which may run on its I/O thread)."""
     if state is None:
-        from . import server
+        from .. import server
 
         state = server._state
     return MserveApp(handler, create_flask_app(state), max_body_bytes, state, inline)
@@ -164,7 +164,7 @@ def create_app(
 
 def create_flask_app(state: Any = None) -> Flask:
     """The non-predict side: the GET endpoints, and 405 on predict URLs."""
-    from .endpoints import create_blueprint, is_get_path
+    from ..ops.endpoints import create_blueprint, is_get_path
 
     app = Flask("mserve")
     if state is not None:
@@ -188,7 +188,7 @@ def create_flask_app(state: Any = None) -> Flask:
             if exc.code == 405 and getattr(exc, "valid_methods", None):
                 response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
             return response
-        logging.getLogger("mserve.http").exception("unhandled error")
+        logging.getLogger("mserve.transport.wsgi").exception("unhandled error")
         return error_response(500, "internal server error, see the server log")
 
     return app

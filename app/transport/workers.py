@@ -9,7 +9,7 @@ HTTPS the kernel hands each new connection to whichever worker accepts it first.
 The pool restarts a worker that dies, and on stop sends SIGTERM to all, which drain
 their in-flight requests.
 
-Run as ``python -m mserve.workers`` it is one worker: it reads its settings as JSON
+Run as ``python -m mserve.transport.workers`` it is one worker: it reads its settings as JSON
 on stdin and reports ``READY <json description>`` on stdout once it serves.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from .balance import ConnectionBalance
 
-log = logging.getLogger("mserve.workers")
+log = logging.getLogger("mserve.transport.workers")
 
 
 def _config_to_json(config: Any) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> subprocess.Popen:
         fds = [self.sock.fileno()] + ([self.balance_fd] if self.balance_fd is not None else [])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.workers"],
+            [sys.executable, "-m", "mserve.transport.workers"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=fds,
@@ -165,9 +165,9 @@ def _worker_main() -> int:
     waitress_log.addHandler(handler)
     waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
     waitress_log.propagate = False
-    from . import server
-    from .errors import ServableLoadError
-    from .metadata import describe_servable
+    from .. import server
+    from ..errors import ServableLoadError
+    from ..ops.metadata import describe_servable
 
     sock = socket.socket(fileno=settings["fd"])
     balance_fd = settings.get("balance_fd")

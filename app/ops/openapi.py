@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import B64_TYPES
+from ..protocol.codec import B64_TYPES
 from .metadata import describe_method
 
 REF = "#/components/schemas/"

@@ -15,7 +15,7 @@ import time
 from typing import Any, Sequence
 
 from .model_stage import InstanceError
-from .register import MethodDef, Model, StageDef, _current_version
+from ..register import MethodDef, Model, StageDef, _current_version
 from .servable import LoadedVersion
 
 

@@ -45,8 +45,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from .batching import BatchObserver
-from .urls import parse_predict_path
+from ..serving.batching import BatchObserver
+from ..protocol.urls import parse_predict_path
 
 UNKNOWN = "_unknown"
 
@@ -85,7 +85,7 @@ REQUEST_SECONDS = Histogram(
 )
 INLINE_REQUESTS = Counter(
     "mserve_inline_requests",
-    "Predict requests run on the HTTP I/O thread instead of a worker thread (mserve.inline).",
+    "Predict requests run on the HTTP I/O thread instead of a worker thread (mserve.transport.inline).",
     ["servable", "method"],
     registry=REGISTRY,
 )

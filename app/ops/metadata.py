@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .register import MethodDef, Slot
-from .servable import LoadedVersion, Servable
+from ..register import MethodDef, Slot
+from ..serving.servable import LoadedVersion, Servable
 
 
 def _spec(dtype: str | None, shape: list[int | None] | None) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ServingError
-from .register import Model
+from ..errors import InstanceError
+from ..register import Model
 
 
 def _type_name(value: Any) -> str:
@@ -38,16 +38,6 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
         sizes.append(size)
         size *= 2
     return sizes + [max_batch_size]
-
-
-class InstanceError(ServingError):
-    """One instance failed; the others go on. ``cause`` is the message without the
-    instance's position, so instances failing alike can be reported once."""
-
-    def __init__(self, message: str, status: int = 400, cause: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.cause = cause or message
 
 
 class ModelStage:
@@ -208,7 +198,7 @@ class ModelStage:
 
     def warm_up(self) -> None:
         """Compile every shape the request path will use, before the first request."""
-        from .backends import concrete_shapes
+        from ..backends import concrete_shapes
 
         sizes: list[int | None] = list(self.buckets) if self.model.with_batch_dim else [None]
         for runtime in self.runtimes:

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pybase64
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 # Request type names -> numpy dtypes (MindSpore Serving's list, with its aliases).
 B64_TYPES: dict[str, Any] = {

@@ -11,7 +11,7 @@ and the record carries the same facts as attributes (``request_id``, ``http_meth
 ``path``, ``status``, ``duration_ms``, ``remote_addr``, ``bytes_in``, ``bytes_out``),
 so `JsonFormatter` writes one JSON object per line:
 
-    handler.setFormatter(mserve.access_log.JsonFormatter())
+    handler.setFormatter(mserve.ops.access_log.JsonFormatter())
 
 While a request runs, `current_request_id` holds its id; `RequestIdFilter` copies it
 onto any record logged meanwhile (a predict error, a stage's own logging), so a

@@ -32,10 +32,10 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import RequestEntityTooLarge
 
 from .balance import ConnectionBalance
-from .codec import dumps
+from ..protocol.codec import dumps
 from .inline import InlinePolicy
 
-log = logging.getLogger("mserve.transport")
+log = logging.getLogger("mserve.transport.http")
 
 
 def parse_address(address: str, default_port: int = 5500) -> tuple[str, int]:

@@ -17,7 +17,7 @@ issue #748). Here the handshake is moved off that loop:
   connection before any request is read; plain HTTP gets a plain-text ``400`` with
   a JSON ``{"error_msg"}`` body, like nginx's answer.
 
-Behaviour matches the HTTP path (`mserve.transport.WaitressTransport`): the server's
+Behaviour matches the HTTP path (`mserve.transport.http.WaitressTransport`): the server's
 own refusals are JSON ``{"error_msg"}``, a body over the limit is refused from its
 Content-Length before it is read (413, ``http message is bigger than {limit}``),
 in-flight requests are counted and drained on `TlsTransport.stop`.
@@ -47,11 +47,11 @@ from cheroot.makefile import StreamReader, StreamWriter
 from cheroot.server import ChunkedRFile, HTTPConnection, HTTPRequest
 from cheroot.ssl import Adapter
 
-from .codec import dumps
-from .errors import PayloadTooLarge
-from .transport import InFlight
+from ..protocol.codec import dumps
+from ..errors import PayloadTooLarge
+from .http import InFlight
 
-log = logging.getLogger("mserve.tls")
+log = logging.getLogger("mserve.transport.https")
 
 _PLAIN_HTTP_MESSAGE = "this port speaks HTTPS only: the client sent plain HTTP, use https://"
 # A worker stays with a keep-alive connection while its next request comes within
@@ -367,7 +367,7 @@ class _Connection(HTTPConnection):
 
 class _LimitedInput:
     """``wsgi.input`` of a chunked request: cheroot's size limit surfaces as the same
-    `PayloadTooLarge` (413 JSON) that `mserve.http.read_body` raises itself."""
+    `PayloadTooLarge` (413 JSON) that `mserve.transport.wsgi.read_body` raises itself."""
 
     def __init__(self, stream: Any, limit: int):
         self._stream = stream
@@ -484,7 +484,7 @@ class _Counted:
 
 class TlsTransport:
     """A WSGI app on a listening socket over HTTPS, served by cheroot in background
-    threads; the same interface as `mserve.transport.WaitressTransport`."""
+    threads; the same interface as `mserve.transport.http.WaitressTransport`."""
 
     scheme = "https"
 

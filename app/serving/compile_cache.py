@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger("mserve.compile_cache")
+log = logging.getLogger("mserve.serving.compile_cache")
 _enabled: Path | None = None
 
 

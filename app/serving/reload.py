@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from .servable import ServableRegistry, list_versions
 
-log = logging.getLogger("mserve.reload")
+log = logging.getLogger("mserve.serving.reload")
 
 
 class RequestEpochs:
