@@ -19,6 +19,7 @@ answer, a dropped connection), new-client latency, server RSS. Loopback only.
 
     flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_soak.py --minutes 4
     flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_soak.py --memory
+    flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_soak.py --floods
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ def memory(args: argparse.Namespace) -> None:
         proc, port, _ = start_server(Path(tmp), restful)
         body = _instances(100_000)
         print(f"body {len(body) / 1e6:.1f} MB, 100,000 instances; server threads 16")
-        print(f"idle: {rss_mb(proc.pid):.0f} MB")
+        print(f"idle: {rss_mb(proc.pid):.0f} MB", flush=True)
 
         def one() -> int:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -385,7 +386,8 @@ def memory(args: argparse.Namespace) -> None:
             return response.status
 
         peak = 0.0
-        for label, rounds, parallel in (("1 request", 1, 1), ("10 in a row", 10, 1), ("10 x 4 at once", 10, 4)):
+        for label, rounds, parallel in (("1 request", 1, 1), ("3 more in a row", 3, 1), ("4 at once", 1, 4),
+                                        ("4 at once again", 1, 4)):
             for _ in range(rounds):
                 done = []
                 workers = [threading.Thread(target=lambda: done.append(one())) for _ in range(parallel)]
@@ -395,7 +397,69 @@ def memory(args: argparse.Namespace) -> None:
                     peak = max(peak, rss_mb(proc.pid))
                     time.sleep(0.05)
             time.sleep(1.0)  # a deferred trim has run
-            print(f"after {label}: status {sorted(set(done))}, RSS {rss_mb(proc.pid):.0f} MB (peak so far {peak:.0f})")
+            print(f"after {label}: status {sorted(set(done))}, RSS {rss_mb(proc.pid):.0f} MB (peak so far {peak:.0f})",
+                  flush=True)
+        proc.stdin.close()
+        proc.wait(30)
+
+
+def probe_floods(args: argparse.Namespace) -> None:
+    """How long a new client waits while one kind of hostile connection is held."""
+    with tempfile.TemporaryDirectory(prefix="mserve-soak-") as tmp:
+        workdir = Path(tmp)
+        proc, http_port, https_port = start_server(workdir, {"threads": 16})
+        ctx = ssl.create_default_context(cafile=str(workdir / "ca.pem"))
+
+        def idle(port: int) -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+        def slow_head(port: int) -> socket.socket:
+            s = idle(port)
+            s.sendall(b"POST " + ADD.encode() + b" HTTP/1.1\r\nHost: x\r\n")
+            return s
+
+        def half_hello(port: int) -> socket.socket:
+            s = idle(port)
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            return s
+
+        def half_request(port: int) -> socket.socket:
+            s = ctx.wrap_socket(idle(port), server_hostname="127.0.0.1")
+            s.sendall(b"POST " + ADD.encode() + b" HTTP/1.1\r\nContent-Le")
+            return s
+
+        kinds = [("idle TCP", idle, http_port, None, 1000), ("slow request heads", slow_head, http_port, None, 1000),
+                 ("idle TCP", idle, https_port, ctx, 1000), ("half ClientHellos", half_hello, https_port, ctx, 1000),
+                 ("TLS + half a request", half_request, https_port, ctx, 32)]
+        print("new client = a fresh connection posting the add request; 5 in a row, the slowest shown")
+        for name, opener, port, tls, count in kinds:
+            held = []
+            try:
+                for _ in range(count):
+                    held.append(opener(port))
+            except OSError as exc:
+                print(f"  opening {name}: {exc}")
+            time.sleep(0.5)
+            worst = 0.0
+            for _ in range(5):
+                started = time.perf_counter()
+                conn = connection(port, tls)
+                conn.timeout = 10
+                try:
+                    conn.request("POST", ADD, ADD_BODY, {"Content-Type": "application/json"})
+                    status = conn.getresponse().status
+                except Exception as exc:  # noqa: BLE001 - reported
+                    status = f"{type(exc).__name__} after 10 s"
+                conn.close()
+                worst = max(worst, time.perf_counter() - started)
+                if not isinstance(status, int):
+                    break
+            scheme = "https" if tls else "http"
+            print(f"{scheme:5} {len(held):5d} {name:22}: slowest new client {worst * 1000:8.1f} ms (last status {status})",
+                  flush=True)
+            for s in held:
+                s.close()
+            time.sleep(1.0)
         proc.stdin.close()
         proc.wait(30)
 
@@ -412,6 +476,7 @@ def main() -> None:
     parser.add_argument("--max-enqueued", type=int, default=64)
     parser.add_argument("--memory", action="store_true", help="RSS around 100,000-instance requests instead")
     parser.add_argument("--max-instances", type=int, default=0, help="--memory: the server's instance cap")
+    parser.add_argument("--floods", action="store_true", help="new-client latency under each kind of flood instead")
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--restful", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -419,6 +484,8 @@ def main() -> None:
         serve(Path(args.serve), json.loads(args.restful))
     elif args.memory:
         memory(args)
+    elif args.floods:
+        probe_floods(args)
     else:
         soak(args)
 

@@ -509,3 +509,23 @@ def test_nan_outputs_are_an_error_not_null(servers):
     assert r.status_code == 500
     assert "nan" in r.json()["error_msg"] and "index [1]" in r.json()["error_msg"]
     assert "null" not in r.text
+
+
+# ------------------------------------------------------------------- the start options
+
+
+def test_mserve_start_options_reach_the_server():
+    from mserve.cli.render import CliError
+    from mserve.cli.settings import StartSettings
+
+    flags = {"max_instances": 7, "max_connections": 500, "idle_timeout": 5, "header_timeout": 2.5,
+             "handshake_timeout": 3, "max_header_kb": 16}
+    options = StartSettings.build(None, flags).restful_options()
+    assert {k: options[k] for k in ("max_instances_per_request", "max_connections", "idle_timeout", "header_timeout",
+                                    "handshake_timeout", "max_header_kb")} == {
+        "max_instances_per_request": 7, "max_connections": 500, "idle_timeout": 5.0, "header_timeout": 2.5,
+        "handshake_timeout": 3.0, "max_header_kb": 16}
+    with pytest.raises(CliError, match="header_timeout must be > 0"):
+        StartSettings.build(None, {"header_timeout": 0})
+    with pytest.raises(RuntimeError, match="max_connections=100000000 needs"):
+        server.start_restful_server("127.0.0.1:0", max_connections=100_000_000)
