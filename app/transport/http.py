@@ -572,7 +572,7 @@ class WaitressTransport:
         """Hand the event loop to a fresh thread when an inline request has held it
         for ``_STALL_SECONDS``: the stalled thread finishes that request, then exits."""
         server = self._server
-        while not self._stopping.wait(_STALL_SECONDS / 4):
+        while not self._stopping.wait(_STALL_SECONDS / 2):
             started = server.inline_since
             if started and time.monotonic() - started > _STALL_SECONDS and not self._closed:
                 stalled = server.loop_thread

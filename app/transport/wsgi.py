@@ -86,15 +86,19 @@ class DeadlineWatch:
 
     Python cannot stop a stage that is still running; what the client is owed is a
     reply at the deadline. A request arms its deadline before the handler runs and
-    disarms it after; a watcher thread (started on first use) looks every
-    ``period`` seconds at the armed requests, oldest first, and fires those past
-    their deadline: the transport then sends the 504 at once and drops the late
-    reply (`mserve.transport.http._Task.reply_early`). Arming costs a dict insert;
-    requests of one handler share one timeout, so insertion order is deadline order.
+    disarms it after (a dict insert and delete); a watcher thread, started on first
+    use, fires those past their deadline: the transport then sends the 504 at once
+    and drops the late reply (`mserve.transport.http._Task.reply_early`).
+
+    Every request gets the same timeout (``horizon``), so insertion order is
+    deadline order, and no deadline armed later can come sooner than ``horizon``
+    from now: the watcher sleeps until the oldest armed deadline, or ``horizon``
+    when none is armed, and wakes no more often than that (a thread that woke
+    every few milliseconds would take the GIL from the I/O thread as often).
     """
 
-    def __init__(self, period: float = 0.02):
-        self.period = period
+    def __init__(self, horizon: float):
+        self.horizon = horizon
         self._armed: dict[int, tuple[float, Any]] = {}
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
@@ -115,19 +119,18 @@ class DeadlineWatch:
 
     def _run(self) -> None:
         while True:
-            time.sleep(self.period)
             now = time.monotonic()
-            due = []
+            wake = now + self.horizon
             for token, (deadline, fire) in list(self._armed.items()):
                 if deadline > now:
+                    wake = deadline
                     break
-                due.append((token, fire))
-            for token, fire in due:
                 if self._armed.pop(token, None) is not None:
                     try:
                         fire()
                     except Exception:  # noqa: BLE001 - the watcher must go on
                         log.exception("sending a deadline reply failed")
+            time.sleep(max(wake - time.monotonic(), 0.001))
 
 
 # WSGI status lines, built once from the standard library's table.
@@ -156,7 +159,7 @@ class MserveApp:
         self.inline = inline
         self.epochs: RequestEpochs = state.epochs if state is not None else RequestEpochs()
         self.metrics = RequestMetrics(handler.registry.servables)
-        self.deadlines = DeadlineWatch()
+        self.deadlines = DeadlineWatch(handler.request_timeout)
 
     def _arm_deadline(self, environ: dict[str, Any], rid: str) -> int | None:
         """Have the deadline reply sent when the handler is still busy at the
