@@ -354,13 +354,13 @@ def soak(args: argparse.Namespace) -> None:
         print(f"\ntotal: {len(all_good)} good requests, p50 {pct(all_good, 0.5):.1f} ms, "
               f"p99 {pct(all_good, 0.99):.1f} ms; RSS {rss[0]:.0f} -> max {max(rss):.0f} -> end {rss[-1]:.0f} MB")
         print(f"unexpected outcomes: {sum(unexpected.values())}")
-        log_text = (workdir / "server.log").read_text(errors="replace")
-        print(f"server log: {log_text.count('ERROR')} ERROR records (stages raising SystemExit on purpose), "
-              f"{log_text.count('Traceback')} tracebacks, server process exit code after stop: ", end="")
         for text, count in sorted(unexpected.items(), key=lambda kv: -kv[1])[:15]:
             print(f"  {count:6d}  {text}")
         proc.stdin.close()
-        print(proc.wait(30))
+        code = proc.wait(30)
+        log_text = (workdir / "server.log").read_text(errors="replace")
+        print(f"server log: {log_text.count('ERROR')} ERROR records (stages raising SystemExit on purpose), "
+              f"{log_text.count('Traceback')} tracebacks; server exit code after stop: {code}")
 
 
 # ----------------------------------------------------------------------------- memory
