@@ -282,12 +282,14 @@ def test_https_half_handshakes_and_half_requests_do_not_stop_service(servers):
             s.close()
 
 
-def test_https_header_size_is_bounded(servers):
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_header_size_is_bounded_and_the_refusal_arrives(servers, scheme):
     """A header that never ends is refused at the limit (64 KiB by default) instead
-    of being read whole (cheroot read 200 MB into memory)."""
-    ctx = tls_client(servers.ca)
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", servers.https_port), timeout=10),
-                         server_hostname="127.0.0.1") as s:
+    of being read whole (cheroot read 200 MB into memory), and the client reads the
+    431 even though it was still sending (the server drains before closing)."""
+    raw = socket.create_connection(("127.0.0.1", servers.https_port if scheme == "https" else servers.port),
+                                   timeout=10)
+    with (tls_client(servers.ca).wrap_socket(raw, server_hostname="127.0.0.1") if scheme == "https" else raw) as s:
         s.sendall(b"POST " + ADD.encode() + b" HTTP/1.1\r\nHost: x\r\n")
         line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
         sent = 0

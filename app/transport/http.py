@@ -60,6 +60,7 @@ _DEFAULT_MAX_CONNECTIONS = 10000
 _FD_HEADROOM = 256  # descriptors kept for everything else (model files, pipes, logs)
 _STALL_SECONDS = 0.1  # an inline request running longer than this gets the loop handed off
 _MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions; real ones are a few bytes
+_LINGER_SECONDS = 1.0  # after a closing reply: how long to drain what the client still sends
 _TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as a ClientHello starts
 _TLS_ON_PLAIN_MESSAGE = "this port speaks plain HTTP: the client started a TLS handshake, use http://"
 
@@ -301,9 +302,66 @@ class _Channel(HTTPChannel):
     environ_extra: dict | None = None  # per-connection WSGI environ entries (TLS)
     detect_tls = True  # answer a ClientHello with a hint (off where TLS is spoken)
 
+    linger_after = False  # closing after a reply: half-close and drain first (see _half_close)
+    half_closed = False
+    linger_until = 0.0
+
+    def readable(self) -> bool:
+        return True if self.half_closed else super().readable()
+
     def handle_read(self) -> None:
+        if self.half_closed:
+            self.drain()
+            return
         super().handle_read()
         self.serve_inline()
+
+    def drain(self) -> None:
+        """Half-closed: read and drop what the client still sends, until it closes."""
+        try:
+            data = self.socket.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.handle_close()
+
+    def handle_write(self) -> None:
+        # Waitress's handle_write, except for how the connection closes after a
+        # reply: gently (_half_close), and only once everything has left.
+        if not self.requests:
+            flush = self._flush_some
+        elif self.total_outbufs_len >= self.adj.send_bytes:
+            flush = self._flush_some_if_lockable
+        else:
+            flush = None
+        self._flush_exception(flush)
+        if self.close_when_flushed and not self.total_outbufs_len:
+            self.close_when_flushed = False
+            self.will_close = True
+            self.linger_after = True
+        if self.will_close and self.all_sent():
+            if self.linger_after and not self.half_closed:
+                self._half_close()
+            else:
+                self.handle_close()
+
+    def all_sent(self) -> bool:
+        return True
+
+    def _half_close(self) -> None:
+        """Stop sending but read (and drop) what the client still sends, for up to
+        `_LINGER_SECONDS`: closing with unread input makes the kernel send a reset,
+        which can destroy the reply (a 431 or 413 the client is still sending into)
+        before the client reads it."""
+        self.will_close = False
+        self.half_closed = True
+        self.linger_until = time.monotonic() + _LINGER_SECONDS
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.handle_close()
 
     def serve_inline(self) -> None:
         # Not from inside received(): it holds requests_lock, which service() takes.
@@ -350,6 +408,8 @@ class _Channel(HTTPChannel):
 
     def expired(self, now: float, wall: float, limits: ConnectionLimits) -> str | None:
         """Why the maintenance pass should close this connection now, if it should."""
+        if self.half_closed:
+            return "closed after its reply" if now > self.linger_until else None
         if self.requests:
             return None  # a request is being served: the request timeout governs it
         request = self.request

@@ -42,7 +42,6 @@ log = logging.getLogger("mserve.transport.https")
 
 _PLAIN_HTTP_MESSAGE = "this port speaks HTTPS only: the client sent plain HTTP, use https://"
 _RECV_BYTES = 1 << 16
-_LINGER_SECONDS = 0.5  # after a refused handshake: read what the client still sends, so it reads our last words
 
 
 # --------------------------------------------------------------------------- context
@@ -163,19 +162,15 @@ class _TlsChannel(_Channel):
         self._raw_out = bytearray()
         self.handshaken = False
         self.connected_at = time.monotonic()
-        self._linger_until = 0.0  # refusing: drain what the client sends until then, then close
-        self._half_closed = False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(server, sock, addr, adj, map)
 
     # ---- reading
 
-    def readable(self) -> bool:
-        if self._linger_until:
-            return True
-        return super().readable()
-
     def handle_read(self) -> None:
+        if self.half_closed:
+            self.drain()
+            return
         try:
             raw = self.socket.recv(_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -186,8 +181,8 @@ class _TlsChannel(_Channel):
         if not raw:
             self.handle_close()
             return
-        if self._linger_until:
-            return  # refusing: discard
+        if self.will_close:
+            return  # refused: what comes now is discarded
         plain = b""
         with self._tls_lock:
             self._incoming.write(raw)
@@ -226,8 +221,8 @@ class _TlsChannel(_Channel):
         else:
             log.info("TLS handshake with %s failed: %s", peer, reason)
         self.server.handshake_failures += 1
-        # OpenSSL's alert (or our answer) goes out, then a gentle close (below).
-        self._linger_until = time.monotonic() + _LINGER_SECONDS
+        # OpenSSL's alert (or our answer) goes out, then a gentle close.
+        self.linger_after = True
         self.will_close = True
 
     def _read_plain(self) -> bytes:
@@ -293,43 +288,17 @@ class _TlsChannel(_Channel):
         return bool(self._raw_out) or bool(super().writable())
 
     def handle_write(self) -> None:
-        # Waitress's handle_write, except that the connection closes only once the
-        # ciphertext already produced has left.
         if self._raw_out:
             self._send_raw()
             if self._raw_out:
                 return
-        if not self.requests:
-            flush = self._flush_some
-        elif self.total_outbufs_len >= self.adj.send_bytes:
-            flush = self._flush_some_if_lockable
-        else:
-            flush = None
-        self._flush_exception(flush)
-        if self.close_when_flushed and not self.total_outbufs_len:
-            self.close_when_flushed = False
-            self.will_close = True
-        if self.will_close and not self._raw_out:
-            if self._linger_until and not self._half_closed:
-                self._half_close()
-            else:
-                self.handle_close()
+        super().handle_write()
 
-    def _half_close(self) -> None:
-        """After a refusal: stop sending but keep reading (and discarding) until the
-        client closes or the linger ends, so our alert or answer is not lost to a
-        reset caused by unread input."""
-        self.will_close = False
-        self._half_closed = True
-        try:
-            self.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.handle_close()
+    def all_sent(self) -> bool:
+        return not self._raw_out
 
     def expired(self, now: float, wall: float, limits: ConnectionLimits) -> str | None:
-        if self._linger_until:
-            return "refused" if now > self._linger_until else None
-        if not self.handshaken and now - self.connected_at > limits.handshake_timeout:
+        if not self.handshaken and not self.half_closed and now - self.connected_at > limits.handshake_timeout:
             return "TLS handshake not complete within handshake_timeout"
         return super().expired(now, wall, limits)
 
