@@ -73,11 +73,12 @@ class PredictHandler:
         return self.draining or queued + self._active >= self.max_enqueued_requests
 
     def shed_reply(self) -> tuple[int, bytes, dict[str, str]]:
-        """The fast 503 for a request over capacity (MindSpore Serving's wording)."""
+        """The fast 503 for a request over capacity (MindSpore Serving's wording, then ours)."""
         reason = (
             "server is shutting down"
             if self.draining
-            else f"Serving Error: enqueued requests count exceeds the limit {self.max_enqueued_requests}"
+            else f"Serving Error: enqueued requests count exceeds the limit {self.max_enqueued_requests} "
+            "(the request queue is full, retry later)"
         )
         return 503, dumps({"error_msg": reason}), {"Retry-After": "1"}
 
