@@ -157,23 +157,16 @@ def _refresh_ready() -> None:
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
-    """JAX devices for ``device_type``; other types go to their backend as (type, id)."""
-    kind = (device_type or "").lower()
-    if kind in ("", "none", "cpu", "gpu", "cuda"):
-        import jax
+    """Devices (type, id) for the backends; the type must be one that an installed
+    backend runs on (else the error names what to install). ``None`` lets each
+    model's backend pick its default type; ids are checked by the backend at load."""
+    from .backends import BackendError, Device, check_device_type
 
-        platform = {"": None, "none": None, "cuda": "gpu"}.get(kind, kind)
-        try:
-            devices = jax.devices(platform)
-        except RuntimeError as exc:
-            raise ServableLoadError(f"device_type {device_type!r} is not available here: {exc}") from None
-        missing = [i for i in device_ids if not 0 <= i < len(devices)]
-        if missing:
-            raise ServableLoadError(
-                f"device_ids {missing} do not exist: {len(devices)} {devices[0].platform} device(s) present"
-            )
-        return [devices[i] for i in device_ids]
-    return [(kind, i) for i in device_ids]
+    try:
+        kind = check_device_type(device_type)
+    except BackendError as exc:
+        raise ServableLoadError(str(exc)) from None
+    return [Device(kind, i) for i in device_ids]
 
 
 def start_servables(
@@ -248,7 +241,7 @@ def _load_version(entry: _Loaded, number: int) -> LoadedVersion:
     try:
         loaded = load_version(
             entry.servable.directory, entry.servable.definition, number, entry.devices, batching,
-            config.num_parallel_workers,
+            config.num_parallel_workers, config.dec_key, config.dec_mode,
         )
     except BaseException:
         metrics.VERSION_LOADS.labels(name, "failed").inc()

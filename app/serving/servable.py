@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import register
-from ..backends import get_backend
+from ..backends import BackendError, Device, find_backend, load_model, placement
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
@@ -97,6 +97,7 @@ class LoadedVersion:
     stages: dict[int, ModelStage]  # Model.index -> stage
     batchers: dict[int, Batcher] = field(default_factory=dict)
     stage_pool: ThreadPoolExecutor | None = None  # for per-instance Python stages
+    backends: dict[int, tuple[str, str]] = field(default_factory=dict)  # Model.index -> (backend, device type)
 
     @property
     def methods(self) -> dict[str, MethodDef]:
@@ -136,6 +137,20 @@ class LoadedVersion:
             batcher.stop()
         if self.stage_pool is not None:
             self.stage_pool.shutdown(wait=False, cancel_futures=True)
+        _release(stage.runtimes for stage in self.stages.values())
+
+
+def _release(groups: Any) -> None:
+    """Let the runtimes free their device memory (those that can say so)."""
+    for runtimes in groups:
+        for runtime in runtimes:
+            close = getattr(runtime, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:  # releasing must not stop the others from releasing
+                log.exception("releasing %r failed", runtime)
 
 
 def load_version(
@@ -145,44 +160,65 @@ def load_version(
     devices: Sequence[Any],
     batching: BatchSettings | None = None,
     num_parallel_workers: int = 0,
+    dec_key: bytes | None = None,
+    dec_mode: str = "AES-GCM",
 ) -> LoadedVersion:
+    """Load one version folder: each model through the backend that serves its
+    format on the devices' type (one instance per device, or one spanning them all
+    when the model declares a sharding), then check the wiring and warm up."""
     batching = batching or BatchSettings()
     name = definition.name
     folder = Path(servable_directory) / name / str(version)
     stages: dict[int, ModelStage] = {}
-    for model in definition.models:
-        files = [folder / f for f in model.model_files]
-        for f in files:
-            if not f.is_file():
-                raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
-        try:
-            loader = get_backend(model.model_format)
-        except KeyError as exc:
-            raise ServableLoadError(f"servable '{name}': {exc.args[0]}") from None
-        try:
-            runtimes = [loader(files, model.options, device) for device in devices]
-        except ServableLoadError:
-            raise
-        except Exception as exc:
-            raise ServableLoadError(
-                f"servable '{name}' version {version}: loading {', '.join(model.model_files)} "
-                f"({model.model_format}) failed: {exc}"
-            ) from exc
-        stages[model.index] = ModelStage(
-            model,
-            runtimes,
-            model.options.get("max_batch_size", batching.max_batch_size),
-            model.options.get("batch_sizes", batching.batch_sizes),
-        )
-    _check_wiring(definition, stages)
-    _check_batch_dims(name, stages)
-    for stage in stages.values():
-        try:
-            stage.warm_up()
-        except Exception as exc:
-            raise ServableLoadError(
-                f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
-            ) from exc
+    used: dict[int, tuple[str, str]] = {}
+    wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
+    try:
+        for model in definition.models:
+            files = [folder / f for f in model.model_files]
+            for f in files:
+                if not f.is_file():
+                    raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
+            what = f"servable '{name}' version {version}: model {', '.join(model.model_files)} ({model.model_format})"
+            try:
+                backend, kind = find_backend(model.model_format, wanted[0].type if wanted else None)
+                groups = placement(backend, model.options, [Device(kind, d.id) for d in wanted])
+            except BackendError as exc:
+                raise ServableLoadError(f"{what}: {exc}") from None
+            config_file = getattr(model, "config_file", None)  # register.Model gains it with issue 9
+            if config_file is not None:
+                config_file = Path(servable_directory) / name / config_file
+            runtimes: list[Any] = []
+            try:
+                for group in groups:
+                    runtimes.append(load_model(
+                        model.model_format, files, model.options, group, config_file=config_file,
+                        context=getattr(model, "context", None), dec_key=dec_key, dec_mode=dec_mode, backend=backend,
+                    ))
+            except ServableLoadError:
+                _release([runtimes])
+                raise
+            except Exception as exc:
+                _release([runtimes])
+                raise ServableLoadError(f"{what}: loading on {backend.name} ({kind}) failed: {exc}") from exc
+            used[model.index] = (backend.name, kind)
+            stages[model.index] = ModelStage(
+                model,
+                runtimes,
+                model.options.get("max_batch_size", batching.max_batch_size),
+                model.options.get("batch_sizes", batching.batch_sizes),
+            )
+        _check_wiring(definition, stages)
+        _check_batch_dims(name, stages)
+        for stage in stages.values():
+            try:
+                stage.warm_up()
+            except Exception as exc:
+                raise ServableLoadError(
+                    f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
+                ) from exc
+    except BaseException:
+        _release(stage.runtimes for stage in stages.values())
+        raise
     batchers = {}
     if batching.cross_request:
         for index, stage in stages.items():
@@ -196,7 +232,7 @@ def load_version(
         "servable %s version %d ready: %d model(s), %d program(s) compiled",
         name, version, len(stages), sum(s.compile_count for s in stages.values()),
     )
-    return LoadedVersion(name, version, definition, stages, batchers, pool)
+    return LoadedVersion(name, version, definition, stages, batchers, pool, used)
 
 
 def _check_batch_dims(name: str, stages: dict[int, ModelStage]) -> None:
