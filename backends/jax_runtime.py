@@ -105,12 +105,30 @@ class JaxProgram:
                     jax.ShapeDtypeStruct(shape, spec.dtype, sharding=sharding)
                     for shape, spec, sharding in zip(shapes, self.inputs, self._input_shardings)
                 ]
+                if self.sharded:
+                    self._check_splits(shapes)
                 if self._warm:
                     log.warning("compiling on the request path for input shapes %s (not warmed up)", shapes)
                 exe = self._jitted.lower(*self._leading_specs, *specs).compile()
                 self._executables[shapes] = exe
                 self._compile_count += 1
         return exe
+
+    def _check_splits(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        """An input split over mesh axes needs dimensions those axes divide; say which
+        batch sizes work instead of JAX's tiling message."""
+        for i, (shape, sharding) in enumerate(zip(shapes, self._input_shardings)):
+            spec = getattr(sharding, "spec", ())
+            for dim, axes in enumerate(tuple(spec)[: len(shape)]):
+                if axes is None:
+                    continue
+                names = (axes,) if isinstance(axes, str) else tuple(axes)
+                parts = int(np.prod([sharding.mesh.shape[a] for a in names]))
+                if shape[dim] % parts:
+                    advice = (f"; give batch sizes that are multiples of {parts} "
+                              f"(options={{'batch_sizes': [{parts}, {2 * parts}, ...]}})" if dim == 0 else "")
+                    raise ValueError(f"input {i} is split {parts} ways over mesh axes {names} along dimension {dim}, "
+                                     f"which a shape {shape} does not divide{advice}")
 
     def warm_up(self, shapes: Sequence[Sequence[tuple[int, ...]]]) -> None:
         for one in shapes:
