@@ -200,8 +200,8 @@ def register_backend(backend: Backend | str, loader: Callable[..., ModelRuntime]
     same (format, device type).
 
     ``register_backend("fmt", load)`` is the short form: ``load(files, options,
-    device)`` serves format ``fmt`` on any device type, cannot decrypt and cannot
-    take ``config_file`` or ``context``.
+    device)`` serves format ``fmt`` on CPU, GPU and Ascend, cannot decrypt and
+    cannot take ``config_file`` or ``context``.
     """
     if isinstance(backend, str):
         if loader is None:
@@ -215,13 +215,24 @@ def register_backend(backend: Backend | str, loader: Callable[..., ModelRuntime]
     return backend
 
 
+def unregister_backend(name: str) -> bool:
+    """Forget the backend called ``name``; whether there was one."""
+    with _lock:
+        before = len(_backends)
+        _backends[:] = [b for b in _backends if b.name != name]
+        return len(_backends) != before
+
+
 def simple_backend(model_format: str, loader: Callable[..., ModelRuntime]) -> Backend:
-    """A `Backend` around a three-argument ``load(files, options, device)``."""
+    """A `Backend` around a three-argument ``load(files, options, device)``, on the
+    device types MindSpore Serving knows (CPU, GPU, Ascend)."""
 
     def load(request: LoadRequest) -> ModelRuntime:
+        if request.config_file is not None or request.context:
+            raise ValueError(f"the {model_format} loader takes no config_file or context; remove them")
         return loader(request.files, request.options, request.device)
 
-    return Backend(model_format, (model_format,), (ANY_DEVICE,), load)
+    return Backend(model_format, (model_format,), ("cpu", "gpu", "ascend"), load)
 
 
 def _read_entry_points() -> None:
