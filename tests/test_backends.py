@@ -344,3 +344,17 @@ def test_example_plugin_package_serves_through_its_entry_point(installed_plugin,
     model = report["model"]
     assert (model["backend"], model["device_type"], model["instances"]) == ("npz_linear", "cpu", [["cpu:0"], ["cpu:1"]])
     assert model["inputs"] == ["float32[?,2]"]
+
+
+def test_mserve_list_shows_backend_and_devices():
+    from typer.testing import CliRunner
+
+    from mserve.cli.main import app
+
+    result = CliRunner().invoke(app, ["list", "--servable", "add"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "runs on" in result.stdout and "jax_export on cpu:0" in result.stdout
+    listed = CliRunner().invoke(app, ["list", "--servable", "add", "--json"])
+    (model,) = json.loads(listed.stdout)["servables"][0]["versions"][0]["models"]
+    assert {k: model[k] for k in ("backend", "device_type", "devices", "instances")} == {
+        "backend": "jax_export", "device_type": "cpu", "devices": 1, "instances": [["cpu:0"]]}
