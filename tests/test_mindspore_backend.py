@@ -210,3 +210,29 @@ def test_one_process_stays_on_its_first_device(add_dir):
     with pytest.raises(ServableLoadError, match="binds a process to one device, so ascend:1 needs its own"):
         server.start_servables(server.ServableStartConfig(add_dir, "add", device_type="ascend", device_ids=1))
     server.stop()
+
+
+class Sub(nn.Cell):
+    def construct(self, x, y):
+        return ops.sub(x, y)
+
+
+def test_a_model_of_several_files_loads_each_as_a_subgraph(tmp_path):
+    """MindSpore Serving's multi-graph model: ``model_file=[a, b]``; the first graph
+    serves add_stage, every graph is there for ``Model.call(subgraph=i)``."""
+    folder = write_servable(tmp_path, "multi", ADD_CONFIG.replace(
+        'model_file="tensor_add.mindir"', 'model_file=["tensor_add.mindir", "tensor_sub.mindir"]'))
+    two = Tensor(np.ones((2, 2), np.float32))
+    export_mindir(Add(), folder / "1" / "tensor_add.mindir", two, two)
+    export_mindir(Sub(), folder / "1" / "tensor_sub.mindir", two, two)
+    x1 = np.array([[5.0, 6.0], [7.0, 8.0]], np.float32)
+    x2 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    with serving(server.ServableStartConfig(tmp_path, "multi")) as url:
+        reply = requests.post(url + "/model/multi:add_common",
+                              json={"instances": [{"x1": x1.tolist(), "x2": x2.tolist()}]}, timeout=30)
+        assert reply.json() == {"instances": [{"y": (x1 + x2).tolist()}]}
+        loaded = server.registry().servables()["multi"].versions[1]
+        (model,) = loaded.definition.models
+        assert loaded.subgraph_count(model) == 2
+        ((difference,),) = loaded.subgraph_stages[(model.index, 1)].run([(x1, x2)])
+        np.testing.assert_array_equal(difference, x1 - x2)

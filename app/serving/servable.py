@@ -98,6 +98,12 @@ class LoadedVersion:
     batchers: dict[int, Batcher] = field(default_factory=dict)
     stage_pool: ThreadPoolExecutor | None = None  # for per-instance Python stages
     backends: dict[int, tuple[str, str]] = field(default_factory=dict)  # Model.index -> (backend, device type)
+    # Graphs after the first of a model of several files, for Model.call(subgraph=i):
+    # (Model.index, i) -> a stage over runtime.subgraphs[i] of every instance.
+    subgraph_stages: dict[tuple[int, int], ModelStage] = field(default_factory=dict)
+
+    def subgraph_count(self, model: Model) -> int:
+        return 1 + sum(1 for index, _ in self.subgraph_stages if index == model.index)
 
     @property
     def methods(self) -> dict[str, MethodDef]:
@@ -171,6 +177,7 @@ def load_version(
     folder = Path(servable_directory) / name / str(version)
     stages: dict[int, ModelStage] = {}
     used: dict[int, tuple[str, str]] = {}
+    subgraphs: dict[tuple[int, int], ModelStage] = {}
     wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
     try:
         for model in definition.models:
@@ -201,15 +208,14 @@ def load_version(
                 _release([runtimes])
                 raise ServableLoadError(f"{what}: loading on {backend.name} ({kind}) failed: {exc}") from exc
             used[model.index] = (backend.name, kind)
-            stages[model.index] = ModelStage(
-                model,
-                runtimes,
-                model.options.get("max_batch_size", batching.max_batch_size),
-                model.options.get("batch_sizes", batching.batch_sizes),
-            )
+            limits = (model.options.get("max_batch_size", batching.max_batch_size),
+                      model.options.get("batch_sizes", batching.batch_sizes))
+            stages[model.index] = ModelStage(model, runtimes, *limits)
+            for i in range(1, min(len(getattr(r, "subgraphs", ())) for r in runtimes)):
+                subgraphs[(model.index, i)] = ModelStage(model, [r.subgraphs[i] for r in runtimes], *limits)
         _check_wiring(definition, stages)
         _check_batch_dims(name, stages)
-        for stage in stages.values():
+        for stage in [*stages.values(), *subgraphs.values()]:
             try:
                 stage.warm_up()
             except Exception as exc:
@@ -232,7 +238,7 @@ def load_version(
         "servable %s version %d ready: %d model(s), %d program(s) compiled",
         name, version, len(stages), sum(s.compile_count for s in stages.values()),
     )
-    return LoadedVersion(name, version, definition, stages, batchers, pool, used)
+    return LoadedVersion(name, version, definition, stages, batchers, pool, used, subgraphs)
 
 
 def _check_batch_dims(name: str, stages: dict[int, ModelStage]) -> None:
