@@ -35,7 +35,4 @@ def load(files: list[Path], options: dict[str, Any], devices: Sequence[Any]) -> 
         )
     if exported.nr_devices != 1:
         raise ValueError(f"{path} was exported for {exported.nr_devices} devices; mserve runs one device per model")
-    return JaxProgram(
-        exported.call, specs_from_avals(exported.in_avals), specs_from_avals(exported.out_avals), device,
-        devices=[d for d in devices if not isinstance(d, jax.Device)] or None,
-    )
+    return JaxProgram(exported.call, specs_from_avals(exported.in_avals), specs_from_avals(exported.out_avals), device)

@@ -77,11 +77,10 @@ def load(files: list[Path], options: dict[str, Any], devices: Sequence[Any]) -> 
     n_params = len(jax.tree.leaves(param_specs))
     inputs = specs_from_avals(exported.in_avals[n_params:])
     outputs = specs_from_avals(exported.out_avals)
-    described = [d for d in devices if not isinstance(d, jax.Device)] or None
     if "sharding" in options:
         layout = MeshLayout.from_options(options["sharding"], jax_devices(devices), params, len(inputs))
         return JaxProgram(
-            fn, inputs, outputs, layout.mesh.devices.flat[0], leading=(params,), devices=described,
+            fn, inputs, outputs, layout.mesh.devices.flat[0], leading=(params,), devices=list(layout.mesh.devices.flat),
             leading_shardings=(layout.param_shardings,), input_shardings=layout.input_shardings,
         )
-    return JaxProgram(fn, inputs, outputs, resolve_device(devices), leading=(params,), devices=described)
+    return JaxProgram(fn, inputs, outputs, resolve_device(devices), leading=(params,))

@@ -60,7 +60,7 @@ class JaxProgram:
         outputs: list[TensorSpec],
         device: jax.Device,
         leading: Sequence[Any] = (),
-        devices: Sequence[Device] | None = None,
+        devices: Sequence[jax.Device] | None = None,
         leading_shardings: Sequence[Any] | None = None,
         input_shardings: Sequence[Any] | None = None,
     ):
@@ -68,7 +68,8 @@ class JaxProgram:
         self.outputs = outputs
         self.device = device
         single = jax.sharding.SingleDeviceSharding(device)
-        self.devices: list[Device] = list(devices) if devices else [Device(platform_type(device), device.id)]
+        # The devices it runs on (all of a mesh), as mserve names them: cpu:0, gpu:1.
+        self.devices = [Device(platform_type(d), d.id) for d in (devices or [device])]
         self.sharded = input_shardings is not None or leading_shardings is not None
         self._jitted = jax.jit(fn)
         self._input_shardings = list(input_shardings) if input_shardings is not None else [single] * len(inputs)
