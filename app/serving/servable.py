@@ -159,6 +159,36 @@ def _release(groups: Any) -> None:
                 log.exception("releasing %r failed", runtime)
 
 
+def _load_instances(
+    what: str, model: Model, files: list[Path], devices: Sequence[Any], servable_folder: Path,
+    dec_key: bytes | None, dec_mode: str,
+) -> tuple[list[Any], tuple[str, str]]:
+    """A model's instances, from the backend that serves its format on the devices'
+    type: one per device, or one spanning them all when the model declares a
+    sharding. Returns them with (backend name, device type)."""
+    wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
+    try:
+        backend, kind = find_backend(model.model_format, wanted[0].type if wanted else None)
+        groups = placement(backend, model.options, [Device(kind, d.id) for d in wanted])
+    except BackendError as exc:
+        raise ServableLoadError(f"{what}: {exc}") from None
+    config_file = getattr(model, "config_file", None)  # register.Model gains it with issue 9
+    runtimes: list[Any] = []
+    try:
+        for group in groups:
+            runtimes.append(load_model(
+                model.model_format, files, model.options, group, backend=backend,
+                config_file=None if config_file is None else servable_folder / config_file,
+                context=getattr(model, "context", None), dec_key=dec_key, dec_mode=dec_mode,
+            ))
+    except Exception as exc:
+        _release([runtimes])
+        if isinstance(exc, ServableLoadError):
+            raise
+        raise ServableLoadError(f"{what}: loading on {backend.name} ({kind}) failed: {exc}") from exc
+    return runtimes, (backend.name, kind)
+
+
 def load_version(
     servable_directory: Path,
     definition: ServableDefinition,
@@ -169,50 +199,32 @@ def load_version(
     dec_key: bytes | None = None,
     dec_mode: str = "AES-GCM",
 ) -> LoadedVersion:
-    """Load one version folder: each model through the backend that serves its
-    format on the devices' type (one instance per device, or one spanning them all
-    when the model declares a sharding), then check the wiring and warm up."""
     batching = batching or BatchSettings()
     name = definition.name
     folder = Path(servable_directory) / name / str(version)
     stages: dict[int, ModelStage] = {}
     used: dict[int, tuple[str, str]] = {}
     subgraphs: dict[tuple[int, int], ModelStage] = {}
-    wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
+    for model in definition.models:
+        files = [folder / f for f in model.model_files]
+        for f in files:
+            if not f.is_file():
+                _release(stage.runtimes for stage in stages.values())
+                raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
+        try:
+            runtimes, used[model.index] = _load_instances(
+                f"servable '{name}' version {version}: model {', '.join(model.model_files)} ({model.model_format})",
+                model, files, devices, Path(servable_directory) / name, dec_key, dec_mode,
+            )
+        except BaseException:
+            _release(stage.runtimes for stage in stages.values())
+            raise
+        limits = (model.options.get("max_batch_size", batching.max_batch_size),
+                  model.options.get("batch_sizes", batching.batch_sizes))
+        stages[model.index] = ModelStage(model, runtimes, *limits)
+        for i in range(1, min(len(getattr(r, "subgraphs", ())) for r in runtimes)):
+            subgraphs[(model.index, i)] = ModelStage(model, [r.subgraphs[i] for r in runtimes], *limits)
     try:
-        for model in definition.models:
-            files = [folder / f for f in model.model_files]
-            for f in files:
-                if not f.is_file():
-                    raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
-            what = f"servable '{name}' version {version}: model {', '.join(model.model_files)} ({model.model_format})"
-            try:
-                backend, kind = find_backend(model.model_format, wanted[0].type if wanted else None)
-                groups = placement(backend, model.options, [Device(kind, d.id) for d in wanted])
-            except BackendError as exc:
-                raise ServableLoadError(f"{what}: {exc}") from None
-            config_file = getattr(model, "config_file", None)  # register.Model gains it with issue 9
-            if config_file is not None:
-                config_file = Path(servable_directory) / name / config_file
-            runtimes: list[Any] = []
-            try:
-                for group in groups:
-                    runtimes.append(load_model(
-                        model.model_format, files, model.options, group, config_file=config_file,
-                        context=getattr(model, "context", None), dec_key=dec_key, dec_mode=dec_mode, backend=backend,
-                    ))
-            except ServableLoadError:
-                _release([runtimes])
-                raise
-            except Exception as exc:
-                _release([runtimes])
-                raise ServableLoadError(f"{what}: loading on {backend.name} ({kind}) failed: {exc}") from exc
-            used[model.index] = (backend.name, kind)
-            limits = (model.options.get("max_batch_size", batching.max_batch_size),
-                      model.options.get("batch_sizes", batching.batch_sizes))
-            stages[model.index] = ModelStage(model, runtimes, *limits)
-            for i in range(1, min(len(getattr(r, "subgraphs", ())) for r in runtimes)):
-                subgraphs[(model.index, i)] = ModelStage(model, [r.subgraphs[i] for r in runtimes], *limits)
         _check_wiring(definition, stages)
         _check_batch_dims(name, stages)
         for stage in [*stages.values(), *subgraphs.values()]:
