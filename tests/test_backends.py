@@ -358,3 +358,11 @@ def test_mserve_list_shows_backend_and_devices():
     (model,) = json.loads(listed.stdout)["servables"][0]["versions"][0]["models"]
     assert {k: model[k] for k in ("backend", "device_type", "devices", "instances")} == {
         "backend": "jax_export", "device_type": "cpu", "devices": 1, "instances": [["cpu:0"]]}
+
+
+def test_no_device_ids_is_a_load_error():
+    from support import BUNDLED
+
+    with pytest.raises(ServableLoadError, match=r"model tensor_add.jaxexport \(jax_export\): no device to load it on"):
+        server.start_servables(server.ServableStartConfig(BUNDLED, "add", device_ids=[]))
+    server.stop()

@@ -167,8 +167,10 @@ def _load_instances(
     type: one per device, or one spanning them all when the model declares a
     sharding. Returns them with (backend name, device type)."""
     wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
+    if not wanted:
+        raise ServableLoadError(f"{what}: no device to load it on (device_ids is empty)")
     try:
-        backend, kind = find_backend(model.model_format, wanted[0].type if wanted else None)
+        backend, kind = find_backend(model.model_format, wanted[0].type)
         groups = placement(backend, model.options, [Device(kind, d.id) for d in wanted])
     except BackendError as exc:
         raise ServableLoadError(f"{what}: {exc}") from None
