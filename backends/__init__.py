@@ -19,6 +19,7 @@ its framework inside ``load``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -160,7 +161,7 @@ class Backend:
         return device_type is None or ANY_DEVICE in self.device_types or device_type in self.device_types
 
     def summary(self) -> str:
-        """``jax: jax_export, jax_function on cpu, gpu, tpu``."""
+        """``jax_export: jax_export on cpu, gpu, tpu``, plus what to install if missing."""
         kinds = "any device type" if ANY_DEVICE in self.device_types else ", ".join(self.device_types)
         text = f"{self.name}: {', '.join(self.formats)} on {kinds}"
         if not self.available():
@@ -180,8 +181,11 @@ _HINTS = {
 }
 
 _backends: list[Backend] = []  # newest registration first: it wins a tie
+_BUILTIN = {"jax_export", "jax_function"}
 _lock = threading.Lock()
+_entry_points_lock = threading.Lock()  # held while entry points load (they may import)
 _entry_points_read = False
+log = logging.getLogger("mserve.backends")
 
 
 def normalize_device_type(device_type: str | None) -> str | None:
@@ -237,28 +241,31 @@ def simple_backend(model_format: str, loader: Callable[..., ModelRuntime]) -> Ba
 
 def _read_entry_points() -> None:
     """Register what installed packages announce in the ``mserve.backends`` group: a
-    `Backend`, or a three-argument loader for the format named by the entry point."""
+    `Backend`, or a three-argument loader for the format named by the entry point.
+    They rank below backends registered in code and above the built-in JAX ones."""
     global _entry_points_read
-    with _lock:
+    with _entry_points_lock:
         if _entry_points_read:
             return
+        for ep in entry_points(group="mserve.backends"):
+            try:
+                target = ep.load()
+            except Exception as exc:  # a broken plugin must not hide the others
+                log.warning("backend entry point %s (%s) failed to load: %s", ep.name, ep.value, exc)
+                continue
+            if isinstance(target, Backend):
+                backend = target
+            elif callable(target):
+                backend = simple_backend(ep.name, target)
+            else:
+                log.warning("backend entry point %s (%s) is neither a Backend nor a loader", ep.name, ep.value)
+                continue
+            with _lock:
+                if any(b.name == backend.name for b in _backends):
+                    continue  # registered in code: that one stays
+                builtin = [i for i, b in enumerate(_backends) if b.name in _BUILTIN]
+                _backends.insert(builtin[0] if builtin else len(_backends), backend)
         _entry_points_read = True
-    for ep in entry_points(group="mserve.backends"):
-        try:
-            target = ep.load()
-        except Exception as exc:  # a broken plugin must not hide the others
-            import logging
-
-            logging.getLogger("mserve.backends").warning("backend entry point %s (%s) failed to load: %s",
-                                                         ep.name, ep.value, exc)
-            continue
-        with _lock:
-            known = {b.name for b in _backends}
-        if isinstance(target, Backend):
-            if target.name not in known:
-                register_backend(target)
-        elif callable(target) and ep.name not in known:
-            register_backend(ep.name, target)
 
 
 def installed_backends() -> list[Backend]:

@@ -366,3 +366,18 @@ def test_no_device_ids_is_a_load_error():
     with pytest.raises(ServableLoadError, match=r"model tensor_add.jaxexport \(jax_export\): no device to load it on"):
         server.start_servables(server.ServableStartConfig(BUNDLED, "add", device_ids=[]))
     server.stop()
+
+
+PRECEDENCE_SCRIPT = """
+from mserve.backends import Backend, find_backend, installed_backends, register_backend
+register_backend(Backend("mine", ("MindIR",), ("cpu",), lambda request: None))
+print(find_backend("MindIR", "cpu")[0].name, [b.name for b in installed_backends()])
+"""
+
+
+def test_code_beats_entry_points_beat_builtins():
+    """Registered in code before the entry points are read (a fresh process), a
+    backend still wins; entry points (mserve's own mindspore) rank above JAX."""
+    out = subprocess.run([sys.executable, "-c", PRECEDENCE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["mine", "['mine',", "'mindspore',", "'jax_function',", "'jax_export']"]
