@@ -57,7 +57,9 @@ class ServableStartConfig:
 
     ``version_number=0`` loads the newest version folder; a number loads that one; a
     list loads several. ``device_ids`` picks devices of ``device_type`` (``"cpu"``,
-    ``"gpu"``, or a backend plugin's type; ``None``: JAX's default device kind).
+    ``"gpu"``, ``"ascend"``: any type an installed backend runs on; ``None``: each
+    model's backend picks its default). A model that declares a sharding is one
+    instance spanning all of them.
     """
 
     servable_directory: str | os.PathLike
