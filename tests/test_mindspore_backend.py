@@ -79,9 +79,10 @@ class LeNet5(nn.Cell):
         return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
 
 
-def export_mindir(net: nn.Cell, path: Path, *inputs: Tensor, enc_key: bytes | None = None) -> Path:
+def export_mindir(net: nn.Cell, path: Path, *inputs: Tensor, enc_key: bytes | None = None,
+                  enc_mode: str = "AES-GCM") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {} if enc_key is None else {"enc_key": enc_key, "enc_mode": "AES-GCM"}
+    extra = {} if enc_key is None else {"enc_key": enc_key, "enc_mode": enc_mode}
     ms.export(net, *inputs, file_name=str(path.with_suffix("")), file_format="MINDIR", **extra)
     return path
 
@@ -164,21 +165,22 @@ def test_lenet_class_network_batches_across_requests(lenet_dir):
         assert stage.runtimes[0].compile_count == 4  # every bucket run at warm-up, nothing after
 
 
-def test_encrypted_mindir_needs_its_key(tmp_path):
+@pytest.mark.parametrize("mode", ["AES-GCM", "AES-CBC"])
+def test_encrypted_mindir_needs_its_key(tmp_path, mode):
     folder = write_servable(tmp_path, "add", ADD_CONFIG)
     two = Tensor(np.ones((2, 2), np.float32))
-    path = export_mindir(Add(), folder / "1" / "tensor_add.mindir", two, two, enc_key=KEY)
+    path = export_mindir(Add(), folder / "1" / "tensor_add.mindir", two, two, enc_key=KEY, enc_mode=mode)
     x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
-    direct = run_directly(path, x, x, dec_key=KEY, dec_mode="AES-GCM")
+    direct = run_directly(path, x, x, dec_key=KEY, dec_mode=mode)
 
     with pytest.raises(ServableLoadError, match="dec_key"):
         server.start_servables(server.ServableStartConfig(tmp_path, "add"))
     server.stop()
     with pytest.raises(ServableLoadError, match="decrypt"):
-        server.start_servables(server.ServableStartConfig(tmp_path, "add", dec_key=b"F" * 32))
+        server.start_servables(server.ServableStartConfig(tmp_path, "add", dec_key=b"F" * 32, dec_mode=mode))
     server.stop()
 
-    with serving(server.ServableStartConfig(tmp_path, "add", dec_key=KEY, dec_mode="AES-GCM")) as url:
+    with serving(server.ServableStartConfig(tmp_path, "add", dec_key=KEY, dec_mode=mode)) as url:
         reply = requests.post(url + "/model/add:add_common", json={"instances": [{"x1": x.tolist(), "x2": x.tolist()}]},
                               timeout=30)
         assert reply.json() == {"instances": [{"y": direct.tolist()}]}
