@@ -6,6 +6,7 @@ the example plugin package (examples/backend_plugin) pip-installed into the venv
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -322,7 +323,10 @@ def installed_plugin(tmp_path_factory):
     source = tmp_path_factory.mktemp("plugin") / "backend_plugin"
     shutil.copytree(PLUGIN_DIR, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    done = subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", str(source)],
+    # Build with this venv's setuptools when it has one (fast, offline); else let pip
+    # fetch it (Python 3.12+ venvs come without setuptools).
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    done = subprocess.run(pip + ["install", "--no-deps", *isolation, str(source)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     try:
