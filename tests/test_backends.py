@@ -23,8 +23,8 @@ import requests
 
 from mserve import server
 from mserve.backends import (
-    Backend, BackendError, Device, LoadRequest, TensorSpec, find_backend, installed_backends, register_backend,
-    unregister_backend,
+    Backend, BackendError, Device, LoadRequest, TensorSpec, check_device_type, find_backend, installed_backends,
+    register_backend, unregister_backend,
 )
 from mserve.errors import ServableLoadError
 from support import BUNDLED, serving, write_servable
@@ -227,9 +227,8 @@ def test_a_missing_framework_names_what_to_install():
     register_backend(Backend("fake_npu", ("fake_om",), ("ascend", "fakenpu"), lambda r: None,
                              requires="mserve_no_such_framework", install="pip install mserve-fake-npu"))
     try:
-        with pytest.raises(ServableLoadError) as refused:
-            server.start_servables(server.ServableStartConfig(BUNDLED, "add", device_type="FakeNPU"))
-        server.stop()
+        with pytest.raises(BackendError) as refused:
+            check_device_type("FakeNPU")  # what resolve_devices asks before anything loads
         assert str(refused.value) == ("device_type 'FakeNPU': no installed backend runs on it; backend 'fake_npu' "
                                       "runs on it: pip install mserve-fake-npu")
         with pytest.raises(BackendError) as failed:
@@ -253,11 +252,17 @@ def test_nothing_serves_jax_function_on_ascend(tmp_path):
 
 
 def test_an_unknown_device_type_is_refused_before_loading(affine_dir):
-    with pytest.raises(ServableLoadError) as failed:
-        server.start_servables(server.ServableStartConfig(affine_dir, "affine", device_type="npu"))
-    server.stop()
+    with pytest.raises(BackendError) as failed:
+        check_device_type("npu")  # resolve_devices asks this before anything loads
     assert str(failed.value).startswith("device_type 'npu': no installed backend runs on it. Installed: ")
     assert "jax_export: jax_export on cpu, gpu, tpu" in str(failed.value)
+    assert server.resolve_devices("GPU", [1]) == [Device("gpu", 1)]  # checked by the backend at load
+    # End to end (main served it on the CPU): refused at start, by this check or by
+    # ServableStartConfig's own (MindSpore's "Unsupported device type").
+    with pytest.raises((ServableLoadError, RuntimeError), match="device_type 'npu'|device type 'npu'"):
+        server.start_servables(server.ServableStartConfig(affine_dir, "affine", device_type="npu"))
+    server.stop()
+    assert server.resolve_devices(None, [0, 2]) == [Device(None, 0), Device(None, 2)]  # each backend's default
 
 
 def test_jax_device_ids_are_checked_by_the_backend(tmp_path):
