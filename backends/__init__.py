@@ -304,24 +304,16 @@ def find_backend(model_format: str, device_type: str | None) -> tuple[Backend, s
     raise BackendError(f"{first}. Installed backends: {_installed_text()}. To serve it: {advice}")
 
 
-def device_types() -> set[str]:
-    """Device types some available backend serves (``*`` when one serves any)."""
-    return {t for b in installed_backends() if b.available() for t in b.device_types}
-
-
 def check_device_type(device_type: str | None) -> str | None:
-    """The normalized type, or `BackendError` when no available backend serves it."""
+    """The normalized type, or `BackendError` when no backend, installed or not,
+    declares it. A type only a missing framework runs on passes: each model's
+    lookup then says what to install for its format."""
     kind = normalize_device_type(device_type)
     if kind is None:
         return None
-    served = device_types()
-    if kind in served or ANY_DEVICE in served:
+    declared = {t for b in installed_backends() for t in b.device_types}
+    if kind in declared or ANY_DEVICE in declared:
         return kind
-    missing = [b for b in installed_backends() if kind in b.device_types and not b.available()]
-    if missing:
-        todo = "; ".join(f"backend '{b.name}' runs on it: {b.install or 'pip install ' + str(b.requires)}"
-                         for b in missing)
-        raise BackendError(f"device_type '{device_type}': no installed backend runs on it; {todo}")
     hint = _HINTS.get(kind)
     raise BackendError(
         f"device_type '{device_type}': no installed backend runs on it. Installed: {_installed_text()}"
@@ -363,9 +355,9 @@ def load_model(
         group = tuple(Device(kind, d.id) for d in group)
     if dec_key is not None and not backend.can_decrypt:
         raise BackendError(
-            f"backend '{backend.name}' ({model_format}) cannot decrypt model files, but the servable was started "
-            f"with a dec_key: start it without dec_key, or serve an encrypted format whose backend decrypts "
-            f"(MindIR: pip install 'mserve[mindspore]')"
+            f"backend '{backend.name}' ({model_format}) cannot decrypt models, but the servable was started with a "
+            f"dec_key: serve the decrypted model file without dec_key/dec_mode, or an encrypted format whose backend "
+            f"decrypts (MindIR: pip install 'mserve[mindspore]')"
         )
     request = LoadRequest(list(files), dict(options), group, config_file, context, dec_key, dec_mode)
     runtime = backend.load(request)
