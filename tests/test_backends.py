@@ -86,7 +86,7 @@ def test_registered_backend_serves_on_a_device_type_jax_does_not_know(affine_dir
 
         wrong = requests.post(url + "/model/affine:predict", json={"instances": [{"x": [1, 2, 3]}]}, timeout=10)
         assert wrong.json() == {"error_msg": "Given model input 0 data type int32 not match the data type float32"
-                                             " defined in model"}
+                                             " defined in model (model input 0 is input 'x')"}
 
 
 ENTRY_POINT_SCRIPT = """

@@ -23,6 +23,7 @@ from ..backends import get_backend
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
+from .progress import LoadProgress, device_name, report
 from ..register import MethodDef, Model, ServableDefinition
 
 log = logging.getLogger("mserve.serving.servable")
@@ -159,6 +160,8 @@ def load_version(
             loader = get_backend(model.model_format)
         except KeyError as exc:
             raise ServableLoadError(f"servable '{name}': {exc.args[0]}") from None
+        devices_shown = tuple(device_name(d) for d in devices)
+        report(LoadProgress(name, version, "loading", model.model_files[0], model.model_format, devices_shown))
         try:
             runtimes = [loader(files, model.options, device) for device in devices]
         except ServableLoadError:
@@ -174,11 +177,22 @@ def load_version(
             model.options.get("max_batch_size", batching.max_batch_size),
             model.options.get("batch_sizes", batching.batch_sizes),
         )
+        log.info(
+            "servable %s version %d: model %s on backend %s, device(s) %s",
+            name, version, ", ".join(model.model_files), model.model_format, ", ".join(devices_shown),
+        )
     _check_wiring(definition, stages)
     _check_batch_dims(name, stages)
     for stage in stages.values():
+        stage.name_inputs(list(definition.methods.values()))
+    for stage in stages.values():
+        model_file = stage.model.model_files[0]
+
+        def on_bucket(k: int, n: int, size: int | None, model_file: str = model_file) -> None:
+            report(LoadProgress(name, version, "compiling", model_file, step=k, total=n, batch_size=size))
+
         try:
-            stage.warm_up()
+            stage.warm_up(on_bucket)
         except Exception as exc:
             raise ServableLoadError(
                 f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
@@ -196,6 +210,7 @@ def load_version(
         "servable %s version %d ready: %d model(s), %d program(s) compiled",
         name, version, len(stages), sum(s.compile_count for s in stages.values()),
     )
+    report(LoadProgress(name, version, "ready"))
     return LoadedVersion(name, version, definition, stages, batchers, pool)
 
 
@@ -303,13 +318,44 @@ class ServableRegistry:
 
     def lookup(self, name: str, version: int, method: str) -> tuple[LoadedVersion, MethodDef]:
         """The version (0 = newest) and method a request names, or `NotFound` in
-        MindSpore Serving's words."""
+        MindSpore Serving's words, followed by what is served and the nearest name."""
         servable = self._servables.get(name)
         shown = f" version({version}) " if version else ""
-        if servable is None or (version and version not in servable.versions):
-            raise NotFound(f"Request servable({name}) method({method}) {shown}, servable is not available")
+        head = f"Request servable({clip(name)}) method({clip(method)}) {shown}"
+        if servable is None:
+            raise NotFound(f"{head}, servable is not available{self.servable_hint(name)}")
+        if version and version not in servable.versions:
+            served = ", ".join(map(str, sorted(servable.versions)))
+            raise NotFound(f"{head}, servable is not available; servable {name} serves version(s) {served}")
         loaded = servable.versions[version or servable.latest]
         found = loaded.methods.get(method)
         if found is None:
-            raise NotFound(f"Request servable({name}) method({method}) {shown}, method is not available")
+            hint = _nearest(method, list(loaded.methods), f"; servable {name} has method(s) ")
+            raise NotFound(f"{head}, method is not available{hint}")
         return loaded, found
+
+    def servable_hint(self, name: str) -> str:
+        """``; served: add, lenet; did you mean 'add'?`` for an unknown servable."""
+        served = sorted(self._servables)
+        if not served:
+            return "; no servable is loaded"
+        return _nearest(name, served, "; served: ")
+
+
+# Client-supplied names are echoed in errors only this long: a URL may be megabytes.
+_ECHO_LIMIT = 64
+_LIST_LIMIT = 20
+
+
+def clip(text: str, limit: int = _ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks the cut)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _nearest(wanted: str, names: list[str], intro: str) -> str:
+    """``{intro}a, b, c; did you mean 'b'?`` (the list bounded, the guess by difflib)."""
+    import difflib
+
+    shown = ", ".join(names[:_LIST_LIMIT]) + (f", ... ({len(names)} in all)" if len(names) > _LIST_LIMIT else "")
+    close = difflib.get_close_matches(wanted[:256], names, n=1, cutoff=0.6)
+    return f"{intro}{shown}" + (f"; did you mean '{close[0]}'?" if close else "")
