@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.markup import escape
 
-from . import render
+from . import progress, render
 from .settings import StartSettings, resolve_servables, start_configs
 
 START_EPILOG = """\
@@ -86,7 +86,9 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     access_handler = _StderrHandler()
     access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     access.handlers = [access_handler]
-    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
+    access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
+    access.setLevel(access_level if access_log else logging.WARNING)
     access.propagate = False
     try:
         yield
@@ -97,13 +99,16 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
             lg.propagate = propagate
 
 
-def _load(configs: list[Any], poll_interval: float | None = None) -> None:
-    """Load servables; load failures exit 1 with one line (after unloading)."""
+def _load(configs: list[Any], poll_interval: float | None = None, show_progress: bool = False) -> None:
+    """Load servables (with a progress display when asked); load failures exit 1 with
+    one line (after unloading)."""
     from mserve import server
     from mserve.errors import ServableLoadError
 
+    display = progress.LoadDisplay() if show_progress else contextlib.nullcontext()
     try:
-        server.start_servables(configs, poll_interval=poll_interval)
+        with display:
+            server.start_servables(configs, poll_interval=poll_interval)
     except (ServableLoadError, RuntimeError) as exc:
         server.stop()
         render.fail(str(exc), code=1)
@@ -184,6 +189,16 @@ def start(
         " skipping two thread hand-offs (0: off).  \\[default: 1]",
         show_default=False,
     ),
+    health_port: Optional[int] = typer.Option(
+        None, metavar="PORT",
+        help="Also answer GET /health and /ready on this plain-HTTP port, without a client certificate "
+        "(for probes under mutual TLS).  \\[default: off]",
+        show_default=False,
+    ),
+    health_host: Optional[str] = typer.Option(
+        None, help="Address of --health-port (0.0.0.0 for a kubelet's httpGet probes).  \\[default: 127.0.0.1]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -218,6 +233,8 @@ def start(
             "request_timeout": request_timeout,
             "poll_interval": poll_interval,
             "inline_max_ms": inline_max_ms,
+            "health_port": health_port,
+            "health_host": health_host,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -255,32 +272,51 @@ def _serve(settings: StartSettings) -> None:
             return
         from mserve import server
 
-        _load(configs, settings.poll_interval or None)
+        # Listen first: a port in use or a bad certificate is reported before any model
+        # compiles, and while they load /health answers 200 and /ready 503.
+        restful, probes = _listen(settings)
+        render.note(
+            f"listening on {escape(restful.url)}: /health answers 200, /ready 503 until the servables are loaded"
+        )
+        _load(configs, settings.poll_interval or None, show_progress=True)
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
             return
         try:
-            restful = server.start_restful_server(
-                settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
-            )
-        except ImportError as exc:
-            server.stop()
-            render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
-        except socket.gaierror as exc:
-            server.stop()
-            render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
-        except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
-            server.stop()
-            render.fail(str(exc), code=1)
-
-        try:
-            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen)
+            extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
+            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen, extra)
         finally:
             server.stop(settings.drain_timeout)
         render.note("stopped")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _listen(settings: StartSettings) -> tuple[Any, Any]:
+    """Start the RESTful server (and the health port) before loading; exit 1 with
+    one line when a port cannot be used or a TLS file is bad."""
+    from mserve import server
+
+    probes = None
+    try:
+        restful = server.start_restful_server(
+            settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
+        )
+        if settings.health_port is not None:
+            host = settings.health_host
+            host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            probes = server.start_health_server(f"{host}:{settings.health_port}")
+    except ImportError as exc:
+        server.stop()
+        render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
+    except socket.gaierror as exc:
+        server.stop()
+        render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
+    except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
+        server.stop()
+        render.fail(str(exc), code=1)
+    return restful, probes
 
 
 def _serve_workers(
@@ -321,14 +357,15 @@ def _announce_and_wait(
     settings: StartSettings,
     stop_requested: threading.Event,
     signals_seen: list[int],
+    extra: str = "",
 ) -> None:
     """Print what is served and where, then block until SIGINT/SIGTERM."""
     console = render.out()
     console.print(render.servables_table(described, url))
     console.print(f"[bold green]mserve[/] serving on [bold]{escape(url)}[/]{how}  (Ctrl+C to stop)", soft_wrap=True)
     console.print(
-        f"health: {escape(url)}/health  ready: {escape(url)}/ready  metrics: {escape(url)}/metrics  "
-        f"openapi: {escape(url)}/openapi.json", soft_wrap=True,
+        f"docs: {escape(url)}/docs  health: {escape(url)}/health  ready: {escape(url)}/ready  "
+        f"metrics: {escape(url)}/metrics  openapi: {escape(url)}/openapi.json{escape(extra)}", soft_wrap=True,
     )
     sys.stdout.flush()
     while not stop_requested.wait(0.5):
