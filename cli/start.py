@@ -52,6 +52,8 @@ LIST_EPILOG = """\
 
   mserve list
   mserve list ./servables --servable add --json
+  [dim]# what a running server serves[/]
+  mserve list --url http://127.0.0.1:5500
 """
 
 log = logging.getLogger("mserve.cli")
@@ -382,27 +384,68 @@ def list_servables(
         None, "--servable", "-s", metavar="NAME[:VERSION]", help="Only this servable (repeatable)."
     ),
     device_type: Optional[str] = typer.Option(None, help="Device type to load on (as for start).", show_default=False),
+    url: Optional[str] = typer.Option(
+        None, "--url", help="Describe the servables of a running server instead (e.g. http://127.0.0.1:5500).",
+        show_default=False,
+    ),
+    cacert: Optional[Path] = typer.Option(None, help="With --url https://: CA bundle (PEM).", show_default=False),
+    cert: Optional[Path] = typer.Option(None, help="With --url https://: client certificate (PEM).", show_default=False),
+    key: Optional[Path] = typer.Option(None, help="Private key of --cert, if not inside it.", show_default=False),
+    insecure: bool = typer.Option(False, "--insecure", "-k", help="Do not verify the server's certificate."),
+    timeout: float = typer.Option(30.0, help="With --url: seconds to wait for the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Show what `mserve start` would serve, without starting a server.
+    """Show what `mserve start` would serve, without starting a server; or, with --url, what a running server serves.
 
     Loads each servable (so every model is checked), describes versions, methods, inputs and outputs, then unloads.
     """
     with render.reported(debug, unexpected_code=1):
-        resolved = resolve_servables(servable_directory, servable or [])
-        configs = start_configs(resolved, device_type)
-        from mserve import server
+        if url is not None:
+            if servable_directory is not None or device_type is not None:
+                render.fail("--url describes a running server: SERVABLE_DIR and --device-type do not apply")
+            descriptions = _describe_remote(url, servable or [], cacert, cert, key, insecure, timeout)
+            base: Optional[str] = url.rstrip("/")
+        else:
+            resolved = resolve_servables(servable_directory, servable or [])
+            configs = start_configs(resolved, device_type)
+            from mserve import server
 
-        with logging_to_stderr("warning", access_log=False):
-            _load(configs)
-            try:
-                descriptions = _describe_loaded()
-            finally:
-                server.stop()
+            with logging_to_stderr("warning", access_log=False):
+                _load(configs)
+                try:
+                    descriptions = _describe_loaded()
+                finally:
+                    server.stop()
+            base = None
         if as_json:
             import orjson
 
             sys.stdout.write(orjson.dumps({"servables": descriptions}, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
-            render.out().print(render.servables_table(descriptions))
+            render.out().print(render.servables_table(descriptions, base))
+
+
+def _describe_remote(
+    url: str, names: list[str], cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool,
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """``GET /models`` of a running server, optionally only the servables ``names``."""
+    from .client import check_base, get_json, ssl_context
+
+    base = check_base(url)
+    context = ssl_context(base, cacert, cert, key, insecure)
+    status, answer = get_json(base + "/models", timeout, context)
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("servables"), list):
+        detail = answer.get("error_msg") if isinstance(answer, dict) else None
+        render.fail(f"{base}/models answered HTTP {status}{': ' + str(detail) if detail else ''} "
+                    "(is this an mserve server?)")
+    descriptions = answer["servables"]
+    if names:
+        wanted = {n.partition(":")[0] for n in names}
+        missing = sorted(wanted - {d.get("name") for d in descriptions})
+        if missing:
+            served = ", ".join(sorted(str(d.get("name")) for d in descriptions)) or "nothing"
+            render.fail(f"{base} does not serve {', '.join(missing)} (it serves {served})")
+        descriptions = [d for d in descriptions if d.get("name") in wanted]
+    return descriptions
