@@ -37,12 +37,14 @@ START_EPILOG = """\
   mserve new demo && mserve start --servable demo
   mserve start --host 0.0.0.0 --port 8080 --device-type gpu --device-ids 0,1
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem
+  [dim]# mutual TLS, with /health and /ready on a plain-HTTP port for probes[/]
+  mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem --ssl-ca ca.pem --verify-client --health-port 5501
   [dim]# two server processes on one port (more CPU cores for HTTP and JSON)[/]
   mserve start --workers 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, health_port, health_host); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
