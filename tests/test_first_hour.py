@@ -204,6 +204,7 @@ def test_docs_page_and_its_assets_are_served_locally(served):
         r = requests.get(served.url + "/docs/" + asset, timeout=10)
         assert r.status_code == 200 and len(r.content) > 10_000, asset
     assert requests.get(served.url + "/docs/secrets.py", timeout=10).status_code == 404
+    assert requests.get(served.url + "/docs/", timeout=10).url == served.url + "/docs"
     paths = requests.get(served.url + "/openapi.json", timeout=10).json()["paths"]
     assert "get" in paths["/"] and "get" in paths["/docs"]
     assert requests.get(served.url + "/docs/..%2fserver.py", timeout=10).status_code in (404, 405)

@@ -32,7 +32,7 @@ from .metadata import describe_servable, describe_version
 from ..serving.servable import LoadedVersion, Servable, clip
 
 
-GET_PATHS = frozenset({"/", "/docs", "/health", "/ready", "/models", "/metrics", "/openapi.json"})
+GET_PATHS = frozenset({"/", "/docs", "/docs/", "/health", "/ready", "/models", "/metrics", "/openapi.json"})
 _MODEL_PATH = re.compile(r"/model/[^/:]+(/version/[^/:]+)?")
 _DOCS_ASSET = re.compile(r"/docs/[A-Za-z0-9_.-]+")
 
@@ -156,6 +156,10 @@ def create_blueprint(state: Any) -> Blueprint:
         from .index import docs_html
 
         return Response(docs_html(), status=200, mimetype="text/html")
+
+    @get("/docs/")
+    def docs_slash() -> Response:
+        return Response(status=308, headers={"Location": "/docs"})
 
     @get("/docs/<asset>")
     def docs_asset(asset: str) -> Response:
