@@ -186,12 +186,20 @@ def start_servables(
     configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
-    enable_compile_cache()
-    from .backends.jax_runtime import prefer_sync_cpu_dispatch
-
-    prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    # "Loading" from the first moment: importing JAX alone takes seconds, and a server
+    # already listening must answer 503 (not 404) meanwhile.
     with _state.lock:
         _state.loading += 1
+    try:
+        enable_compile_cache()
+        from .backends.jax_runtime import prefer_sync_cpu_dispatch
+
+        prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    except BaseException:
+        with _state.lock:
+            _state.loading -= 1
+        raise
+    with _state.lock:
         _refresh_ready()
         try:
             for config in configs:
@@ -379,6 +387,29 @@ def start_restful_server(
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
     return server
+
+
+def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
+    """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
+    (mserve addition): probes that need no client certificate when the RESTful server
+    requires one (mutual TLS), and nothing else (no predicts, no metadata). Bind it to
+    127.0.0.1 unless the probes come from outside (a kubelet's ``httpGet``). Stopped by
+    `stop` with the rest; call it before `start_servables` to answer while loading."""
+    from .ops.endpoints import create_probe_app
+
+    host, port = parse_address(address)
+    with _state.lock:
+        sock = bind_socket(host, port)
+        try:
+            transport = WaitressTransport(create_probe_app(_state), sock, threads=threads, max_body_bytes=1 << 16)
+            transport.start()
+        except BaseException:
+            sock.close()
+            raise
+        _state.transports.append(transport)
+    probes = RestfulServer(transport, host)
+    log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
+    return probes
 
 
 def begin_shutdown() -> None:

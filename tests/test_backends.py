@@ -97,7 +97,7 @@ def test_registered_backend_serves_on_a_device_type_jax_does_not_know(affine_dir
 
         wrong = requests.post(url + "/model/affine:predict", json={"instances": [{"x": [1, 2, 3]}]}, timeout=10)
         assert wrong.json() == {"error_msg": "Given model input 0 data type int32 not match the data type float32"
-                                             " defined in model"}
+                                             " defined in model (model input 0 is input 'x')"}
 
 
 @contextlib.contextmanager
@@ -327,9 +327,11 @@ def installed_plugin(tmp_path_factory):
     source = tmp_path_factory.mktemp("plugin") / "backend_plugin"
     shutil.copytree(PLUGIN_DIR, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    # Build with this venv's setuptools when it has one (fast, offline); else let pip
-    # fetch it (Python 3.12+ venvs come without setuptools).
-    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    # Build with this venv's setuptools when it can build a wheel by itself (fast,
+    # offline); else let pip fetch a build environment (Python 3.12+ venvs come
+    # without setuptools, and setuptools < 70.1 needs the separate `wheel` package).
+    local = all(importlib.util.find_spec(m) is not None for m in ("setuptools", "wheel"))
+    isolation = ["--no-build-isolation"] if local else []
     done = subprocess.run(pip + ["install", "--no-deps", *isolation, str(source)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
