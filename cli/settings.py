@@ -49,6 +49,8 @@ class StartSettings:
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
+    health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
+    health_host: str = "127.0.0.1"
     # What clients may hold (README, "Limits and hostile clients").
     max_instances: int = 10000  # instances per request; more: 413
     max_connections: int | None = None  # None: 10,000 or what the descriptor limit allows
@@ -115,6 +117,13 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                fail(f"health_port {self.health_port} is out of range (0-65535)")
+            if self.health_port and self.health_port == self.port and self.health_host == self.host:
+                fail(f"--health-port {self.health_port} is the serving port; pick another one")
+            if self.workers > 1:
+                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -156,7 +165,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "max_connections"}
+_OPTIONAL_INTS = {"threads", "health_port", "max_connections"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 
