@@ -99,6 +99,8 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.device_type is not None and self.device_type.lower() not in ("cpu", "gpu", "ascend"):
+            fail(f"device_type must be cpu, gpu or ascend (any case; MindSpore Serving's types), got {self.device_type!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -318,7 +320,7 @@ def start_configs(
         }
     return [
         server.ServableStartConfig(
-            str(root),
+            str(Path(root).resolve()),  # a relative one would be taken from the script's folder
             name,
             device_ids=list(device_ids or [0]),
             version_number=versions[0] if len(versions) == 1 else versions,
