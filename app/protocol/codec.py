@@ -55,7 +55,7 @@ _LEAF_TYPES = {int: "int32", float: "float32", bool: "bool", str: "str"}
 # MindSpore names a type by its first name in sorted order: fp32 -> float32.
 _CANONICAL = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
 _TEXT_TYPES = ("str", "bytes")
-_B64_KEYS = ("b64", "type", "shape")
+_B64_KEY_SET = frozenset(("b64", "type", "shape"))
 
 
 def _numpy_max_dims() -> int:
@@ -258,26 +258,23 @@ def decode_b64_object(obj: dict) -> Any:
     in MindSpore Serving's order: the keys (in sorted order, as its JSON library
     keeps them), then the type against the shape, then the base64 text and its size.
     A missing or empty ``shape`` is a scalar."""
-    if not obj:
-        raise ValueError_("json object, value is empty")
-    if len(obj) > 3:
-        raise ValueError_("json object, items size is more than 3, only support specified ['b64', 'type', 'shape']")
-    for key in sorted(obj):
-        if key == "shape":
-            _check_shape(obj[key])
-        elif key == "type":
-            name = obj[key]
-            if type(name) is not str:
-                raise ValueError_("json object, key is 'type', value should be string type")
-            if name not in B64_TYPES:
-                raise ValueError_(f"json object, specified type:'{name}' is illegal")
-        elif key != "b64":
-            raise ValueError_(f"json object, key is not ['b64', 'type', 'shape'], fail key:{key}")
-    if "b64" not in obj:
-        raise ValueError_("json object, 'b64' should be specified only one time")
-    type_name = _CANONICAL.get(obj.get("type", "bytes"), obj.get("type", "bytes"))
-    # MindSpore reads each dimension as a uint32 (2**32 wraps to 0).
-    shape = tuple(d & 0xFFFFFFFF for d in obj.get("shape", ()))
+    type_name = obj.get("type", "bytes")
+    shape = obj.get("shape", ())
+    # Fast path: only known keys, a known type and a shape of positive dims pass every
+    # check below; anything else is checked in MindSpore's order, to find its error.
+    if (
+        "b64" in obj
+        and obj.keys() <= _B64_KEY_SET
+        and type(type_name) is str
+        and type_name in B64_TYPES
+        and (shape == () or (type(shape) is list and all(type(d) is int and 0 < d < 2**31 for d in shape)))
+    ):
+        shape = tuple(shape)
+    else:
+        _check_b64_object(obj)
+        # MindSpore reads each dimension as a uint32 (2**32 wraps to 0).
+        shape = tuple(d & 0xFFFFFFFF for d in shape)
+    type_name = _CANONICAL.get(type_name, type_name)
     count = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
     if type_name in _TEXT_TYPES:
         if count != 1:
@@ -300,6 +297,27 @@ def decode_b64_object(obj: dict) -> Any:
         return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
     except ValueError:  # a zero-size shape numpy cannot represent
         raise ValueError_(f"json object, key is 'shape', invalid shape value {list(shape)}") from None
+
+
+def _check_b64_object(obj: dict) -> None:
+    """The key checks of a b64 object, in MindSpore Serving's order."""
+    if not obj:
+        raise ValueError_("json object, value is empty")
+    if len(obj) > 3:
+        raise ValueError_("json object, items size is more than 3, only support specified ['b64', 'type', 'shape']")
+    for key in sorted(obj):
+        if key == "shape":
+            _check_shape(obj[key])
+        elif key == "type":
+            name = obj[key]
+            if type(name) is not str:
+                raise ValueError_("json object, key is 'type', value should be string type")
+            if name not in B64_TYPES:
+                raise ValueError_(f"json object, specified type:'{name}' is illegal")
+        elif key != "b64":
+            raise ValueError_(f"json object, key is not ['b64', 'type', 'shape'], fail key:{key}")
+    if "b64" not in obj:
+        raise ValueError_("json object, 'b64' should be specified only one time")
 
 
 def _check_shape(shape: Any) -> None:
