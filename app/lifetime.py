@@ -40,14 +40,21 @@ def keep_serving(stop: Callable[[], None]) -> None:
     """Keep the process alive until `release` or a stop signal (which then calls
     ``stop``). Called by every ``start_*_server``; one waiter serves them all."""
     global _waiter
-    with _lock:
-        if _waiter is not None and _waiter.is_alive():
-            return
-        _wake.clear()
-        _signalled.clear()
-        _waiter = threading.Thread(target=_wait, args=(stop,), name="mserve-keep-serving", daemon=False)
-        _waiter.start()
-        _install_handlers()
+    while True:
+        with _lock:
+            waiter = _waiter
+            if waiter is None or not waiter.is_alive():
+                _wake.clear()
+                _signalled.clear()
+                _waiter = threading.Thread(target=_wait, args=(stop,), name="mserve-keep-serving", daemon=False)
+                _waiter.start()
+                _install_handlers()
+                return
+            if not _wake.is_set():
+                return  # the waiter keeps the process alive for this server too
+        # A server was stopped just now and its waiter is on its way out: let it end
+        # (outside the lock: a stop after a signal releases through it), then start anew.
+        waiter.join()
 
 
 def release() -> None:

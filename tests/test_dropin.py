@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import requests
 
 from support import BUNDLED, REPO, export_to, free_port, serving, spec, write_servable
 
-from mserve import register, server
+from mserve import server
 from mserve.errors import ServableLoadError
 from mserve.serving.servable import load_definition
 
@@ -206,6 +206,33 @@ def test_a_script_that_calls_stop_exits_by_itself(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=START_DEADLINE)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == '{"instances":[{"y":[[2.0,3.0],[4.0,5.0]]}]}'
+
+
+def _keep_serving_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "mserve-keep-serving"]
+
+
+def test_keep_alive_follows_start_and_stop_and_leaves_other_handlers_alone():
+    config = server.ServableStartConfig(str(BUNDLED), "add")
+    for _ in range(2):  # stop, then start again in the same process
+        with serving(config):
+            (waiter,) = _keep_serving_threads()
+            assert not waiter.daemon
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        waiter.join(30)
+        assert not waiter.is_alive()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with serving(config):
+            assert signal.getsignal(signal.SIGTERM) is own  # a program's own handler is kept
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- ServableStartConfig
