@@ -58,8 +58,8 @@ class Model:
         list or tuple of inputs) returns a tuple with one tuple of outputs per
         instance, so callers write ``for inst in outputs: y = inst[0]``. Failures
         raise ``RuntimeError`` (``Model(file).call() failed: ...``). ``subgraph``
-        picks one graph of a model of several files; mserve loads one graph per
-        model, so only 0 exists."""
+        picks one graph of a model of several files (for backends that load each
+        file as a graph, such as MindIR's)."""
         if isinstance(subgraph, bool) or not isinstance(subgraph, int) or subgraph < 0:
             raise RuntimeError(f"Parameter 'subgraph' should be int >= 0, but actually {subgraph!r}")
         name = f"Model({self.model_key}{f', subgraph={subgraph}' if subgraph else ''}).call()"
@@ -68,15 +68,10 @@ class Model:
         if len(args) == 1 and isinstance(args[0], (tuple, list)):
             if not all(isinstance(instance, (tuple, list)) for instance in args[0]):
                 raise RuntimeError(f"{name} failed: inputs format invalid, {_CALL_FORMS}")
-        if subgraph:
-            raise RuntimeError(
-                f"{name} failed: The model does not have subgraph of index {subgraph}, the subgraph count of the "
-                f"model is 1"
-            )
         runner = _current_version.get()
         if runner is None:
             raise RuntimeError(f"{name} failed: Model.call can only be used inside a stage while mserve runs a request")
-        return runner.call_model(self, args)
+        return runner.call_model(self, args, subgraph)
 
 
 @dataclass(frozen=True)

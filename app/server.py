@@ -71,10 +71,12 @@ class ServableStartConfig:
     ``version_number=0`` loads the newest version folder, a number that one (mserve:
     a list loads several). ``device_ids``: an int or a sequence of them (``None``:
     the default device, id 0) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
-    (any case), or ``None`` for JAX's default device kind. ``num_parallel_workers``
-    (0..64) sizes the thread pool of per-instance Python stages. ``dec_key`` (bytes
-    of length 16, 24 or 32) and ``dec_mode`` (``AES-GCM``/``AES-CBC``) are checked
-    here; loading fails unless the model's backend can decrypt.
+    (any case; it must be one an installed backend runs on), or ``None``: each
+    model's backend picks its default. A model that declares a sharding is one
+    instance spanning all of them. ``num_parallel_workers`` (0..64) sizes the thread
+    pool of per-instance Python stages. ``dec_key`` (bytes of length 16, 24 or 32)
+    and ``dec_mode`` (``AES-GCM``/``AES-CBC``) are checked here; loading fails unless
+    the model's backend can decrypt.
     """
 
     servable_directory: str | os.PathLike
@@ -122,7 +124,7 @@ class ServableStartConfig:
             raise RuntimeError("Parameter 'dec_mode' expected to be 'AES-GCM' or 'AES-CBC'")
         if self.device_ids is not None:
             _int_tuple("device_ids", self.device_ids, 0)
-        check_device_type(self.device_type)
+        validate_device_type(self.device_type)
 
     def versions(self) -> list[int]:
         return [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)
@@ -133,7 +135,7 @@ class ServableStartConfig:
         return [self.device_ids] if isinstance(self.device_ids, int) else list(self.device_ids)
 
 
-def check_device_type(device_type: str | None) -> None:
+def validate_device_type(device_type: str | None) -> None:
     """``None``, or one of MindSpore Serving's device types in any case."""
     if device_type is None:
         return
@@ -259,25 +261,17 @@ def _refresh_ready() -> None:
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
-    """JAX devices for ``device_type``; other types (``ascend``) go to their
-    backend as (type, id)."""
-    check_device_type(device_type)
-    kind = (device_type or "").lower()
-    if kind in ("", "none", "cpu", "gpu"):
-        import jax
+    """Devices (type, id) for the backends; the type must be one that an installed
+    backend runs on (else the error names what to install). ``None`` lets each
+    model's backend pick its default type; ids are checked by the backend at load."""
+    from .backends import BackendError, Device, check_device_type
 
-        platform = {"": None, "none": None}.get(kind, kind)
-        try:
-            devices = jax.devices(platform)
-        except RuntimeError as exc:
-            raise ServableLoadError(f"device_type {device_type!r} is not available here: {exc}") from None
-        missing = [i for i in device_ids if not 0 <= i < len(devices)]
-        if missing:
-            raise ServableLoadError(
-                f"device_ids {missing} do not exist: {len(devices)} {devices[0].platform} device(s) present"
-            )
-        return [devices[i] for i in device_ids]
-    return [(kind, i) for i in device_ids]
+    validate_device_type(device_type)  # MindSpore's types and text first
+    try:
+        kind = check_device_type(device_type)
+    except BackendError as exc:
+        raise ServableLoadError(str(exc)) from None
+    return [Device(kind, i) for i in device_ids]
 
 
 def start_servables(
@@ -315,12 +309,20 @@ def start_servables(
     configs = merge_configs(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
-    enable_compile_cache()
-    from .backends.jax_runtime import prefer_sync_cpu_dispatch
-
-    prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    # "Loading" from the first moment: importing JAX alone takes seconds, and a server
+    # already listening must answer 503 (not 404) meanwhile.
     with _state.lock:
         _state.loading += 1
+    try:
+        enable_compile_cache()
+        from .backends.jax_runtime import prefer_sync_cpu_dispatch
+
+        prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    except BaseException:
+        with _state.lock:
+            _state.loading -= 1
+        raise
+    with _state.lock:
         _refresh_ready()
         try:
             for config in configs:
@@ -373,52 +375,9 @@ def merge_configs(configs: Sequence[ServableStartConfig]) -> list[ServableStartC
     return list(merged.values())
 
 
-def check_device_support(servable: str, device_type: str | None, model_formats: Sequence[str]) -> None:
-    """Refuse a device type that no installed backend runs the servable's models on.
-
-    JAX runs ``jax_export`` and ``jax_function`` models on CPU and GPU (a GPU that is
-    absent is found when the devices are resolved); models on Ascend need a backend
-    that runs there, such as MindSpore's. (One place to teach about backends'
-    capabilities when they declare them.)"""
-    if device_type is None or device_type.lower() != "ascend":
-        return
-    from .backends import get_backend
-
-    install = "pip install 'mserve[mindspore]'"
-    for model_format in dict.fromkeys(model_formats):
-        if model_format.lower() in ("jax_export", "jax_function"):
-            raise ServableLoadError(
-                f"servable '{servable}': device_type '{device_type}': model_format '{model_format}' runs on CPU and "
-                f"GPU only (JAX); serve the servable with device_type 'CPU', 'GPU' or None, or, for MindIR models on "
-                f"Ascend, install the MindSpore backend: {install}"
-            )
-        try:
-            get_backend(model_format)
-        except KeyError:
-            raise ServableLoadError(
-                f"servable '{servable}': device_type '{device_type}': no installed backend runs model_format "
-                f"'{model_format}'; for MindIR models on Ascend install the MindSpore backend: {install}"
-            ) from None
-
-
-def check_decryption(servable: str, dec_key: bytes | None, model_formats: Sequence[str]) -> None:
-    """A ``dec_key`` is never ignored: until backends can decrypt model files,
-    a servable started with one fails to load."""
-    if dec_key is None:
-        return
-    formats = ", ".join(dict.fromkeys(model_formats)) or "none: the servable declares no model"
-    raise ServableLoadError(
-        f"servable '{servable}': dec_key is set, but the backend of its model format ({formats}) cannot decrypt "
-        f"models; serve the decrypted model file and remove dec_key/dec_mode"
-    )
-
-
 def _load(config: ServableStartConfig) -> None:
     root = Path(config.servable_directory)
     definition = load_definition(root, config.servable_name)
-    formats = [m.model_format for m in definition.models]
-    check_decryption(config.servable_name, config.dec_key, formats)
-    check_device_support(config.servable_name, config.device_type, formats)
     present = list_versions(root / config.servable_name)
     if not present:
         raise ServableLoadError(
@@ -456,7 +415,7 @@ def _load_version(entry: _Loaded, number: int) -> LoadedVersion:
     try:
         loaded = load_version(
             entry.servable.directory, entry.servable.definition, number, entry.devices, batching,
-            config.num_parallel_workers,
+            config.num_parallel_workers, config.dec_key, config.dec_mode,
         )
     except BaseException:
         metrics.VERSION_LOADS.labels(name, "failed").inc()
@@ -596,6 +555,29 @@ def start_restful_server(
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
     return server
+
+
+def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
+    """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
+    (mserve addition): probes that need no client certificate when the RESTful server
+    requires one (mutual TLS), and nothing else (no predicts, no metadata). Bind it to
+    127.0.0.1 unless the probes come from outside (a kubelet's ``httpGet``). Stopped by
+    `stop` with the rest; call it before `start_servables` to answer while loading."""
+    from .ops.endpoints import create_probe_app
+
+    host, port = parse_address(address)
+    with _state.lock:
+        sock = bind_socket(host, port)
+        try:
+            transport = WaitressTransport(create_probe_app(_state), sock, threads=threads, max_body_bytes=1 << 16)
+            transport.start()
+        except BaseException:
+            sock.close()
+            raise
+        _state.transports.append(transport)
+    probes = RestfulServer(transport, host)
+    log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
+    return probes
 
 
 def begin_shutdown() -> None:

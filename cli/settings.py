@@ -49,6 +49,8 @@ class StartSettings:
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
+    health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
+    health_host: str = "127.0.0.1"
 
     # ------------------------------------------------------------------ building
 
@@ -101,6 +103,13 @@ class StartSettings:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
         if self.device_type is not None and self.device_type.lower() not in ("cpu", "gpu", "ascend"):
             fail(f"device_type must be cpu, gpu or ascend (any case; MindSpore Serving's types), got {self.device_type!r}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                fail(f"health_port {self.health_port} is out of range (0-65535)")
+            if self.health_port and self.health_port == self.port and self.health_host == self.host:
+                fail(f"--health-port {self.health_port} is the serving port; pick another one")
+            if self.workers > 1:
+                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -135,7 +144,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads"}
+_OPTIONAL_INTS = {"threads", "health_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

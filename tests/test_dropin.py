@@ -5,6 +5,8 @@
   as a user starts it: ``python serving_server.py`` in a subprocess, a script that
   ends after ``start_restful_server``. The process keeps serving until SIGTERM or
   SIGINT, then exits 0; the clients are MindSpore's REST idiom.
+* MindSpore's matmul_multi_subgraphs: ``Model.call(..., subgraph=i)`` over the graphs
+  of one model (through a backend plugin that loads each file as a graph).
 * ``ServableStartConfig`` and ``register``: MindSpore's parameters, order, defaults,
   checks and texts; device types; dec_key; merged configs; relative directories;
   helper modules beside servable_config.py.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -29,6 +32,7 @@ import requests
 from support import BUNDLED, REPO, export_to, free_port, serving, spec, write_servable
 
 from mserve import server
+from mserve.backends import Backend, TensorSpec, register_backend, unregister_backend
 from mserve.errors import ServableLoadError
 from mserve.serving.servable import load_definition
 
@@ -532,3 +536,80 @@ def test_model_call_errors(call_url, kind, text):
     r = requests.post(call_url + "/model/calls:wrong", json={"instances": [{"kind": kind}]})
     assert r.status_code == 400
     assert r.json()["error_msg"].startswith("Misuse Failed: " + text), r.json()
+
+
+# --------------------------------------------------------------------------- matmul_multi_subgraphs
+
+MATMUL_CONFIG = """
+from mserve import register
+
+model = register.declare_model(model_file=["matmul_0.npz", "matmul_1.npz"], model_format="npz_matmul",
+                               with_batch_dim=False)
+
+
+def process(x, y):
+    z1 = model.call(x, subgraph=0)  # 128,96 matmul 96,16 -> reduce sum axis 0 -> 16
+    z2 = model.call(y, subgraph=1)  # 8,96 matmul 96,16 -> reduce sum axis 0 -> 16
+    return z1 + z2
+
+
+def bad_subgraph(x, y):
+    return model.call(x, subgraph=2)
+
+
+@register.register_method(output_names=["z"])
+def predict(x, y):
+    z = register.add_stage(process, x, y, outputs_count=1)
+    return z
+
+
+@register.register_method(output_names=["z"])
+def predict_bad(x, y):
+    return register.add_stage(bad_subgraph, x, y, outputs_count=1)
+"""
+
+
+class _MatmulGraph:
+    """One graph of MindSpore's matmul_multi_subgraphs net: ``sum(x @ w, axis=0)``
+    for a fixed number of rows of ``x``."""
+
+    def __init__(self, w: np.ndarray, rows: int):
+        self.inputs = [TensorSpec(np.dtype(np.float32), (rows, w.shape[0]))]
+        self.outputs = [TensorSpec(np.dtype(np.float32), (w.shape[1],))]
+        self.w = w
+
+    def predict(self, arrays):
+        return [(arrays[0] @ self.w).sum(axis=0)]
+
+
+def _load_matmul(request):
+    graphs = []
+    for path in request.files:  # one graph per file, in declaration order
+        with np.load(path) as data:
+            graphs.append(_MatmulGraph(data["w"], int(data["rows"])))
+    graphs[0].subgraphs = graphs
+    return graphs[0]
+
+
+def test_matmul_multi_subgraphs_calls_each_graph_by_index(tmp_path):
+    """MindSpore's matmul_multi_subgraphs: one model of two graph files, each called
+    with ``model.call(..., subgraph=i)``. jax_export loads one file per model, so the
+    graphs here come from a backend plugin that loads each file as a graph (as the
+    MindIR backend does)."""
+    folder = write_servable(tmp_path, "matmul", MATMUL_CONFIG)
+    (folder / "1").mkdir()
+    w = np.full((96, 16), 0.5, np.float32)
+    np.savez(folder / "1/matmul_0.npz", w=w, rows=128)
+    np.savez(folder / "1/matmul_1.npz", w=w, rows=8)
+    register_backend(Backend(name="npz_matmul", formats=("npz_matmul",), device_types=("cpu",), load=_load_matmul))
+    try:
+        with serving(server.ServableStartConfig(str(tmp_path), "matmul", device_ids=(0,))) as url:
+            instance = {"x": np.ones((128, 96), np.float32).tolist(), "y": np.ones((8, 96), np.float32).tolist()}
+            result = requests.post(f"{url}/model/matmul:predict", data=json.dumps({"instances": [instance]}))
+            result = json.loads(result.text)
+            assert result == {"instances": [{"z": [128 * 48.0 + 8 * 48.0] * 16}]}
+            result = requests.post(f"{url}/model/matmul:predict_bad", data=json.dumps({"instances": [instance]}))
+            assert "Model(matmul_0.npz;matmul_1.npz, subgraph=2).call() failed: The model does not have subgraph of " \
+                   "index 2, the subgraph count of the model is 2" in json.loads(result.text)["error_msg"]
+    finally:
+        unregister_backend("npz_matmul")

@@ -29,8 +29,8 @@ class _StageContext:
         self.version = version
         self.deadline = deadline
 
-    def call_model(self, model: Model, args: tuple) -> Any:
-        return self.version.call_model(model, args, self.deadline)
+    def call_model(self, model: Model, args: tuple, subgraph: int = 0) -> Any:
+        return self.version.call_model(model, args, self.deadline, subgraph)
 
 
 def run_method(
