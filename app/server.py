@@ -48,13 +48,14 @@ from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
 from .transport.wsgi import create_app
 from .transport.inline import InlinePolicy
-from .serving.dataplane import PredictHandler
+from .serving.dataplane import DEFAULT_MAX_INSTANCES, PredictHandler
 from .serving.compile_cache import enable_compile_cache
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
 )
-from .transport.http import WaitressTransport, bind_socket, parse_address
+from .transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
+from .transport.memory import limit_arenas
 
 log = logging.getLogger("mserve.server")
 
@@ -502,6 +503,12 @@ def start_restful_server(
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
     inline_max_ms: float = 1.0,
+    max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
+    max_connections: int | None = None,
+    idle_timeout: float = 60.0,
+    header_timeout: float = 30.0,
+    handshake_timeout: float = 10.0,
+    max_header_kb: int = 64,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -513,7 +520,13 @@ def start_restful_server(
     processes share one this way, evened out by ``balance``; plain HTTP only), and
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
-    each (see `mserve.transport.inline`; plain HTTP only; 0 turns it off).
+    each (see `mserve.transport.inline`; 0 turns it off).
+
+    Limits on what clients may hold (README, "Limits and hostile clients"):
+    ``max_instances_per_request`` (413 beyond), ``max_connections`` (the longest-idle
+    connections are closed to make room; None: 10,000 or what the descriptor limit
+    allows), ``idle_timeout``, ``header_timeout``, ``handshake_timeout`` (seconds),
+    ``max_header_kb`` (request line and headers; 431 beyond).
 
     From here on the process keeps serving after the calling script ends, until
     `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
@@ -522,12 +535,18 @@ def start_restful_server(
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
+    if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
+        raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    limits = ConnectionLimits(max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb * 1024)
+    limits.check()
     handler = PredictHandler(
-        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
+        max_instances=max_instances_per_request,
     )
     if inline_max_ms < 0:
         raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
-    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
+    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
+    limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
         from .transport.https import build_ssl_context
@@ -540,10 +559,14 @@ def start_restful_server(
             if ssl_config is not None:
                 from .transport.https import TlsTransport
 
-                transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
+                transport: Any = TlsTransport(
+                    app, sock, ssl_config, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
+                )
             else:
                 transport = WaitressTransport(
-                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline
+                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
                 )
             transport.start()
         except BaseException:

@@ -51,6 +51,13 @@ class StartSettings:
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
     health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
     health_host: str = "127.0.0.1"
+    # What clients may hold (README, "Limits and hostile clients").
+    max_instances: int = 10000  # instances per request; more: 413
+    max_connections: int | None = None  # None: 10,000 or what the descriptor limit allows
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_header_kb: int = 64
 
     # ------------------------------------------------------------------ building
 
@@ -93,6 +100,15 @@ class StartSettings:
             fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
             fail(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_instances < 1:
+            fail(f"max_instances must be at least 1, got {self.max_instances}")
+        if self.max_connections is not None and self.max_connections < 1:
+            fail(f"max_connections must be at least 1, got {self.max_connections}")
+        for name in ("idle_timeout", "header_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_kb < 1:
+            fail(f"max_header_kb must be at least 1, got {self.max_header_kb}")
         if self.drain_timeout < 0:
             fail(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -125,9 +141,16 @@ class StartSettings:
             "max_enqueued_requests": self.max_enqueued_requests,
             "request_timeout": self.request_timeout,
             "inline_max_ms": self.inline_max_ms,
+            "max_instances_per_request": self.max_instances,
+            "idle_timeout": self.idle_timeout,
+            "header_timeout": self.header_timeout,
+            "handshake_timeout": self.handshake_timeout,
+            "max_header_kb": self.max_header_kb,
         }
         if self.threads is not None:
             options["threads"] = self.threads
+        if self.max_connections is not None:
+            options["max_connections"] = self.max_connections
         return options
 
     def ssl_config(self) -> Any:
@@ -144,7 +167,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "health_port"}
+_OPTIONAL_INTS = {"threads", "health_port", "max_connections"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

@@ -25,14 +25,18 @@ Version = TypeVar("Version")
 
 
 def parse_request(
-    path: str, body: bytes, lookup: Callable[[str, int, str], tuple[Version, MethodDef]]
+    path: str,
+    body: bytes,
+    lookup: Callable[[str, int, str], tuple[Version, MethodDef]],
+    check_count: Callable[[int], None] = lambda count: None,
 ) -> tuple[Version, MethodDef, list[list[Any]]]:
     """The version and method a predict request names, and per instance the method's
     input values in order. ``lookup(servable, version, method)`` finds the method
-    (raising `NotFound`); everything else wrong raises `BadRequest`."""
+    (raising `NotFound`); ``check_count(n)`` may refuse the number of instances
+    before any is decoded; everything else wrong raises `BadRequest`."""
     request = _load_json(body)
     target = parse_predict_path(path)  # MindSpore checks the JSON syntax before the URL
-    instances = parse_instances(request)
+    instances = parse_instances(request, check_count)
     version, method = lookup(target.servable, target.version, target.method)
     return version, method, method_inputs(instances, method, target.servable)
 
@@ -48,7 +52,7 @@ def _parse_failed(reason: str, where: str = "") -> BadRequest:
     return BadRequest(f"{PARSE_FAILED}{reason}{f' ({where})' if where else ''}")
 
 
-def parse_instances(request: Any) -> list[dict[str, Any]]:
+def parse_instances(request: Any, check_count: Callable[[int], None] = lambda count: None) -> list[dict[str, Any]]:
     """Every instance of a parsed body, each a dict of decoded values (all of its
     keys, inputs of the method or not: MindSpore parses them all)."""
     if type(request) is not dict or "instances" not in request:
@@ -62,6 +66,7 @@ def parse_instances(request: Any) -> list[dict[str, Any]]:
         raise _parse_failed("instances no key mode is not supported")
     if not instances:
         raise _parse_failed("instances value is array type, but no value")
+    check_count(len(instances))
     parsed = []
     for index, instance in enumerate(instances):
         if type(instance) is not dict:

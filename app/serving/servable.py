@@ -141,6 +141,16 @@ class BatchSettings:
     observer: BatchObserver | None = None
 
 
+class ModelCallError(RuntimeError):
+    """`Model.call` inside a Python stage failed on a row the model refused; the
+    stage's error keeps the model's message and status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
 @dataclass
 class LoadedVersion:
     """One version folder of a servable, its models loaded and warm."""
@@ -204,7 +214,7 @@ class LoadedVersion:
         results = self.run_model(model, rows, deadline) if not subgraph else stage.run(rows)
         for r in results:
             if isinstance(r, InstanceError):
-                raise RuntimeError(f"{name} failed: {r.message}")
+                raise ModelCallError(f"{name} failed: {r.message}", r.status)
         if many:
             return tuple(tuple(r) for r in results)
         outputs = results[0]
