@@ -117,6 +117,8 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.device_type is not None and self.device_type.lower() not in ("cpu", "gpu", "ascend"):
+            fail(f"device_type must be cpu, gpu or ascend (any case; MindSpore Serving's types), got {self.device_type!r}")
         if self.health_port is not None:
             if not 0 <= self.health_port <= 65535:
                 fail(f"health_port {self.health_port} is out of range (0-65535)")
@@ -350,7 +352,7 @@ def start_configs(
         }
     return [
         server.ServableStartConfig(
-            str(root),
+            str(Path(root).resolve()),  # a relative one would be taken from the script's folder
             name,
             device_ids=list(device_ids or [0]),
             version_number=versions[0] if len(versions) == 1 else versions,

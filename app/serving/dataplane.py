@@ -1,12 +1,13 @@
 """The dataplane: one predict request from admission to reply, whatever the transport.
 
-    parse URL -> find servable/version/method -> parse JSON -> decode each instance
-    -> run the method's pipeline -> encode each instance's outputs -> reply
+    parse the request whole (JSON, URL, every value; find servable/version/method;
+    check the inputs) -> run the method's pipeline -> encode each instance's outputs
+    -> reply
 
-Request-level failures (URL, JSON, unknown servable) answer ``{"error_msg"}``;
-instance-level failures (a bad value, a stage that raised) answer ``error_msg`` in
-that instance's place, or one top-level ``error_msg`` when every instance failed
-for the same reason (PROTOCOL.md section 3).
+Request-level failures (JSON, URL, any value, unknown servable, a missing input)
+answer ``{"error_msg"}`` (PROTOCOL.md 2.3); failures while running (a stage that
+raised) answer ``error_msg`` in that instance's place, or one top-level
+``error_msg`` when every instance failed for the same reason (PROTOCOL.md section 3).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import NotFound, PayloadTooLarge, ServingError
 from ..protocol.codec import dumps
-from ..protocol.rest import build_reply, decode_instance, parse_instances
+from ..protocol.rest import build_reply, parse_request
 from ..protocol.urls import parse_predict_path
 from ..register import MethodDef
 from .pipeline import run_method
@@ -151,9 +152,6 @@ class PredictHandler:
             )
 
     def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
-        version, method = self._resolve(path)
-        instances = parse_instances(body)
-        self.check_instance_count(len(instances))
-        decoded = [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
-        results = run_method(version, method, decoded, deadline)
+        version, method, inputs = parse_request(path, body, self.registry.lookup, self.check_instance_count)
+        results = run_method(version, method, inputs, deadline)
         return build_reply(method, results)

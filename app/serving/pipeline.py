@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from .model_stage import InstanceError
 from ..register import MethodDef, Model, StageDef, _current_version
-from .servable import LoadedVersion
+from .servable import LoadedVersion, ModelCallError
 from ..ops.access_log import current_request_id
 
 log = logging.getLogger("mserve.serving.pipeline")
@@ -52,27 +52,8 @@ class _StageContext:
         self.version = version
         self.deadline = deadline
 
-    def call_model(self, model: Model, args: tuple) -> Any:
-        """Model.call: one instance, or a list of them. A row the model refuses raises
-        `ModelCallError`, which keeps the model's message and status."""
-        many = len(args) == 1 and isinstance(args[0], list)
-        rows = args[0] if many else [args]
-        results = self.version.run_model(model, [tuple(r) for r in rows], self.deadline)
-        out = []
-        for r in results:
-            if isinstance(r, InstanceError):
-                raise ModelCallError(r.message, r.status)
-            out.append(r[0] if len(r) == 1 else r)
-        return out if many else out[0]
-
-
-class ModelCallError(RuntimeError):
-    """`Model.call` inside a Python stage failed; the stage's error keeps its text."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.message = message
-        self.status = status
+    def call_model(self, model: Model, args: tuple, subgraph: int = 0) -> Any:
+        return self.version.call_model(model, args, self.deadline, subgraph)
 
 
 def run_method(
