@@ -1,7 +1,13 @@
 """The dataplane: one predict request from admission to reply, whatever the transport.
 
-    parse URL -> find servable/version/method -> parse JSON -> decode each instance
-    -> run the method's pipeline -> encode each instance's outputs -> reply
+    admit -> find servable/version/method -> decode each instance -> run the method's
+    pipeline before the deadline -> build the reply
+
+`Dataplane` is that path without a wire format: admission (``max_enqueued_requests``,
+draining, servables still loading), the servable/version/method lookup, the
+deadline, `run_method`, and the mapping of failures to a status and message. REST
+(`PredictHandler`, JSON) and gRPC (`mserve.transport.grpc`, protobuf) each bring a
+decoder and a reply builder, so both transports share every rule.
 
 Request-level failures (URL, JSON, unknown servable) answer ``{"error_msg"}``;
 instance-level failures (a bad value, a stage that raised) answer ``error_msg`` in
@@ -14,25 +20,49 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from ..errors import NotFound, ServingError
+from ..errors import InstanceError, NotFound, ServingError
 from ..protocol.codec import dumps
 from ..protocol.rest import build_reply, decode_instance, parse_instances
-from ..protocol.urls import parse_predict_path
+from ..protocol.urls import PredictTarget, parse_predict_path
 from ..register import MethodDef
 from .pipeline import run_method
 from .servable import LoadedVersion, ServableRegistry
 
 log = logging.getLogger("mserve.serving.dataplane")
 
+Reply = TypeVar("Reply")
+# A transport's decoder: the request's instances, decoded for this version's method
+# (each a list of input values, or the instance's error). Raising a ServingError
+# fails the whole request.
+Decoder = Callable[[LoadedVersion, MethodDef], Sequence[Sequence[Any] | InstanceError]]
+# A transport's reply builder: per-instance results -> (status, reply).
+Builder = Callable[[MethodDef, Sequence[Any]], "tuple[int, Reply]"]
 
-class PredictHandler:
-    """Answers predict requests for the servables in ``registry``.
+LOADING_MESSAGE = "servable is not available: the server is still loading servables"
+INTERNAL_MESSAGE = "internal server error, see the server log"
 
-    ``max_enqueued_requests`` bounds the requests inside the server at once (more
-    get 503 with Retry-After); ``request_timeout`` (seconds) bounds each one (the
-    instances that miss it get ``Time out``; 504 when none finished).
+
+@dataclass
+class Outcome(Generic[Reply]):
+    """How one predict ended: ``status`` (an HTTP status, whatever the transport),
+    and either the transport's ``reply`` or, for a whole-request failure, ``error``
+    (the client-facing message)."""
+
+    status: int
+    reply: Reply | None = None
+    error: str | None = None
+
+
+class Dataplane:
+    """Admission, lookup, deadline, pipeline and error mapping for one transport.
+
+    ``max_enqueued_requests`` bounds the requests inside at once (more are refused
+    with 503); ``request_timeout`` (seconds) bounds each one (the instances that miss
+    it get ``Time out``; 504 when none finished); ``loading`` says whether servables
+    are still loading (then an unknown servable is a 503, not a 404).
     """
 
     def __init__(
@@ -43,48 +73,72 @@ class PredictHandler:
         loading: Callable[[], bool] = lambda: False,
     ):
         self.registry = registry
-        self.loading = loading  # servables still loading: a 404 may only mean "not yet"
+        self.loading = loading
         self.max_enqueued_requests = max_enqueued_requests
         self.request_timeout = request_timeout
         self._active = 0
         self._lock = threading.Lock()
         self.draining = False
-        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
-        self._eligible_in: dict | None = None  # ... for this registry snapshot
 
     @property
     def active(self) -> int:
         return self._active
 
-    def handle(self, path: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
-        """Answer one predict request: status, JSON body, extra headers. Never raises."""
-        headers: dict[str, str] = {}
+    def predict(
+        self, target: Callable[[], PredictTarget], decode: Decoder, build: Builder[Reply], where: str = ""
+    ) -> Outcome[Reply]:
+        """Run one request. ``target`` names what it calls (raising `BadRequest` for
+        a bad name), ``decode`` and ``build`` are the transport's. Never raises."""
         with self._lock:
             admitted = self._active < self.max_enqueued_requests and not self.draining
             if admitted:
                 self._active += 1
         if not admitted:
             reason = "server is shutting down" if self.draining else "Serving Error: request queue is full"
-            return 503, dumps({"error_msg": reason}), {"Retry-After": "1"}
+            return Outcome(503, error=reason)
+        deadline = time.monotonic() + self.request_timeout
         try:
-            status, reply = self._handle(path, body, time.monotonic() + self.request_timeout)
+            named = target()
+            version, method = self.registry.lookup(named.servable, named.version, named.method)
+            results = run_method(version, method, decode(version, method), deadline)
+            status, reply = build(method, results)
+            return Outcome(status, reply)
         except NotFound as exc:
             if self.loading():
-                status, reply = 503, {"error_msg": "servable is not available: the server is still loading servables"}
-            else:
-                status, reply = exc.status, {"error_msg": exc.message}
+                return Outcome(503, error=LOADING_MESSAGE)
+            return Outcome(exc.status, error=exc.message)
         except ServingError as exc:
-            status, reply = exc.status, {"error_msg": exc.message}
+            return Outcome(exc.status, error=exc.message)
         except Exception:
-            log.exception("predict %s failed", path)
-            status, reply = 500, {"error_msg": "internal server error, see the server log"}
+            log.exception("predict %s failed", where)
+            return Outcome(500, error=INTERNAL_MESSAGE)
         finally:
             with self._lock:
                 self._active -= 1
-        if status == 503:
-            headers["Retry-After"] = "1"
+
+
+class PredictHandler(Dataplane):
+    """The REST side: answers ``POST /model/...`` bodies with JSON."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
+        self._eligible_in: dict | None = None  # ... for this registry snapshot
+
+    def handle(self, path: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """Answer one predict request: status, JSON body, extra headers. Never raises."""
+
+        def decode(version: LoadedVersion, method: MethodDef) -> list[Any]:
+            instances = parse_instances(body)
+            return [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
+
+        outcome = self.predict(lambda: parse_predict_path(path), decode, build_reply, where=path)
+        status = outcome.status
+        headers = {"Retry-After": "1"} if status == 503 else {}
+        if outcome.error is not None:
+            return status, dumps({"error_msg": outcome.error}), headers
         try:
-            data = dumps(reply)
+            data = dumps(outcome.reply)
         except Exception:  # an output the codec let through but JSON cannot carry
             log.exception("predict %s: the reply cannot be serialized", path)
             status, data = 500, dumps({"error_msg": "internal server error: the reply cannot be encoded as JSON"})
@@ -111,10 +165,3 @@ class PredictHandler:
     def _resolve(self, path: str) -> tuple[LoadedVersion, MethodDef]:
         target = parse_predict_path(path)
         return self.registry.lookup(target.servable, target.version, target.method)
-
-    def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
-        version, method = self._resolve(path)
-        instances = parse_instances(body)
-        decoded = [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
-        results = run_method(version, method, decoded, deadline)
-        return build_reply(method, results)
