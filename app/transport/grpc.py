@@ -122,6 +122,17 @@ class ReadinessHealth(health.HealthServicer):
         self.refresh()
         return super().Check(request, context)
 
+    def shut_down(self) -> None:
+        """NOT_SERVING for good, and end the Watch streams after telling them: an
+        open stream is a call in flight, which would hold the server's stop for its
+        whole drain time. (grpcio's servicer keeps the streams' callbacks in
+        ``_send_response_callbacks``; ``None`` ends a stream with status OK.)"""
+        self.enter_graceful_shutdown()
+        with self._lock:
+            callbacks = [cb for per_service in self._send_response_callbacks.values() for cb in per_service]
+        for callback in callbacks:
+            callback(None)
+
 
 class PredictServicer(pb_grpc.MSServiceServicer):
     """``MSService/Predict`` over a `Dataplane`."""
@@ -245,7 +256,7 @@ class GrpcTransport:
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Health answers NOT_SERVING, new calls are refused, calls in flight get up
         to ``drain_timeout`` seconds."""
-        self.health.enter_graceful_shutdown()
+        self.health.shut_down()
         self.dataplane.draining = True
         self._server.stop(grace=drain_timeout).wait()
 

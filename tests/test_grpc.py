@@ -1,0 +1,338 @@
+"""The gRPC server seen through a raw stub built from the .proto (not `mserve.client`):
+the exact reply structure of PROTOCOL.md section 5, the request checks, health,
+start-up errors, and gRPC beside REST in one process.
+
+The first test runs its own server before the module's shared one starts (pytest runs
+a file's tests in order): it watches readiness go from not loaded to ready to stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from support import ADD_BODY, BUNDLED, write_servable
+
+from mserve import server
+from mserve.protocol import ms_service_pb2 as pb
+from mserve.protocol import ms_service_pb2_grpc as pb_grpc
+from mserve.protocol import regenerate
+
+X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+SLOW_CONFIG = """
+import time
+import numpy as np
+from mserve import register
+
+def wait(x):
+    time.sleep(float(np.asarray(x).reshape(-1)[0]))
+    return x
+
+def same(x):
+    return x
+
+def to_text(x):
+    return "n=" + str(int(np.asarray(x).sum()))
+
+def complex_out(x):
+    return np.asarray(x).astype(np.complex64)
+
+@register.register_method(output_names=["y"])
+def sleep(x):
+    return register.add_stage(wait, x, outputs_count=1)
+
+@register.register_method(output_names=["y", "t"])
+def both(x):
+    y = register.add_stage(same, x, outputs_count=1)
+    t = register.add_stage(to_text, x, outputs_count=1)
+    return y, t
+
+@register.register_method(output_names=["z"])
+def bad_output(x):
+    return register.add_stage(complex_out, x, outputs_count=1)
+"""
+
+
+def tensor(array: np.ndarray) -> pb.Tensor:
+    dtypes = {np.dtype(np.float32): pb.MS_FLOAT32, np.dtype(np.float64): pb.MS_FLOAT64, np.dtype(np.int32): pb.MS_INT32}
+    t = pb.Tensor(dtype=dtypes[array.dtype], data=array.tobytes())
+    t.shape.dims.extend(array.shape)
+    return t
+
+
+def request(name: str, method: str, *instances: dict, version: int = 0) -> pb.PredictRequest:
+    req = pb.PredictRequest()
+    req.servable_spec.name, req.servable_spec.method_name, req.servable_spec.version_number = name, method, version
+    for inst in instances:
+        item = req.instances.add()
+        for key, value in inst.items():
+            item.items[key].CopyFrom(value if isinstance(value, pb.Tensor) else tensor(value))
+    return req
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_follows_readiness_and_stop_closes_grpc():
+    assert not server.registry().servables(), "runs before the module's server (see the module docstring)"
+    try:
+        started = server.start_grpc_server("127.0.0.1:0")
+        channel = grpc.insecure_channel(started.target)
+        # Listening, nothing loaded: /ready would be 503.
+        assert health_status(channel) == NOT_SERVING
+        assert health_status(channel, "mindspore.serving.proto.MSService") == NOT_SERVING
+        updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(updates).status == NOT_SERVING
+        # Predicts meanwhile: a whole-request failure saying why.
+        reply = pb_grpc.MSServiceStub(channel).Predict(request("add", "add_common", {"x1": X, "x2": X}))
+        assert [(e.error_code, e.error_msg) for e in reply.error_msg] == [
+            (2, b"Request servable(add) method(add_common) , servable is not available")
+        ]
+        server.start_servables(server.ServableStartConfig(BUNDLED, "add"))
+        assert server.readiness()[0]
+        assert health_status(channel) == SERVING
+        assert next(updates).status == SERVING  # Watch streams the change
+        with pytest.raises(grpc.RpcError) as unknown:
+            health_status(channel, "no.such.Service")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        server.begin_shutdown()
+        assert health_status(channel) == NOT_SERVING
+        assert next(updates).status == NOT_SERVING
+    finally:
+        server.stop()
+    assert list(updates) == []  # stop ended the Watch stream (it does not hold the drain)
+    with pytest.raises(grpc.RpcError) as closed:
+        pb_grpc.MSServiceStub(channel).Predict(request("add", "add_common", {"x1": X, "x2": X}), timeout=5)
+    assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("servables")
+    write_servable(root, "slow", SLOW_CONFIG, {"1/.keep": b""})
+    try:
+        server.start_servables([server.ServableStartConfig(BUNDLED, "add"), server.ServableStartConfig(root, "slow")])
+        rest = server.start_restful_server("127.0.0.1:0")
+        grpc_server = server.start_grpc_server("127.0.0.1:0")
+        tiny_queue = server.start_grpc_server("127.0.0.1:0", max_enqueued_requests=1)
+        channel = grpc.insecure_channel(grpc_server.target)
+        yield {"rest": rest.url, "stub": pb_grpc.MSServiceStub(channel), "channel": channel,
+               "tiny_queue": tiny_queue.target}
+        channel.close()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(served):
+    return served["stub"]
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    generated = regenerate.generate(tmp_path)
+    for name, data in generated.items():
+        committed = (Path(regenerate.HERE) / name).read_bytes()
+        assert committed == data, f"{name} is stale: run python -m mserve.protocol.regenerate"
+
+
+def test_all_good_reply_structure(stub):
+    req = request("add", "add_common", {"x1": X, "x2": X}, {"x1": X * 2, "x2": X}, version=1)
+    reply = stub.Predict(req)
+    assert reply.servable_spec == req.servable_spec  # echoed, version included
+    assert len(reply.error_msg) == 0
+    assert len(reply.instances) == 2
+    for i, instance in enumerate(reply.instances):
+        y = instance.items["y"]
+        assert list(instance.items) == ["y"] and not instance.output_buffers
+        assert (y.dtype, list(y.shape.dims), y.WhichOneof("tensor_data")) == (pb.MS_FLOAT32, [2, 2], "data")
+        assert y.data == (X * (i + 1) + X).tobytes()
+        assert len(y.bytes_val) == 0
+
+
+def test_scalar_and_str_outputs(stub):
+    reply = stub.Predict(request("slow", "both", {"x": np.array(3.0, np.float32)}))
+    items = reply.instances[0].items
+    assert (items["y"].dtype, list(items["y"].shape.dims), items["y"].data) == (
+        pb.MS_FLOAT32, [], np.float32(3.0).tobytes()
+    )
+    assert (items["t"].dtype, list(items["t"].shape.dims), list(items["t"].bytes_val)) == (pb.MS_STRING, [], [b"n=3"])
+
+
+def test_per_instance_failure_structure(stub):
+    reply = stub.Predict(request("add", "add_common", {"x1": X, "x2": X}, {"x1": X.astype(np.float64), "x2": X},
+                                 {"x1": X, "x2": X}))
+    assert len(reply.instances) == 3 and len(reply.error_msg) == 3
+    assert [e.error_code for e in reply.error_msg] == [0, 2, 0]
+    assert reply.error_msg[0].error_msg == b"" and reply.error_msg[2].error_msg == b""
+    assert reply.error_msg[1].error_msg.decode().startswith(
+        "Given model input 0 data type float64 not match the data type float32"
+    )
+    assert len(reply.instances[1].items) == 0  # the failed instance is an empty Instance
+    assert reply.instances[0].items["y"].data == (X * 2).tobytes()
+
+
+def test_output_the_wire_cannot_carry_fails_that_instance(stub):
+    reply = stub.Predict(request("slow", "bad_output", {"x": X}))
+    assert len(reply.instances) == 0 and len(reply.error_msg) == 1
+    assert reply.error_msg[0].error_code == 3
+    assert b"bad_output output cannot be sent: output dtype complex64 has no MindSpore Serving data type" in (
+        reply.error_msg[0].error_msg
+    )
+
+
+@pytest.mark.parametrize(
+    "servable, method, text",
+    [
+        ("add", "nope", "Request servable(add) method(nope) , method is not available"),
+        ("nope", "add_common", "Request servable(nope) method(add_common) , servable is not available"),
+    ],
+)
+def test_whole_request_failure_structure(stub, servable, method, text):
+    req = request(servable, method, {"x1": X, "x2": X}, {"x1": X, "x2": X})
+    reply = stub.Predict(req)
+    assert reply.servable_spec == req.servable_spec
+    assert len(reply.instances) == 0
+    assert [(e.error_code, e.error_msg.decode()) for e in reply.error_msg] == [(2, text)]
+
+
+def _mutated(change) -> pb.PredictRequest:
+    req = request("add", "add_common", {"x1": X, "x2": X}, {"x1": X, "x2": X})
+    change(req.instances[1].items["x1"], req)
+    return req
+
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        (lambda t, r: setattr(t, "data", b"\0" * 3),
+         "Instances input x1 check failed, detail: Tensor check failed: input data size 3 invalid"),
+        (lambda t, r: setattr(t, "dtype", pb.MS_UNKNOWN),
+         "Instances input x1 check failed, detail: Tensor check failed: input data type proto::MS_UNKNOWN invalid"),
+        (lambda t, r: t.shape.dims.__setitem__(slice(None), [0, 2]),
+         "Instances input x1 check failed, detail: Tensor check failed: input  shape [0, 2] invalid"),
+        (lambda t, r: t.CopyFrom(pb.Tensor(dtype=pb.MS_STRING, bytes_val=[b"a"], shape=pb.TensorShape(dims=[1, 1]))),
+         "Instances input x1 check failed, detail: Instance tensor check failed: bytes or string type input  shape "
+         "can only be (1,) or empty, but given shape is [1, 1]"),
+        (lambda t, r: t.CopyFrom(pb.Tensor(dtype=pb.MS_BYTES, bytes_val=[b"a", b"b"])),
+         "Instances input x1 check failed, detail: Instance tensor check failed: bytes or string type shape batch "
+         "size can only be 1"),
+        (lambda t, r: t.shm_data.CopyFrom(pb.ShmTensorData(memory_key="k", data_size=16)),
+         "Instances input x1 check failed, detail: Tensor check failed: shared-memory tensors"),
+        (lambda t, r: r.instances[1].output_buffers["y"].CopyFrom(pb.ShmTensorData(memory_key="k")),
+         "output_buffers (shared-memory outputs) are not supported by mserve"),
+        (lambda t, r: r.instances[1].items.pop("x2"),
+         "Cannot find input x2 in instance input , servable add, method add_common"),
+        (lambda t, r: r.ClearField("instances"),
+         "Instances count of request cannot be 0, servable: add, method: add_common"),
+    ],
+)
+def test_a_bad_instance_fails_the_whole_request(stub, change, text):
+    reply = stub.Predict(_mutated(change))
+    assert len(reply.instances) == 0 and len(reply.error_msg) == 1
+    assert reply.error_msg[0].error_code == 2
+    assert reply.error_msg[0].error_msg.decode().startswith(text)
+
+
+def test_queue_full_is_a_whole_request_failure(served):
+    stub = pb_grpc.MSServiceStub(grpc.insecure_channel(served["tiny_queue"]))
+    slow = stub.Predict.future(request("slow", "sleep", {"x": np.array([1.0], np.float32)}))
+    deadline = time.monotonic() + 5
+    reply = None
+    while time.monotonic() < deadline:  # until the slow call holds the only place
+        reply = stub.Predict(request("add", "add_common", {"x1": X, "x2": X}))
+        if reply.error_msg:
+            break
+        time.sleep(0.01)
+    assert [(e.error_code, e.error_msg) for e in reply.error_msg] == [(1, b"Serving Error: request queue is full")]
+    assert len(slow.result().instances) == 1
+
+
+def test_rest_and_grpc_side_by_side_with_metrics_log_and_request_id(served, stub, caplog):
+    assert requests.post(served["rest"] + "/model/add:add_common", json=ADD_BODY, timeout=10).status_code == 200
+    with caplog.at_level(logging.INFO, logger="mserve.access"):
+        reply, call = stub.Predict.with_call(
+            request("add", "add_common", {"x1": X, "x2": X}), metadata=(("x-request-id", "grpc-abc-123"),)
+        )
+    assert len(reply.instances) == 1
+    assert ("x-request-id", "grpc-abc-123") in call.trailing_metadata()
+    records = [r for r in caplog.records if r.name == "mserve.access"]
+    assert [(r.http_method, r.path, r.status, r.request_id) for r in records] == [
+        ("gRPC", "/model/add:add_common", 200, "grpc-abc-123")
+    ]
+    metrics = requests.get(served["rest"] + "/metrics", timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith("mserve_requests_total{")
+               and 'servable="add"' in line and 'status="200"' in line]
+    assert counted and float(counted[0].split()[-1]) >= 2  # the REST predict and the gRPC ones
+
+
+# ------------------------------------------------------------------ start-up errors
+
+
+def test_start_errors_are_serving_errors(tmp_path):
+    running = len(server._state.transports)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(RuntimeError, match=rf"^Serving Error: .*address 127.0.0.1:{port}: Address already in use"):
+            server.start_grpc_server(f"127.0.0.1:{port}")
+    finally:
+        taken.close()
+    cases = {
+        "127.0.0.1": "Serving Error: The format of the Serving gRPC address '127.0.0.1' is illegal",
+        "127.0.0.1:": "Serving Error: Missing ip or port of the Serving gRPC address '127.0.0.1:'",
+        "127.0.0.1:http": "Serving Error: The type of Serving gRPC address '127.0.0.1:http' port is not a number",
+        "127.0.0.1:70000": "Serving Error: The port of the Serving gRPC address '127.0.0.1:70000' is out of legal range",
+        "unix:": "Serving Error: Empty grpc server unix domain socket address",
+        f"unix:{tmp_path}/missing/s.sock": f"the directory {tmp_path}/missing of the unix domain socket",
+    }
+    for address, text in cases.items():
+        with pytest.raises(RuntimeError) as raised:
+            server.start_grpc_server(address)
+        assert text in str(raised.value)
+    for size in (0, 513, True, 1.5):
+        with pytest.raises(RuntimeError, match="Parameter 'max_msg_mb_size'"):
+            server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size)
+    ca = trustme.CA()
+    cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    mismatched = server.SSLConfig(str(tmp_path / "server.pem"), str(tmp_path / "other.key"))
+    with pytest.raises(RuntimeError, match=r"^Serving Error: .*the private key does not match the certificate"):
+        server.start_grpc_server("127.0.0.1:0", ssl_config=mismatched)
+    missing = server.SSLConfig(str(tmp_path / "none.pem"), str(tmp_path / "other.key"))
+    with pytest.raises(RuntimeError, match=r"^Serving Error: .*load certificate from .*none.pem failed"):
+        server.start_grpc_server("127.0.0.1:0", ssl_config=missing)
+    with pytest.raises(RuntimeError, match="The type of ssl_config should be type of SSLConfig"):
+        server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"})
+    assert len(server._state.transports) == running  # nothing half-started was left behind
+
+
+def test_relative_unix_socket_path(served, tmp_path, monkeypatch):
+    """``unix:relative.sock`` is relative to the current directory, as in MindSpore."""
+    monkeypatch.chdir(tmp_path)
+    started = server.start_grpc_server("unix:relative.sock")  # stopped with the module's server
+    assert started.target == "unix:relative.sock"
+    assert (tmp_path / "relative.sock").is_socket()
+    channel = grpc.insecure_channel(f"unix:{tmp_path}/relative.sock")
+    assert health_status(channel) == SERVING
+    reply = pb_grpc.MSServiceStub(channel).Predict(request("add", "add_common", {"x1": X, "x2": X}))
+    assert reply.instances[0].items["y"].data == (X * 2).tobytes()
+    channel.close()
