@@ -115,7 +115,7 @@ def test_health_follows_readiness_and_stop_closes_grpc():
         assert next(updates).status == NOT_SERVING
     finally:
         server.stop()
-    assert list(updates) == []  # stop ended the Watch stream (it does not hold the drain)
+    assert {u.status for u in updates} <= {NOT_SERVING}  # and the stream ended: stop did not wait on it
     with pytest.raises(grpc.RpcError) as closed:
         pb_grpc.MSServiceStub(channel).Predict(request("add", "add_common", {"x1": X, "x2": X}), timeout=5)
     assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
