@@ -10,6 +10,8 @@ client code changes only its import line:
 
 * ``Client(address, servable_name, method_name, version_number=0, ssl_config=None)``;
   ``address`` is ``host:port`` or ``unix:PATH``; messages up to 512 MB each way.
+  mserve addition: ``timeout=None`` (seconds per call; a late call is a
+  ``Grpc Error, (4, 'deadline exceeded'), ...``).
 * ``infer(instances)``: a dict or a list/tuple of dicts of numpy arrays, numpy
   scalars, Python bool/int/float, str or bytes. Returns a list with one dict per
   instance (output name -> numpy array, ``str`` or ``bytes``), ``{"error": text}``
@@ -101,6 +103,7 @@ class Client:
         method_name: str,
         version_number: int = 0,
         ssl_config: SSLConfig | None = None,
+        timeout: float | None = None,
     ):
         _check_str("address", address)
         _check_str("servable_name", servable_name)
@@ -110,6 +113,7 @@ class Client:
         self.servable_name = servable_name
         self.method_name = method_name
         self.version_number = version_number
+        self.timeout = timeout  # mserve addition: seconds per call (None: wait as long as it takes)
         options = [
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -133,14 +137,14 @@ class Client:
         """Send ``instances`` and wait for the results (see the module docstring)."""
         request = self._create_request(instances)
         try:
-            return _parse_reply(self.stub.Predict(request))
+            return _parse_reply(self.stub.Predict(request, timeout=self.timeout))
         except grpc.RpcError as error:
             return _call_error(error)
 
     def infer_async(self, instances: dict | list | tuple) -> "ClientGrpcAsyncResult":
         """Send ``instances``; ``.result()`` on the returned object waits for the results."""
         request = self._create_request(instances)
-        return ClientGrpcAsyncResult(self.stub.Predict.future(request))
+        return ClientGrpcAsyncResult(self.stub.Predict.future(request, timeout=self.timeout))
 
     def close(self) -> None:
         """Close the channel (MindSpore's client leaves it to garbage collection)."""

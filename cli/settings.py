@@ -30,6 +30,7 @@ class StartSettings:
     servables: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 5500
+    grpc_port: int | None = None  # also serve MindSpore's gRPC MSService on host:grpc_port
     device_type: str | None = None
     device_ids: list[int] = field(default_factory=lambda: [0])
     max_msg_mb: int = 100
@@ -69,6 +70,10 @@ class StartSettings:
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             fail(f"port {self.port} is out of range (0-65535)")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            fail(f"grpc_port {self.grpc_port} is out of range (0-65535)")
+        if self.grpc_port == 0 and self.workers > 1:
+            fail("--grpc-port 0 cannot be shared by worker processes (each would pick its own port); give a port")
         if not 1 <= self.max_msg_mb <= 512:
             fail(f"max_msg_mb must be from 1 to 512, got {self.max_msg_mb}")
         if self.threads is not None and self.threads < 1:
@@ -104,8 +109,15 @@ class StartSettings:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return f"{self._host()}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str | None:
+        """``host:grpc_port`` for server.start_grpc_server, or None without gRPC."""
+        return None if self.grpc_port is None else f"{self._host()}:{self.grpc_port}"
+
+    def _host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
 
     def restful_options(self) -> dict[str, Any]:
         """Keyword arguments of server.start_restful_server beyond address and TLS."""
@@ -114,6 +126,17 @@ class StartSettings:
             "max_enqueued_requests": self.max_enqueued_requests,
             "request_timeout": self.request_timeout,
             "inline_max_ms": self.inline_max_ms,
+        }
+        if self.threads is not None:
+            options["threads"] = self.threads
+        return options
+
+    def grpc_options(self) -> dict[str, Any]:
+        """Keyword arguments of server.start_grpc_server beyond address and TLS."""
+        options: dict[str, Any] = {
+            "max_msg_mb_size": self.max_msg_mb,
+            "max_enqueued_requests": self.max_enqueued_requests,
+            "request_timeout": self.request_timeout,
         }
         if self.threads is not None:
             options["threads"] = self.threads
@@ -133,7 +156,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads"}
+_OPTIONAL_INTS = {"threads", "grpc_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

@@ -8,9 +8,13 @@ a file's tests in order): it watches readiness go from not loaded to ready to st
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,15 +24,18 @@ import pytest
 import requests
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.testing import CliRunner
 
-from support import ADD_BODY, BUNDLED, write_servable
+from support import ADD_BODY, BUNDLED, free_port, write_servable
 
 from mserve import server
+from mserve.cli.main import app as cli_app
 from mserve.protocol import ms_service_pb2 as pb
 from mserve.protocol import ms_service_pb2_grpc as pb_grpc
 from mserve.protocol import regenerate
 
 X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+runner = CliRunner()
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -336,3 +343,106 @@ def test_relative_unix_socket_path(served, tmp_path, monkeypatch):
     reply = pb_grpc.MSServiceStub(channel).Predict(request("add", "add_common", {"x1": X, "x2": X}))
     assert reply.instances[0].items["y"].data == (X * 2).tobytes()
     channel.close()
+
+
+# ------------------------------------------------------------------ the command line
+
+WHOAMI_CONFIG = """
+import os
+import numpy as np
+from mserve import register
+
+def pid(x):
+    return np.int64(os.getpid())
+
+@register.register_method(output_names=["pid"])
+def who(x):
+    return register.add_stage(pid, x, outputs_count=1)
+"""
+
+
+def _mserve() -> list[str]:
+    mserve = Path(sys.executable).with_name("mserve")
+    return [str(mserve)] if mserve.exists() else [sys.executable, "-m", "mserve.cli"]
+
+
+def _start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path, Path]:
+    out, err = cwd / "start.out", cwd / "start.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([*_mserve(), "start", *args], cwd=cwd, stdout=o, stderr=e, env={**os.environ, "NO_COLOR": "1"})
+    deadline = time.monotonic() + 120
+    while "serving on" not in out.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"mserve start did not come up:\n{err.read_text()}")
+        time.sleep(0.1)
+    return proc, out, err
+
+
+def test_cli_start_grpc_port_from_yaml_and_invoke_over_grpc(tmp_path):
+    grpc_port = free_port()
+    (tmp_path / "serve.yaml").write_text(f"grpc_port: {grpc_port}\nservables: [add]\n")
+    proc, out, err = _start(["-c", "serve.yaml", "--port", str(free_port())], tmp_path)
+    try:
+        banner = out.read_text()
+        assert f"and gRPC 127.0.0.1:{grpc_port}" in banner
+        assert f"gRPC: Client('127.0.0.1:{grpc_port}', SERVABLE, METHOD)" in banner
+        inputs = ["-i", "x1=[[1.0,2.0],[3.0,4.0]]", "-i", "x2=[[5.0,6.0],[7.0,8.0]]"]
+        shown = runner.invoke(cli_app, ["invoke", "add:add_common", *inputs, "--url", f"grpc://127.0.0.1:{grpc_port}"])
+        assert shown.exit_code == 0, shown.output
+        assert "[[6.0, 8.0], [10.0, 12.0]]" in shown.stdout
+        as_json = runner.invoke(
+            cli_app, ["invoke", "add:add_common", *inputs, "-n", "2", "--grpc", "--url", f"127.0.0.1:{grpc_port}", "--json"]
+        )
+        assert as_json.exit_code == 0, as_json.output
+        assert json.loads(as_json.stdout) == {"instances": [{"y": [[6.0, 8.0], [10.0, 12.0]]}] * 2}
+        # JSON integers are int32, as over REST: the float32 model refuses them, whole request.
+        ints = runner.invoke(cli_app, ["invoke", "add:add_common", "-i", "x1=[[1,2],[3,4]]", "-i", "x2=[[1,2],[3,4]]",
+                                       "--url", f"grpc://127.0.0.1:{grpc_port}"])
+        assert ints.exit_code == 2 and "gRPC: Given model input 0 data type int32 not match" in ints.stderr
+        unknown = runner.invoke(cli_app, ["invoke", "add:nope", *inputs, "--url", f"grpc://127.0.0.1:{grpc_port}"])
+        assert unknown.exit_code == 2 and "method is not available" in unknown.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err.read_text()
+    assert "gRPC /model/add:add_common 200" in err.read_text()
+
+
+def test_cli_workers_all_serve_grpc_on_one_port(tmp_path):
+    write_servable(tmp_path, "whoami", WHOAMI_CONFIG, {"1/.keep": b""})
+    grpc_port = free_port()
+    proc, out, err = _start(
+        [str(tmp_path), "--port", str(free_port()), "--grpc-port", str(grpc_port), "--workers", "2"], tmp_path
+    )
+    try:
+        pids = set()
+        for _ in range(40):  # new connections; the kernel spreads them over the two listeners
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            reply = pb_grpc.MSServiceStub(channel).Predict(request("whoami", "who", {"x": X}), timeout=30)
+            pids.add(int(np.frombuffer(reply.instances[0].items["pid"].data, np.int64)[0]))
+            channel.close()
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+        assert proc.pid not in pids
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, err.read_text()
+
+
+def test_cli_grpc_port_errors(tmp_path):
+    result = runner.invoke(cli_app, ["start", "--grpc-port", "0", "--workers", "2"])
+    assert result.exit_code == 2 and "--grpc-port 0 cannot be shared by worker processes" in result.stderr
+    result = runner.invoke(cli_app, ["start", "--grpc-port", "70000"])
+    assert result.exit_code == 2 and "grpc_port 70000 is out of range" in result.stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:  # a subprocess: a start that fails stops the whole server API, this module's server too
+        done = subprocess.run(
+            [*_mserve(), "start", "--servable", "add", "--port", "0", "--grpc-port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 1 and "Serving Error: Serving gRPC server start failed" in done.stderr, done.stderr
