@@ -132,14 +132,10 @@ class StartSettings:
         return options
 
     def grpc_options(self) -> dict[str, Any]:
-        """Keyword arguments of server.start_grpc_server beyond address and TLS."""
-        options: dict[str, Any] = {
-            "max_msg_mb_size": self.max_msg_mb,
-            "max_enqueued_requests": self.max_enqueued_requests,
-            "request_timeout": self.request_timeout,
-        }
-        if self.threads is not None:
-            options["threads"] = self.threads
+        """Keyword arguments of server.start_grpc_server beyond address and TLS: the
+        REST server's, less what only Waitress has (inline predicts)."""
+        options = self.restful_options()
+        del options["inline_max_ms"]
         return options
 
     def ssl_config(self) -> Any:

@@ -39,7 +39,7 @@ Reply = TypeVar("Reply")
 # fails the whole request.
 Decoder = Callable[[LoadedVersion, MethodDef], Sequence[Sequence[Any] | InstanceError]]
 # A transport's reply builder: per-instance results -> (status, reply).
-Builder = Callable[[MethodDef, Sequence[Any]], "tuple[int, Reply]"]
+Builder = Callable[[MethodDef, Sequence[Any]], tuple[int, Reply]]
 
 LOADING_MESSAGE = "servable is not available: the server is still loading servables"
 INTERNAL_MESSAGE = "internal server error, see the server log"
