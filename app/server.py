@@ -8,7 +8,9 @@
     server.stop()
 
 ``start_*`` return once the servables are loaded and warm, and the socket listens;
-the server runs in background threads until `stop`.
+the server runs in background threads until `stop`. Every listener, REST or gRPC,
+is in ``_state.transports`` (each with ``stop(drain_timeout)``), so what keeps a
+process serving after its start script returns, and `stop`, cover both alike.
 
 mserve additions (operability):
 
