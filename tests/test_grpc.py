@@ -314,6 +314,17 @@ def test_start_errors_are_serving_errors(tmp_path):
         with pytest.raises(RuntimeError) as raised:
             server.start_grpc_server(address)
         assert text in str(raised.value)
+    (tmp_path / "file.sock").write_text("not a socket")
+    with pytest.raises(RuntimeError, match=r"^Serving Error: .*file.sock of address .* is not a socket"):
+        server.start_grpc_server(f"unix:{tmp_path}/file.sock")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen()
+    try:  # grpcio would silently take the path over from the server listening there
+        with pytest.raises(RuntimeError, match=r"^Serving Error: .*live.sock' is in use: a server answers on"):
+            server.start_grpc_server(f"unix:{tmp_path}/live.sock")
+    finally:
+        live.close()
     for size in (0, 513, True, 1.5):
         with pytest.raises(RuntimeError, match="Parameter 'max_msg_mb_size'"):
             server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size)
@@ -335,6 +346,9 @@ def test_start_errors_are_serving_errors(tmp_path):
 def test_relative_unix_socket_path(served, tmp_path, monkeypatch):
     """``unix:relative.sock`` is relative to the current directory, as in MindSpore."""
     monkeypatch.chdir(tmp_path)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind("relative.sock")  # left behind by a server that is gone: replaced
+    stale.close()
     started = server.start_grpc_server("unix:relative.sock")  # stopped with the module's server
     assert started.target == "unix:relative.sock"
     assert (tmp_path / "relative.sock").is_socket()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import time
 from concurrent import futures
 from typing import Any, Callable
@@ -60,6 +61,7 @@ def check_address(address: str) -> None:
                 f"Serving Error: {_TAG} server start failed, the directory {directory} of the unix domain socket "
                 f"address '{address}' does not exist"
             )
+        _check_unix_path_free(path, address)
         return
     position = address.rfind(":")
     if position < 0:
@@ -73,6 +75,26 @@ def check_address(address: str) -> None:
         raise RuntimeError(
             f"Serving Error: The port of the {_TAG} address '{address}' is out of legal range [1 ~ 65535]"
         )
+
+
+def _check_unix_path_free(path: str, address: str) -> None:
+    """grpcio replaces whatever is at a unix socket's path: refuse a path that is not a
+    socket, or a socket some server still answers on (a stale one may be replaced)."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise RuntimeError(f"Serving Error: {_TAG} server start failed, {path} of address '{address}' is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens: a socket left behind by a process that is gone
+    finally:
+        probe.close()
+    raise RuntimeError(
+        f"Serving Error: {_TAG} server start failed, address '{address}' is in use: a server answers on {path}"
+    )
 
 
 def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
