@@ -1,6 +1,6 @@
 """gRPC throughput and latency: the add servable over MindSpore Serving's MSService/Predict.
 
-    flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_grpc.py [--seconds 5] [--mindspore]
+    flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_grpc.py [--seconds 5] [--mindspore] [--bare]
 
 Starts `mserve start --grpc-port` (1 worker, and ``--workers N``) and, with
 ``--mindspore``, MindSpore Serving 2.0.2's own add example (the anchor in
@@ -15,6 +15,9 @@ so its own TCP connection (as ``wrk -cC``), and sends the same pre-serialized
 reply is checked: the first one of each caller is parsed and its ``y`` compared with
 the expected sum, later ones must be byte-identical to it. The load generator
 shares the CPUs with the servers: compare rows of one run, not runs of different days.
+Each row also gives the CPU time the server's processes used per call, steadier than
+req/s on a busy machine; ``--bare`` adds grpcio's Python server answering a constant
+reply, the floor under any Python gRPC server.
 """
 
 from __future__ import annotations
@@ -151,6 +154,69 @@ def drive(target: str, concurrency: int, seconds: float, clients: int) -> dict[s
 # ------------------------------------------------------------------ servers
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return total
+
+
+BARE_SERVER = """
+import signal, sys
+from concurrent import futures
+import grpc
+reply = bytes.fromhex(sys.argv[2])
+handler = grpc.method_handlers_generic_handler(
+    "mindspore.serving.proto.MSService", {"Predict": grpc.unary_unary_rpc_method_handler(lambda request, context: reply)})
+server = grpc.server(futures.ThreadPoolExecutor(16))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[1])
+server.start()
+print("serving on", flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+"""
+
+
+class BareGrpcServer:
+    """grpcio's Python server answering a constant reply: the floor of any Python gRPC server."""
+
+    name = "bare grpcio, constant reply"
+
+    def __init__(self):
+        from mserve.protocol import ms_service_pb2 as pb
+
+        reply = pb.PredictReply()
+        reply.servable_spec.name, reply.servable_spec.method_name = "add", "add_common"
+        y = reply.instances.add().items["y"]
+        y.dtype = pb.MS_FLOAT32
+        y.shape.dims.extend(X.shape)
+        y.data = (X + X).tobytes()
+        self.target = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", BARE_SERVER, self.target, reply.SerializeToString().hex()],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
 class MserveServer:
     """`mserve start --servable add --grpc-port P [--workers N]`, quiet."""
 
@@ -173,6 +239,7 @@ class MserveServer:
         else:
             self.log.seek(0)
             raise RuntimeError(f"mserve start failed: {self.log.read().decode()[-2000:]}")
+        self.pid = self.proc.pid  # with --workers, the workers are its children
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -188,6 +255,8 @@ class MindSporeServer:
         self.target = f"127.0.0.1:{free_port()}"
         self.env = dict(os.environ, MSS_GRPC_ADDR=self.target, MSS_RESTFUL_ADDR=f"127.0.0.1:{free_port()}")
         subprocess.run(["bash", str(ANCHOR / "start_add.sh")], env=self.env, check=True, capture_output=True)
+        pidfile = Path(os.environ.get("MSS_ROOT", Path(tempfile.gettempdir()) / "msserving")) / "server.pid"
+        self.pid = int(pidfile.read_text())  # the master; its worker process is its child
 
     def stop(self) -> None:
         subprocess.run(["bash", str(ANCHOR / "stop_add.sh")], env=self.env, capture_output=True)
@@ -200,6 +269,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="mserve worker processes for the second server")
     parser.add_argument("--clients", type=int, default=2, help="load generator processes (at most the concurrency)")
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving 2.0.2 (the anchor)")
+    parser.add_argument("--bare", action="store_true", help="also measure a bare grpcio server (constant reply)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -210,10 +280,16 @@ def main() -> None:
         servers.append(MserveServer(1))
         if args.workers > 1:
             servers.append(MserveServer(args.workers))
+        if args.bare:
+            servers.append(BareGrpcServer())
         rows = []
         for c in levels:
             for s in servers:
-                rows.append((s.name, c, drive(s.target, c, args.seconds, args.clients)))
+                used = tree_cpu(s.pid)
+                result = drive(s.target, c, args.seconds, args.clients)
+                calls = result["rps"] * (args.seconds + WARMUP)  # the warm-up's calls used CPU too
+                result["cpu_us"] = (tree_cpu(s.pid) - used) / calls * 1e6 if calls else float("nan")
+                rows.append((s.name, c, result))
     finally:
         for s in servers:
             s.stop()
@@ -221,9 +297,12 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"python {platform.python_version()}; load generator: {args.clients} processes of grpc.aio callers "
           f"(one channel each), {args.seconds:g}s per row after {WARMUP:g}s warm-up")
-    print(f"{'server':<28} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print("server CPU: CPU time of the server's processes per call (approximate: warm-up calls counted at the"
+          " measured rate)")
+    print(f"{'server':<28} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>11} {'errors':>6}")
     for name, c, r in rows:
-        print(f"{name:<28} {c:>4} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
+        print(f"{name:<28} {c:>4} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['cpu_us']:>11.0f}"
+              f" {r['errors']:>6}")
     if args.mindspore:
         print("\nmserve / MindSpore Serving (req/s):")
         anchor = {c: r["rps"] for name, c, r in rows if name == MindSporeServer.name}
