@@ -262,6 +262,41 @@ class MindSporeServer:
         subprocess.run(["bash", str(ANCHOR / "stop_add.sh")], env=self.env, capture_output=True)
 
 
+class _Context:
+    """The few ServicerContext calls Predict makes, for timing the handler alone."""
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        pass
+
+    def peer(self) -> str:
+        return "in-process"
+
+
+def handler_cpu(calls: int = 20000) -> float:
+    """CPU µs per add call through mserve's servicer in this process, without grpcio:
+    parse the request, Predict (decode, pipeline, JAX call, reply), serialize."""
+    from mserve import server
+    from mserve.protocol import ms_service_pb2 as pb
+    from mserve.serving.dataplane import Dataplane
+    from mserve.serving.reload import RequestEpochs
+    from mserve.transport.grpc import PredictServicer
+
+    server.start_servables(server.ServableStartConfig(REPO / "servables", "add"))
+    try:
+        servicer, context, raw = PredictServicer(Dataplane(server.registry()), RequestEpochs()), _Context(), add_request()
+        for i in range(calls // 10 + calls):
+            if i == calls // 10:
+                started = time.thread_time()
+            reply = servicer.Predict(pb.PredictRequest.FromString(raw), context).SerializeToString()
+        assert reply_ok(reply)
+        return (time.thread_time() - started) / calls * 1e6
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row")
@@ -303,6 +338,8 @@ def main() -> None:
     for name, c, r in rows:
         print(f"{name:<28} {c:>4} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['cpu_us']:>11.0f}"
               f" {r['errors']:>6}")
+    # Last: it loads JAX into this process, which must not fork load generators after it.
+    print(f"\nmserve's Predict handler alone, in-process (no grpcio): {handler_cpu():.0f} µs CPU per call")
     if args.mindspore:
         print("\nmserve / MindSpore Serving (req/s):")
         anchor = {c: r["rps"] for name, c, r in rows if name == MindSporeServer.name}
