@@ -42,13 +42,14 @@ from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
 from .transport.wsgi import create_app
 from .transport.inline import InlinePolicy
-from .serving.dataplane import Dataplane, PredictHandler
+from .serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from .serving.compile_cache import enable_compile_cache
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
 )
-from .transport.http import WaitressTransport, bind_socket, parse_address
+from .transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
+from .transport.memory import limit_arenas
 
 log = logging.getLogger("mserve.server")
 
@@ -59,7 +60,9 @@ class ServableStartConfig:
 
     ``version_number=0`` loads the newest version folder; a number loads that one; a
     list loads several. ``device_ids`` picks devices of ``device_type`` (``"cpu"``,
-    ``"gpu"``, or a backend plugin's type; ``None``: JAX's default device kind).
+    ``"gpu"``, ``"ascend"``: any type an installed backend runs on; ``None``: each
+    model's backend picks its default). A model that declares a sharding is one
+    instance spanning all of them.
     """
 
     servable_directory: str | os.PathLike
@@ -162,23 +165,16 @@ def _refresh_ready() -> None:
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
-    """JAX devices for ``device_type``; other types go to their backend as (type, id)."""
-    kind = (device_type or "").lower()
-    if kind in ("", "none", "cpu", "gpu", "cuda"):
-        import jax
+    """Devices (type, id) for the backends; the type must be one that an installed
+    backend runs on (else the error names what to install). ``None`` lets each
+    model's backend pick its default type; ids are checked by the backend at load."""
+    from .backends import BackendError, Device, check_device_type
 
-        platform = {"": None, "none": None, "cuda": "gpu"}.get(kind, kind)
-        try:
-            devices = jax.devices(platform)
-        except RuntimeError as exc:
-            raise ServableLoadError(f"device_type {device_type!r} is not available here: {exc}") from None
-        missing = [i for i in device_ids if not 0 <= i < len(devices)]
-        if missing:
-            raise ServableLoadError(
-                f"device_ids {missing} do not exist: {len(devices)} {devices[0].platform} device(s) present"
-            )
-        return [devices[i] for i in device_ids]
-    return [(kind, i) for i in device_ids]
+    try:
+        kind = check_device_type(device_type)
+    except BackendError as exc:
+        raise ServableLoadError(str(exc)) from None
+    return [Device(kind, i) for i in device_ids]
 
 
 def start_servables(
@@ -196,12 +192,20 @@ def start_servables(
     configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
-    enable_compile_cache()
-    from .backends.jax_runtime import prefer_sync_cpu_dispatch
-
-    prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    # "Loading" from the first moment: importing JAX alone takes seconds, and a server
+    # already listening must answer 503 (not 404) meanwhile.
     with _state.lock:
         _state.loading += 1
+    try:
+        enable_compile_cache()
+        from .backends.jax_runtime import prefer_sync_cpu_dispatch
+
+        prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    except BaseException:
+        with _state.lock:
+            _state.loading -= 1
+        raise
+    with _state.lock:
         _refresh_ready()
         try:
             for config in configs:
@@ -253,7 +257,7 @@ def _load_version(entry: _Loaded, number: int) -> LoadedVersion:
     try:
         loaded = load_version(
             entry.servable.directory, entry.servable.definition, number, entry.devices, batching,
-            config.num_parallel_workers,
+            config.num_parallel_workers, config.dec_key, config.dec_mode,
         )
     except BaseException:
         metrics.VERSION_LOADS.labels(name, "failed").inc()
@@ -340,6 +344,12 @@ def start_restful_server(
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
     inline_max_ms: float = 1.0,
+    max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
+    max_connections: int | None = None,
+    idle_timeout: float = 60.0,
+    header_timeout: float = 30.0,
+    handshake_timeout: float = 10.0,
+    max_header_kb: int = 64,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -351,18 +361,30 @@ def start_restful_server(
     processes share one this way, evened out by ``balance``; plain HTTP only), and
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
-    each (see `mserve.transport.inline`; plain HTTP only; 0 turns it off).
+    each (see `mserve.transport.inline`; 0 turns it off).
+
+    Limits on what clients may hold (README, "Limits and hostile clients"):
+    ``max_instances_per_request`` (413 beyond), ``max_connections`` (the longest-idle
+    connections are closed to make room; None: 10,000 or what the descriptor limit
+    allows), ``idle_timeout``, ``header_timeout``, ``handshake_timeout`` (seconds),
+    ``max_header_kb`` (request line and headers; 431 beyond).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
+    if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
+        raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    limits = ConnectionLimits(max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb * 1024)
+    limits.check()
     handler = PredictHandler(
-        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
+        max_instances=max_instances_per_request,
     )
     if inline_max_ms < 0:
         raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
-    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
+    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
+    limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
         from .transport.https import build_ssl_context
@@ -375,10 +397,14 @@ def start_restful_server(
             if ssl_config is not None:
                 from .transport.https import TlsTransport
 
-                transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
+                transport: Any = TlsTransport(
+                    app, sock, ssl_config, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
+                )
             else:
                 transport = WaitressTransport(
-                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline
+                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
                 )
             transport.start()
         except BaseException:
@@ -399,6 +425,7 @@ def start_grpc_server(
     max_enqueued_requests: int = 10000,
     request_timeout: float = 100.0,
     reuse_port: bool = False,
+    max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -408,9 +435,9 @@ def start_grpc_server(
     Error: ...")`` when it cannot start (bad address, port in use, bad key).
 
     mserve additions: port 0 picks a free port (``.port``/``.target`` on the returned
-    server), ``threads`` (calls served at once), ``max_enqueued_requests`` and
-    ``request_timeout`` as for `start_restful_server`, and ``reuse_port`` (worker
-    processes sharing one port).
+    server), ``threads`` (calls served at once), ``max_enqueued_requests``,
+    ``request_timeout`` and ``max_instances_per_request`` as for
+    `start_restful_server`, and ``reuse_port`` (worker processes sharing one port).
     """
     from .transport.grpc import GrpcTransport
 
@@ -420,7 +447,12 @@ def start_grpc_server(
         raise RuntimeError("Parameter 'max_msg_mb_size' should be in range [1,512]")
     if ssl_config is not None and not isinstance(ssl_config, SSLConfig):
         raise RuntimeError("The type of ssl_config should be type of SSLConfig")
-    dataplane = Dataplane(_state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0)
+    if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
+        raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    dataplane = Dataplane(
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
+        max_instances=max_instances_per_request,
+    )
     with _state.lock:
         transport = GrpcTransport(
             dataplane, address, _state.readiness, _state.epochs, max_msg_mb_size, ssl_config, threads, reuse_port
@@ -430,6 +462,29 @@ def start_grpc_server(
         _state.transports.append(transport)
         _state.ready_listeners.append(transport.refresh_health)
     return transport
+
+
+def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
+    """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
+    (mserve addition): probes that need no client certificate when the RESTful server
+    requires one (mutual TLS), and nothing else (no predicts, no metadata). Bind it to
+    127.0.0.1 unless the probes come from outside (a kubelet's ``httpGet``). Stopped by
+    `stop` with the rest; call it before `start_servables` to answer while loading."""
+    from .ops.endpoints import create_probe_app
+
+    host, port = parse_address(address)
+    with _state.lock:
+        sock = bind_socket(host, port)
+        try:
+            transport = WaitressTransport(create_probe_app(_state), sock, threads=threads, max_body_bytes=1 << 16)
+            transport.start()
+        except BaseException:
+            sock.close()
+            raise
+        _state.transports.append(transport)
+    probes = RestfulServer(transport, host)
+    log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
+    return probes
 
 
 def begin_shutdown() -> None:

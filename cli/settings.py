@@ -50,6 +50,15 @@ class StartSettings:
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
+    health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
+    health_host: str = "127.0.0.1"
+    # What clients may hold (README, "Limits and hostile clients").
+    max_instances: int = 10000  # instances per request; more: 413
+    max_connections: int | None = None  # None: 10,000 or what the descriptor limit allows
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_header_kb: int = 64
 
     # ------------------------------------------------------------------ building
 
@@ -72,6 +81,8 @@ class StartSettings:
             fail(f"port {self.port} is out of range (0-65535)")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
             fail(f"grpc_port {self.grpc_port} is out of range (0-65535)")
+        if self.grpc_port and self.grpc_port in (self.port, self.health_port):
+            fail(f"--grpc-port {self.grpc_port} is already the REST or health port; pick another one")
         if self.grpc_port == 0 and self.workers > 1:
             fail("--grpc-port 0 cannot be shared by worker processes (each would pick its own port); give a port")
         if not 1 <= self.max_msg_mb <= 512:
@@ -96,6 +107,15 @@ class StartSettings:
             fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
             fail(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_instances < 1:
+            fail(f"max_instances must be at least 1, got {self.max_instances}")
+        if self.max_connections is not None and self.max_connections < 1:
+            fail(f"max_connections must be at least 1, got {self.max_connections}")
+        for name in ("idle_timeout", "header_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_kb < 1:
+            fail(f"max_header_kb must be at least 1, got {self.max_header_kb}")
         if self.drain_timeout < 0:
             fail(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -104,6 +124,13 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                fail(f"health_port {self.health_port} is out of range (0-65535)")
+            if self.health_port and self.health_port == self.port and self.health_host == self.host:
+                fail(f"--health-port {self.health_port} is the serving port; pick another one")
+            if self.workers > 1:
+                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -126,17 +153,23 @@ class StartSettings:
             "max_enqueued_requests": self.max_enqueued_requests,
             "request_timeout": self.request_timeout,
             "inline_max_ms": self.inline_max_ms,
+            "max_instances_per_request": self.max_instances,
+            "idle_timeout": self.idle_timeout,
+            "header_timeout": self.header_timeout,
+            "handshake_timeout": self.handshake_timeout,
+            "max_header_kb": self.max_header_kb,
         }
         if self.threads is not None:
             options["threads"] = self.threads
+        if self.max_connections is not None:
+            options["max_connections"] = self.max_connections
         return options
 
     def grpc_options(self) -> dict[str, Any]:
-        """Keyword arguments of server.start_grpc_server beyond address and TLS: the
-        REST server's, less what only Waitress has (inline predicts)."""
-        options = self.restful_options()
-        del options["inline_max_ms"]
-        return options
+        """Keyword arguments of server.start_grpc_server beyond address and TLS (the
+        HTTP connection settings, inline predicts included, are REST's alone)."""
+        keys = ("max_msg_mb_size", "max_enqueued_requests", "request_timeout", "max_instances_per_request", "threads")
+        return {k: v for k, v in self.restful_options().items() if k in keys}
 
     def ssl_config(self) -> Any:
         if not self.ssl_certfile:
@@ -152,7 +185,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "grpc_port"}
+_OPTIONAL_INTS = {"threads", "health_port", "max_connections", "grpc_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

@@ -47,6 +47,11 @@ def describe_method(version: LoadedVersion, method: MethodDef) -> dict[str, Any]
     }
 
 
+def _devices(runtime: Any) -> list[Any]:
+    """The devices one model instance runs on (a sharded one: several)."""
+    return list(getattr(runtime, "devices", None) or [getattr(runtime, "device", "?")])
+
+
 def describe_version(version: LoadedVersion) -> dict[str, Any]:
     return {
         "version": version.version,
@@ -57,11 +62,14 @@ def describe_version(version: LoadedVersion) -> dict[str, Any]:
                 "format": stage.model.model_format,
                 "with_batch_dim": stage.model.with_batch_dim,
                 "max_batch_size": stage.max_batch_size,
-                "devices": len(stage.runtimes),
+                "backend": version.backends.get(index, ("?", "?"))[0],
+                "device_type": version.backends.get(index, ("?", "?"))[1],
+                "devices": sum(len(_devices(r)) for r in stage.runtimes),
+                "instances": [[str(d) for d in _devices(r)] for r in stage.runtimes],
                 "inputs": [s.describe() for s in stage.inputs],
                 "outputs": [s.describe() for s in stage.outputs],
             }
-            for stage in version.stages.values()
+            for index, stage in version.stages.items()
         ],
     }
 

@@ -9,6 +9,9 @@ is written once. Rules and error texts follow PROTOCOL.md sections 2 and 3:
   (bytes arrive in stages as a 1-D uint8 array).
 * Results: numpy arrays -> nested lists / scalars, float32 and float16 printed as the
   shortest decimal that round-trips in their own precision, ``bytes`` -> ``{"b64"}``.
+  NaN and infinities have no JSON form (orjson, like MindSpore Serving's JSON library,
+  would print ``null``, which a client cannot tell from a missing value): an output
+  holding one is an `OutputError` naming where, so that instance fails visibly.
 """
 
 from __future__ import annotations
@@ -253,6 +256,8 @@ def encode_value(value: Any) -> Any:
         return {"b64": pybase64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         raise OutputError(f"output integer {value} does not fit in 64 bits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OutputError(f"output value {value!r} has no JSON form (NaN and infinities cannot be sent)")
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
@@ -269,6 +274,8 @@ def _encode_array(array: np.ndarray) -> Any:
             item = array.reshape(()).item()
             return item if isinstance(item, str) else {"b64": pybase64.b64encode(item).decode("ascii")}
         raise OutputError(f"output dtype {array.dtype} cannot be encoded as JSON")
+    if kind == "f":
+        _check_finite(array)
     if array.dtype == np.float16:
         # orjson prints float16 through float32 (0.1 -> 0.099975586); go through
         # numpy's shortest float16 repr so the client sees what the model meant.
@@ -280,6 +287,16 @@ def _encode_array(array: np.ndarray) -> Any:
     if not array.flags.c_contiguous or array.dtype.byteorder == ">":
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     return array
+
+
+def _check_finite(array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = np.argwhere(~finite)[0].tolist() if array.ndim else []
+        value = array[tuple(where)] if array.ndim else array[()]
+        raise OutputError(
+            f"output value {float(value)!r} at index {where} has no JSON form (NaN and infinities cannot be sent)"
+        )
 
 
 def dumps(obj: Any) -> bytes:

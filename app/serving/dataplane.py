@@ -4,10 +4,10 @@
     pipeline before the deadline -> build the reply
 
 `Dataplane` is that path without a wire format: admission (``max_enqueued_requests``,
-draining, servables still loading), the servable/version/method lookup, the
-deadline, `run_method`, and the mapping of failures to a status and message. REST
-(`PredictHandler`, JSON) and gRPC (`mserve.transport.grpc`, protobuf) each bring a
-decoder and a reply builder, so both transports share every rule.
+draining, servables still loading), the servable/version/method lookup, the instance
+limit, the deadline, `run_method`, and the mapping of failures to a status and
+message. REST (`PredictHandler`, JSON) and gRPC (`mserve.transport.grpc`, protobuf)
+each bring a decoder and a reply builder, so both transports share every rule.
 
 Request-level failures (URL, JSON, unknown servable) answer ``{"error_msg"}``;
 instance-level failures (a bad value, a stage that raised) answer ``error_msg`` in
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from ..errors import InstanceError, NotFound, ServingError
+from ..errors import InstanceError, NotFound, PayloadTooLarge, ServingError
 from ..protocol.codec import dumps
 from ..protocol.rest import build_reply, decode_instance, parse_instances
 from ..protocol.urls import PredictTarget, parse_predict_path
@@ -32,6 +32,10 @@ from .pipeline import run_method
 from .servable import LoadedVersion, ServableRegistry
 
 log = logging.getLogger("mserve.serving.dataplane")
+
+# MindSpore Serving has no cap on instances per request; 100,000 small instances
+# (5.6 MB of JSON) cost about 500 MB to decode and run.
+DEFAULT_MAX_INSTANCES = 10000
 
 Reply = TypeVar("Reply")
 # A transport's decoder: the request's instances, decoded for this version's method
@@ -57,12 +61,14 @@ class Outcome(Generic[Reply]):
 
 
 class Dataplane:
-    """Admission, lookup, deadline, pipeline and error mapping for one transport.
+    """Admission, lookup, limits, deadline, pipeline and error mapping for one transport.
 
-    ``max_enqueued_requests`` bounds the requests inside at once (more are refused
-    with 503); ``request_timeout`` (seconds) bounds each one (the instances that miss
-    it get ``Time out``; 504 when none finished); ``loading`` says whether servables
-    are still loading (then an unknown servable is a 503, not a 404).
+    ``max_enqueued_requests`` bounds the requests inside the server at once, those
+    still waiting for a thread included (`should_shed`; more are refused with 503);
+    ``request_timeout`` (seconds) bounds each one (instances that miss it get ``Time
+    out``; 504); ``max_instances`` bounds the instances of one request (413 beyond);
+    ``loading`` says whether servables are still loading (then an unknown servable is
+    a 503, not a 404).
     """
 
     def __init__(
@@ -71,11 +77,13 @@ class Dataplane:
         max_enqueued_requests: int = 10000,
         request_timeout: float = 100.0,
         loading: Callable[[], bool] = lambda: False,
+        max_instances: int = DEFAULT_MAX_INSTANCES,
     ):
         self.registry = registry
-        self.loading = loading
+        self.loading = loading  # servables still loading: a 404 may only mean "not yet"
         self.max_enqueued_requests = max_enqueued_requests
         self.request_timeout = request_timeout
+        self.max_instances = max_instances
         self._active = 0
         self._lock = threading.Lock()
         self.draining = False
@@ -83,6 +91,31 @@ class Dataplane:
     @property
     def active(self) -> int:
         return self._active
+
+    def should_shed(self, queued: int) -> bool:
+        """Whether a request arriving now is over capacity: ``queued`` requests wait
+        for a thread in the transport, on top of those inside the handler (running,
+        or past their deadline but still in a stage). The transport answers those
+        with a 503 at once instead of queueing them."""
+        return self.draining or queued + self._active >= self.max_enqueued_requests
+
+    def shed_reason(self) -> str:
+        """Why a request over capacity is refused (MindSpore Serving's wording, then ours)."""
+        if self.draining:
+            return "server is shutting down"
+        return (
+            f"Serving Error: enqueued requests count exceeds the limit {self.max_enqueued_requests} "
+            "(the request queue is full, retry later)"
+        )
+
+    def check_instance_count(self, count: int) -> None:
+        """A request may carry at most ``max_instances`` instances: every instance
+        costs decoding, numpy objects and reply space, well beyond its bytes."""
+        if count > self.max_instances:
+            raise PayloadTooLarge(
+                f"the request has {count} instances, more than the limit {self.max_instances} "
+                "(max_instances_per_request): split it into smaller requests"
+            )
 
     def predict(
         self, target: Callable[[], PredictTarget], decode: Decoder, build: Builder[Reply], where: str = ""
@@ -94,8 +127,7 @@ class Dataplane:
             if admitted:
                 self._active += 1
         if not admitted:
-            reason = "server is shutting down" if self.draining else "Serving Error: request queue is full"
-            return Outcome(503, error=reason)
+            return Outcome(503, error=self.shed_reason())
         deadline = time.monotonic() + self.request_timeout
         try:
             named = target()
@@ -109,7 +141,7 @@ class Dataplane:
             return Outcome(exc.status, error=exc.message)
         except ServingError as exc:
             return Outcome(exc.status, error=exc.message)
-        except Exception:
+        except BaseException:  # noqa: BLE001 - whatever happens, the client gets a reply
             log.exception("predict %s failed", where)
             return Outcome(500, error=INTERNAL_MESSAGE)
         finally:
@@ -118,18 +150,29 @@ class Dataplane:
 
 
 class PredictHandler(Dataplane):
-    """The REST side: answers ``POST /model/...`` bodies with JSON."""
+    """The REST side: answers ``POST /model/...`` bodies with JSON. The reply leaves
+    at the deadline whatever a stage is still doing (the transport sends
+    `deadline_reply`, see `mserve.transport.wsgi.DeadlineWatch`; 504 ``Time out``)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
         self._eligible_in: dict | None = None  # ... for this registry snapshot
 
+    def shed_reply(self) -> tuple[int, bytes, dict[str, str]]:
+        """The fast 503 for a request over capacity."""
+        return 503, dumps({"error_msg": self.shed_reason()}), {"Retry-After": "1"}
+
+    def deadline_reply(self) -> tuple[int, bytes, dict[str, str]]:
+        """What a client gets when its request is still running at the deadline."""
+        return 504, dumps({"error_msg": "Time out"}), {}
+
     def handle(self, path: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
         """Answer one predict request: status, JSON body, extra headers. Never raises."""
 
         def decode(version: LoadedVersion, method: MethodDef) -> list[Any]:
             instances = parse_instances(body)
+            self.check_instance_count(len(instances))
             return [decode_instance(inst, i, method, version.name) for i, inst in enumerate(instances)]
 
         outcome = self.predict(lambda: parse_predict_path(path), decode, build_reply, where=path)

@@ -179,6 +179,10 @@ class PredictServicer(pb_grpc.MSServiceServicer):
             version = f"/version/{spec.version_number}" if spec.version_number else ""
             path = f"/model/{spec.name}{version}:{spec.method_name}"
 
+            def decode(version: Any, method: Any) -> list[list[Any]]:
+                self.dataplane.check_instance_count(len(request.instances))
+                return grpc_codec.decode_instances(request, method, version.name)
+
             def build(method: Any, results: Any) -> tuple[int, Any]:
                 return grpc_codec.build_reply(reply, method, results), reply
 
@@ -186,7 +190,7 @@ class PredictServicer(pb_grpc.MSServiceServicer):
             try:
                 outcome = self.dataplane.predict(
                     lambda: PredictTarget(spec.name, spec.version_number, spec.method_name),
-                    lambda version, method: grpc_codec.decode_instances(request, method, version.name),
+                    decode,
                     build,
                     where=f"gRPC {path}",
                 )
