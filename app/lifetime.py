@@ -17,10 +17,18 @@ the script itself is still running, a signal also does what it would have done
 without mserve (SIGINT raises KeyboardInterrupt, SIGTERM exits with status 0
 after the graceful stop); once the script has returned, it only stops the server.
 A second signal during the stop acts as Python's default (exits at once).
+
+The wait happens before the interpreter winds down its thread pools: once the main
+thread ends, Python runs the exit hooks of ``concurrent.futures`` (which refuse new
+work to every ThreadPoolExecutor, grpcio's server pool included) before it joins
+non-daemon threads. A plain non-daemon waiter would keep the process alive with a
+gRPC server that can no longer run a call, so the waiter is also joined from a
+threading exit hook registered after those (such hooks run newest first).
 """
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import logging
 import signal
 import threading
@@ -34,6 +42,8 @@ _waiter: threading.Thread | None = None
 _wake = threading.Event()
 _signalled: list[int] = []  # the signal that woke the waiter, if one did
 _previous: dict[int, Any] = {}  # handlers replaced by ours, restored on release
+_exit_hooked = False
+_script_returned = False  # the main thread is in the interpreter's exit, waiting here
 
 
 def keep_serving(stop: Callable[[], None]) -> None:
@@ -49,6 +59,7 @@ def keep_serving(stop: Callable[[], None]) -> None:
                 _waiter = threading.Thread(target=_wait, args=(stop,), name="mserve-keep-serving", daemon=False)
                 _waiter.start()
                 _install_handlers()
+                _hook_interpreter_exit()
                 return
             if not _wake.is_set():
                 return  # the waiter keeps the process alive for this server too
@@ -81,6 +92,26 @@ def _wait(stop: Callable[[], None]) -> None:
             log.exception("stopping after %s failed", name)
 
 
+def _hook_interpreter_exit() -> None:
+    """Wait for the waiter before the interpreter shuts thread pools down (see the
+    module docstring); ``threading._register_atexit`` is how concurrent.futures
+    itself hooks in there."""
+    global _exit_hooked
+    if not _exit_hooked:
+        threading._register_atexit(_join_waiter)  # type: ignore[attr-defined]
+        _exit_hooked = True
+
+
+def _join_waiter() -> None:
+    global _script_returned
+    _script_returned = True
+    while True:
+        waiter = _waiter
+        if waiter is None or not waiter.is_alive():
+            return
+        waiter.join()
+
+
 def _install_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
@@ -111,7 +142,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     for sig, handler in list(_previous.items()):
         signal.signal(sig, handler)
         del _previous[sig]
-    if threading.main_thread().is_alive():
+    if threading.main_thread().is_alive() and not _script_returned:
         # The script is still running (not yet returned from its main): let the
         # signal end it as it would have without mserve; the waiter stops the
         # servers meanwhile, and the interpreter waits for it before exiting.

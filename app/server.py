@@ -9,8 +9,10 @@
 
 ``start_*`` return once the servables are loaded and warm, and the socket listens;
 the server runs in background threads until `stop`. As with MindSpore Serving, a
-start script may simply end after ``start_restful_server``: the process keeps
-serving until SIGINT or SIGTERM, then stops gracefully and exits 0 (`mserve.lifetime`).
+start script may simply end after ``start_restful_server`` or ``start_grpc_server``:
+the process keeps serving until SIGINT or SIGTERM, then stops gracefully and exits 0
+(`mserve.lifetime`). Every listener, REST or gRPC, is in ``_state.transports``
+(each with ``stop(drain_timeout)``), so that keep-alive and `stop` cover both alike.
 
 `ServableStartConfig` takes MindSpore Serving's parameters, in its order, with its
 defaults and checks (``RuntimeError`` with ``Parameter '...'`` messages).
@@ -40,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import lifetime
 from .ops import metrics
@@ -48,7 +50,7 @@ from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
 from .transport.wsgi import create_app
 from .transport.inline import InlinePolicy
-from .serving.dataplane import DEFAULT_MAX_INSTANCES, PredictHandler
+from .serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from .serving.compile_cache import enable_compile_cache
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
@@ -188,7 +190,7 @@ def _int_tuple(name: str, values: Any, minimum: int | None = None) -> tuple[int,
 
 @dataclass
 class SSLConfig:
-    """TLS for the RESTful server: one-way, or mutual with ``verify_client=True``."""
+    """TLS for the RESTful and gRPC servers: one-way, or mutual with ``verify_client=True``."""
 
     certificate: str
     private_key: str
@@ -209,7 +211,7 @@ class _Loaded:
 class _State:
     registry: ServableRegistry = field(default_factory=ServableRegistry)
     transports: list[Any] = field(default_factory=list)
-    handlers: list[PredictHandler] = field(default_factory=list)
+    handlers: list[Dataplane] = field(default_factory=list)  # REST's PredictHandlers and gRPC's dataplanes
     lock: threading.RLock = field(default_factory=threading.RLock)
     # Batch hooks: an object with ``bind(servable, version) -> BatchObserver`` gets one
     # observer per loaded version; a plain BatchObserver is shared by all.
@@ -220,6 +222,7 @@ class _State:
     epochs: RequestEpochs = field(default_factory=RequestEpochs)  # requests in flight, for retiring versions
     watcher: VersionWatcher | None = None
     observers: dict[int, Any] = field(default_factory=dict)  # id(LoadedVersion) -> its VersionObserver
+    ready_listeners: list[Callable[[], None]] = field(default_factory=list)  # told when readiness may have changed
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -259,6 +262,8 @@ def readiness() -> tuple[bool, str]:
 
 def _refresh_ready() -> None:
     metrics.READY.set(1 if _state.readiness()[0] else 0)
+    for listener in list(_state.ready_listeners):  # the gRPC health services
+        listener()
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
@@ -580,6 +585,54 @@ def start_restful_server(
     return server
 
 
+def start_grpc_server(
+    address: str,
+    max_msg_mb_size: int = 100,
+    ssl_config: SSLConfig | None = None,
+    threads: int = 16,
+    max_enqueued_requests: int = 10000,
+    request_timeout: float = 100.0,
+    reuse_port: bool = False,
+    max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
+) -> Any:
+    """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
+    the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
+    ``unix:{path}`` (relative or absolute; its directory must exist).
+    ``max_msg_mb_size`` (1..512) limits request and reply messages; ``ssl_config``
+    serves TLS, mutual with ``verify_client=True``. Raises ``RuntimeError("Serving
+    Error: ...")`` when it cannot start (bad address, port in use, bad key).
+
+    mserve additions: port 0 picks a free port (``.port``/``.target`` on the returned
+    server), ``threads`` (calls served at once), ``max_enqueued_requests``,
+    ``request_timeout`` and ``max_instances_per_request`` as for
+    `start_restful_server`, and ``reuse_port`` (worker processes sharing one port).
+    """
+    from .transport.grpc import GrpcTransport
+
+    if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
+        raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
+    if not 1 <= max_msg_mb_size <= 512:
+        raise RuntimeError("Parameter 'max_msg_mb_size' should be in range [1,512]")
+    if ssl_config is not None and not isinstance(ssl_config, SSLConfig):
+        raise RuntimeError("The type of ssl_config should be type of SSLConfig")
+    if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
+        raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    dataplane = Dataplane(
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
+        max_instances=max_instances_per_request,
+    )
+    with _state.lock:
+        transport = GrpcTransport(
+            dataplane, address, _state.readiness, _state.epochs, max_msg_mb_size, ssl_config, threads, reuse_port
+        )
+        transport.start()
+        _state.handlers.append(dataplane)
+        _state.transports.append(transport)
+        _state.ready_listeners.append(transport.refresh_health)
+        lifetime.keep_serving(stop)
+    return transport
+
+
 def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
     """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
     (mserve addition): probes that need no client certificate when the RESTful server
@@ -628,6 +681,7 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
             handler.draining = True
         for transport in transports:
             transport.stop(drain_timeout)
+        _state.ready_listeners.clear()
         _state.watcher = None
         _state.registry.clear()
         for observer in _state.observers.values():

@@ -10,6 +10,12 @@ Before sending, invoke asks the server for the method's signature (``GET
 conversion is exact (`cli.schema`); ``--output`` saves outputs in their declared
 dtypes. HTTP(S) goes through `cli.client`.
 
+gRPC (``--grpc``, or a ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` or ``unix:PATH``
+URL) sends the same inputs through `mserve.client` to MindSpore Serving's
+``MSService``: each ``-i`` value is decoded as the REST server decodes it (JSON int
+-> int32, float -> float32, typed b64 -> its tensor, b64 bytes -> bytes), and the
+reply is shown (and ``--json`` printed) in the REST reply's shape.
+
 Exit codes:
   0  every instance answered;
   1  the reply lists instances and at least one carries ``error_msg``;
@@ -51,6 +57,9 @@ EPILOG = """\
   [dim]# mutual TLS: a client certificate too[/]
   mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[1.0,2.0],[3.0,4.0]]' \\
       --url https://host:5500 --cacert ca.pem --cert client.pem --key client.key
+  [dim]# over gRPC (mserve start --grpc-port 5501); grpcs:// for TLS[/]
+  mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[5.0,6.0],[7.0,8.0]]' \\
+      --url grpc://127.0.0.1:5501
 
 VALUE is a JSON literal (quote it for the shell; a string needs JSON quotes: -i text='"hi"') or @FILE: .npy -> typed tensor, .json -> its JSON value, any other file -> bytes. invoke reads the method's input dtypes from the server and converts literals and .npy data to them when the conversion is exact (1 -> 1.0 for a float32 input); otherwise it stops and names the input, the expected and the given dtype.
 
@@ -184,6 +193,92 @@ def method_signature(
     return find_method(described, version, method)
 
 
+# --------------------------------------------------------------------------- gRPC
+
+
+def is_grpc_url(url: str) -> bool:
+    return url.lower().startswith(("grpc://", "grpcs://", "unix:"))
+
+
+def grpc_address(url: str, cacert: Optional[Path], cert: Optional[Path]) -> tuple[str, bool]:
+    """(what the gRPC client dials, whether over TLS) for --url with --grpc."""
+    scheme, sep, rest = url.partition("://")
+    if url.lower().startswith("unix:"):
+        return url, bool(cacert or cert)
+    if not sep:
+        scheme, rest = "grpc", url
+    if scheme.lower() not in ("grpc", "grpcs", "http", "https"):
+        fail(f"--url {url!r}: for gRPC give grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or unix:PATH")
+    address = rest.rstrip("/")
+    if not address or "/" in address:
+        fail(f"--url {url!r}: a gRPC address is HOST:PORT, without a path")
+    return address, scheme.lower() in ("grpcs", "https") or bool(cacert or cert)
+
+
+def grpc_value(name: str, value: Any) -> Any:
+    """One JSON input as the gRPC client sends it, decoded as the REST server would."""
+    from mserve.errors import BadRequest
+    from mserve.protocol import codec
+
+    if isinstance(value, dict) and "b64" in value and value.get("type", "bytes") == "bytes":
+        import pybase64
+
+        try:
+            return pybase64.b64decode(value["b64"], validate=True)
+        except (TypeError, ValueError):
+            fail(f"input {name}: the 'b64' value is illegal b64 encode string")
+    try:
+        return codec.decode_value(value)
+    except BadRequest as exc:
+        fail(f"input {name}: {exc.message}")
+
+
+def call_grpc(
+    url: str, servable: str, method: str, version: Optional[int], instances: list[dict[str, Any]],
+    cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool, timeout: float,
+) -> dict[str, Any]:
+    """Send ``instances`` over gRPC; the reply in the REST reply's shape."""
+    from mserve.client import Client, SSLConfig
+    from mserve.protocol import codec
+
+    if insecure:
+        fail("--insecure is not available over gRPC (grpcio always verifies the server); give --cacert CA.pem")
+    if key and not cert:
+        fail("--key needs --cert")
+    address, tls = grpc_address(url, cacert, cert)
+    ssl_config = None
+    if tls:
+        ssl_config = SSLConfig(
+            certificate=str(cert) if cert else None,
+            private_key=str(key or cert) if cert else None,  # a PEM holding both, as curl --cert
+            custom_ca=str(cacert) if cacert else None,
+        )
+    values = [{name: grpc_value(name, v) for name, v in inst.items()} for inst in instances]
+    import logging
+
+    logging.getLogger("mserve.client").setLevel(logging.ERROR)  # a failed call is reported below, once
+    try:
+        client = Client(address, servable, method, version or 0, ssl_config=ssl_config, timeout=timeout)
+    except (OSError, RuntimeError) as exc:
+        fail(f"gRPC client setup failed: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        result = client.infer(values)
+    finally:
+        client.close()
+    if isinstance(result, dict):
+        text = str(result.get("error"))
+        if text.startswith("Grpc Error, "):
+            fail(f"gRPC call to {address} failed: {text}")
+        return {"error_msg": text}
+    shaped = []
+    for item in result:
+        if list(item) == ["error"] and isinstance(item["error"], str):
+            shaped.append({"error_msg": item["error"]})
+        else:
+            shaped.append({name: codec.encode_value(v) for name, v in item.items()})
+    return {"instances": shaped}
+
+
 # --------------------------------------------------------------------------- reply
 
 
@@ -267,7 +362,13 @@ def invoke(
     ),
     count: int = typer.Option(1, "--count", "-n", min=1, help="Send the instance(s) this many times."),
     version: Optional[int] = typer.Option(None, "--version", "-V", min=0, help="Servable version (default: newest)."),
-    url: str = typer.Option(DEFAULT_URL, "--url", envvar="MSERVE_URL", help="Server base URL."),
+    url: str = typer.Option(
+        DEFAULT_URL, "--url", envvar="MSERVE_URL",
+        help="Server base URL; grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH for gRPC.",
+    ),
+    use_grpc: bool = typer.Option(
+        False, "--grpc", help="Call MindSpore Serving's gRPC service at --url's HOST:PORT instead of REST."
+    ),
     cacert: Optional[Path] = typer.Option(None, help="CA bundle (PEM) to verify an https server.", show_default=False),
     cert: Optional[Path] = typer.Option(None, help="Client certificate (PEM) for mutual TLS.", show_default=False),
     key: Optional[Path] = typer.Option(None, help="Private key of --cert, if not inside it.", show_default=False),
@@ -286,18 +387,28 @@ def invoke(
     with render.reported(debug, unexpected_code=2):
         servable, method = parse_target(target)
         body = build_body(parse_inputs(inputs or []), instances, count)
-        address = predict_url(url, servable, method, version)
-        context = ssl_context(address, cacert, cert, key, insecure)
         import orjson
 
-        signature = method_signature(url, servable, method, version, timeout, context)
-        body["instances"] = conform_instances(body["instances"], signature)
-        status, raw = request(address, orjson.dumps(body), timeout, context)
-        try:
-            reply = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            snippet = " ".join(raw[:300].decode("utf-8", "replace").split())[:120]
-            fail(f"HTTP {status} from {address}, and the body is not JSON (is this an mserve server?): {snippet}")
+        signature = None
+        if use_grpc or is_grpc_url(url):
+            # MSService has no call describing a method: values go as written (typed .npy
+            # arrays keep their dtype; JSON integers are int32 and floats float32).
+            body["instances"] = conform_instances(body["instances"], None)
+            reply = call_grpc(url, servable, method, version, body["instances"], cacert, cert, key, insecure, timeout)
+            raw, status = orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY), "gRPC"
+            reply = orjson.loads(raw)  # plain JSON values, as a REST reply would be
+        else:
+            address = predict_url(url, servable, method, version)
+            context = ssl_context(address, cacert, cert, key, insecure)
+            signature = method_signature(url, servable, method, version, timeout, context)
+            body["instances"] = conform_instances(body["instances"], signature)
+            code, raw = request(address, orjson.dumps(body), timeout, context)
+            status = f"HTTP {code}"
+            try:
+                reply = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                snippet = " ".join(raw[:300].decode("utf-8", "replace").split())[:120]
+                fail(f"{status} from {address}, and the body is not JSON (is this an mserve server?): {snippet}")
 
         if as_json:
             sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\n") + "\n")
@@ -308,7 +419,7 @@ def invoke(
             render.note(f"saved {len(written)} file(s) to {escape(str(output))}")
         if not answered:
             message = reply.get("error_msg") if isinstance(reply, dict) else None
-            fail(f"HTTP {status}: {message if message is not None else json.dumps(reply)}")
+            fail(f"{status}: {message if message is not None else json.dumps(reply)}")
         if not as_json:
             render.out().print(reply_table(reply["instances"]))
         failed = sum(1 for i in reply["instances"] if not isinstance(i, dict) or "error_msg" in i)

@@ -30,6 +30,7 @@ class StartSettings:
     servables: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 5500
+    grpc_port: int | None = None  # also serve MindSpore's gRPC MSService on host:grpc_port
     device_type: str | None = None
     device_ids: list[int] = field(default_factory=lambda: [0])
     max_msg_mb: int = 100
@@ -78,6 +79,12 @@ class StartSettings:
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             fail(f"port {self.port} is out of range (0-65535)")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            fail(f"grpc_port {self.grpc_port} is out of range (0-65535)")
+        if self.grpc_port and self.grpc_port in (self.port, self.health_port):
+            fail(f"--grpc-port {self.grpc_port} is already the REST or health port; pick another one")
+        if self.grpc_port == 0 and self.workers > 1:
+            fail("--grpc-port 0 cannot be shared by worker processes (each would pick its own port); give a port")
         if not 1 <= self.max_msg_mb <= 512:
             fail(f"max_msg_mb must be from 1 to 512, got {self.max_msg_mb}")
         if self.threads is not None and self.threads < 1:
@@ -131,8 +138,15 @@ class StartSettings:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return f"{self._host()}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str | None:
+        """``host:grpc_port`` for server.start_grpc_server, or None without gRPC."""
+        return None if self.grpc_port is None else f"{self._host()}:{self.grpc_port}"
+
+    def _host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
 
     def restful_options(self) -> dict[str, Any]:
         """Keyword arguments of server.start_restful_server beyond address and TLS."""
@@ -153,6 +167,12 @@ class StartSettings:
             options["max_connections"] = self.max_connections
         return options
 
+    def grpc_options(self) -> dict[str, Any]:
+        """Keyword arguments of server.start_grpc_server beyond address and TLS (the
+        HTTP connection settings, inline predicts included, are REST's alone)."""
+        keys = ("max_msg_mb_size", "max_enqueued_requests", "request_timeout", "max_instances_per_request", "threads")
+        return {k: v for k, v in self.restful_options().items() if k in keys}
+
     def ssl_config(self) -> Any:
         if not self.ssl_certfile:
             return None
@@ -167,7 +187,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "health_port", "max_connections"}
+_OPTIONAL_INTS = {"threads", "health_port", "max_connections", "grpc_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

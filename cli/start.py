@@ -39,12 +39,14 @@ START_EPILOG = """\
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem
   [dim]# mutual TLS, with /health and /ready on a plain-HTTP port for probes[/]
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem --ssl-ca ca.pem --verify-client --health-port 5501
+  [dim]# MindSpore Serving's gRPC service too (mserve.client / mindspore_serving.client)[/]
+  mserve start --port 1500 --grpc-port 5500
   [dim]# two server processes on one port (more CPU cores for HTTP and JSON)[/]
   mserve start --workers 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -140,6 +142,10 @@ def start(
     ),
     host: Optional[str] = typer.Option(None, help="Address to listen on.  \\[default: 127.0.0.1]", show_default=False),
     port: Optional[int] = typer.Option(None, help="Port (0 picks a free one).  \\[default: 5500]", show_default=False),
+    grpc_port: Optional[int] = typer.Option(
+        None, help="Also serve MindSpore Serving's gRPC service (MSService) on this port of --host, with the same TLS "
+        "settings.  \\[default: no gRPC]", show_default=False,
+    ),
     device_type: Optional[str] = typer.Option(
         None, help="cpu, gpu, or a backend plugin's type.  \\[default: JAX's default device]", show_default=False
     ),
@@ -240,6 +246,7 @@ def start(
             "servables": servable,
             "host": host,
             "port": port,
+            "grpc_port": grpc_port,
             "device_type": device_type,
             "device_ids": device_ids,
             "max_msg_mb": max_msg_mb,
@@ -306,7 +313,7 @@ def _serve(settings: StartSettings) -> None:
 
         # Listen first: a port in use or a bad certificate is reported before any model
         # compiles, and while they load /health answers 200 and /ready 503.
-        restful, probes = _listen(settings)
+        restful, probes, grpc_target = _listen(settings)
         render.note(
             f"listening on {escape(restful.url)}: /health answers 200, /ready 503 until the servables are loaded"
         )
@@ -316,7 +323,9 @@ def _serve(settings: StartSettings) -> None:
             return
         try:
             extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
-            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen, extra)
+            _announce_and_wait(
+                _describe_loaded(), restful.url, "", settings, stop_requested, signals_seen, extra, grpc_target
+            )
         finally:
             server.stop(settings.drain_timeout)
         render.note("stopped")
@@ -325,12 +334,13 @@ def _serve(settings: StartSettings) -> None:
             signal.signal(sig, handler)
 
 
-def _listen(settings: StartSettings) -> tuple[Any, Any]:
-    """Start the RESTful server (and the health port) before loading; exit 1 with
-    one line when a port cannot be used or a TLS file is bad."""
+def _listen(settings: StartSettings) -> tuple[Any, Any, str | None]:
+    """Start the RESTful server (and the health port, and gRPC) before loading; exit 1
+    with one line when a port cannot be used or a TLS file is bad. Returns the REST
+    server, the health server and what gRPC clients dial (None without them)."""
     from mserve import server
 
-    probes = None
+    probes = grpc_target = None
     try:
         restful = server.start_restful_server(
             settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
@@ -339,6 +349,10 @@ def _listen(settings: StartSettings) -> tuple[Any, Any]:
             host = settings.health_host
             host = f"[{host}]" if ":" in host and not host.startswith("[") else host
             probes = server.start_health_server(f"{host}:{settings.health_port}")
+        if settings.grpc_address is not None:
+            grpc_target = server.start_grpc_server(
+                settings.grpc_address, ssl_config=settings.ssl_config(), **settings.grpc_options()
+            ).target
     except ImportError as exc:
         server.stop()
         render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
@@ -348,7 +362,7 @@ def _listen(settings: StartSettings) -> tuple[Any, Any]:
     except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
         server.stop()
         render.fail(str(exc), code=1)
-    return restful, probes
+    return restful, probes, grpc_target
 
 
 def _serve_workers(
@@ -365,10 +379,17 @@ def _serve_workers(
     scheme = "https" if settings.ssl_certfile else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{scheme}://{host}:{sock.getsockname()[1]}"
+    grpc = None
+    if settings.grpc_address is not None:
+        try:  # the workers share the port (SO_REUSEPORT): make sure nobody else holds it
+            bind_socket(settings.host, settings.grpc_port).close()  # type: ignore[arg-type]
+        except (RuntimeError, OSError) as exc:
+            render.fail(f"gRPC: {exc}", code=1)
+        grpc = {"address": settings.grpc_address, "reuse_port": True, **settings.grpc_options()}
     pool = WorkerPool(
         configs, sock, settings.workers, restful=settings.restful_options(), ssl_config=settings.ssl_config(),
         log_level=getattr(logging, settings.log_level.upper()),
-        poll_interval=settings.poll_interval or None,
+        poll_interval=settings.poll_interval or None, grpc=grpc,
     )
     try:
         described = pool.start()
@@ -376,7 +397,7 @@ def _serve_workers(
         render.fail(str(exc), code=1)
     try:
         workers = f" with {settings.workers} worker processes"
-        _announce_and_wait(described, url, workers, settings, stop_requested, signals_seen)
+        _announce_and_wait(described, url, workers, settings, stop_requested, signals_seen, "", settings.grpc_address)
     finally:
         pool.stop(settings.drain_timeout)
     render.note("stopped")
@@ -390,11 +411,17 @@ def _announce_and_wait(
     stop_requested: threading.Event,
     signals_seen: list[int],
     extra: str = "",
+    grpc_target: str | None = None,
 ) -> None:
     """Print what is served and where, then block until SIGINT/SIGTERM."""
     console = render.out()
-    console.print(render.servables_table(described, url))
-    console.print(f"[bold green]mserve[/] serving on [bold]{escape(url)}[/]{how}  (Ctrl+C to stop)", soft_wrap=True)
+    table = render.servables_table(described, url)
+    if grpc_target:
+        table.caption = f"gRPC: Client({grpc_target!r}, SERVABLE, METHOD) from mserve.client or mindspore_serving.client"
+        table.caption_justify = "left"
+    console.print(table)
+    where = f"[bold]{escape(url)}[/]" + (f" and gRPC [bold]{escape(grpc_target)}[/]" if grpc_target else "")
+    console.print(f"[bold green]mserve[/] serving on {where}{how}  (Ctrl+C to stop)", soft_wrap=True)
     console.print(
         f"docs: {escape(url)}/docs  health: {escape(url)}/health  ready: {escape(url)}/ready  "
         f"metrics: {escape(url)}/metrics  openapi: {escape(url)}/openapi.json{escape(extra)}", soft_wrap=True,

@@ -55,12 +55,14 @@ def _sub(a, b):
     return a - b
 
 
-def _example(tmp_path: Path, name: str, port: int) -> Path:
-    """A copy of the example, listening on ``port``, with its models exported."""
+def _example(tmp_path: Path, name: str, port: int, grpc_port: int | None = None) -> Path:
+    """A copy of the example, listening on ``port`` (and gRPC on ``grpc_port``), with
+    its models exported."""
     folder = tmp_path / name
     shutil.copytree(EXAMPLES / name, folder)
     script = folder / "serving_server.py"
-    script.write_text(script.read_text().replace("127.0.0.1:1500", f"127.0.0.1:{port}"))
+    script.write_text(script.read_text().replace("127.0.0.1:1500", f"127.0.0.1:{port}")
+                      .replace("127.0.0.1:5500", f"127.0.0.1:{grpc_port}" if grpc_port else "127.0.0.1:5500"))
     square = spec((2, 2))
     if name == "tensor_add":
         export_to(folder / "add/1/tensor_add.jaxexport", _add, square, square)
@@ -119,9 +121,9 @@ class StartScript:
         self.out.close()
 
 
-def _run_example(tmp_path: Path, name: str):
+def _run_example(tmp_path: Path, name: str, grpc_port: int | None = None):
     port = free_port()
-    folder = _example(tmp_path, name, port)
+    folder = _example(tmp_path, name, port, grpc_port)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir(exist_ok=True)
     script = StartScript(folder / "serving_server.py", port, elsewhere)
@@ -146,6 +148,50 @@ def test_tensor_add_example_serves_after_its_script_returns_until_sigterm(tmp_pa
         assert result == {"instances": [{"y": [[i + 1.0] * 2] * 2} for i in range(3)]}
         assert script.stop(signal.SIGTERM) == 0, script.output()
         assert "Traceback" not in script.output()
+    finally:
+        script.close()
+
+
+def test_tensor_add_example_over_grpc_with_mindspores_client_code(tmp_path):
+    """The same example as a MindSpore user runs it: the start script serves gRPC
+    (``start_grpc_server``) beside REST, and the client code is MindSpore's with only
+    the import changed (``from mserve.client import Client``)."""
+    grpc_port = free_port()
+    script, folder = _run_example(tmp_path, "tensor_add", grpc_port)
+    try:
+        client = _client(folder)
+        result = client.run_add_common(f"127.0.0.1:{grpc_port}")
+        assert len(result) == 3
+        for i, instance in enumerate(result):
+            assert instance["y"].dtype == np.float32
+            assert np.array_equal(instance["y"], np.full((2, 2), 2.0 * (i + 1), np.float32))
+        cast = client.run_add_cast(f"127.0.0.1:{grpc_port}")
+        assert np.array_equal(cast[0]["y"], np.full((2, 2), 2.0, np.float32))
+        assert script.stop(signal.SIGTERM) == 0, script.output()
+    finally:
+        script.close()
+
+
+def test_a_script_serving_only_grpc_keeps_serving_after_main_returns(tmp_path):
+    """grpcio's threads are daemons too: a start script that only calls
+    ``start_grpc_server`` must keep serving once it returns, until SIGINT."""
+    grpc_port = free_port()
+    port = free_port()
+    folder = _example(tmp_path, "tensor_add", port, grpc_port)
+    script_file = folder / "serving_server.py"
+    script_file.write_text("\n".join(
+        line for line in script_file.read_text().splitlines() if "start_restful_server" not in line
+    ) + "\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir(exist_ok=True)
+    script = StartScript(script_file, port, elsewhere)
+    try:
+        script.wait_main_returned()
+        time.sleep(1.0)  # past the moment a daemon-only process would have exited
+        assert script.proc.poll() is None, script.output()
+        result = _client(folder).run_add_common(f"127.0.0.1:{grpc_port}")
+        assert np.array_equal(result[0]["y"], np.full((2, 2), 2.0, np.float32)), result
+        assert script.stop(signal.SIGINT) == 0, script.output()
     finally:
         script.close()
 

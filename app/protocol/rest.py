@@ -1,8 +1,9 @@
 """The REST request body and reply: MindSpore Serving's JSON in, JSON out.
 
-`parse_request` takes a predict request apart in MindSpore Serving's order
-(PROTOCOL.md 2.3): the JSON syntax, the URL, every instance and every value, then
-the servable/method lookup, then each instance's inputs against the method. Any
+`read_request` takes a predict request apart in MindSpore Serving's order
+(PROTOCOL.md 2.3): the JSON syntax, the URL, every instance and every value; after
+the servable/method lookup (the dataplane's), `method_inputs` checks each instance's
+inputs against the method. Any
 failure on the way fails the whole request (one top-level ``error_msg``); only
 running the method fails single instances. `build_reply` turns the pipeline's
 per-instance results into the reply object (PROTOCOL.md section 3).
@@ -10,35 +11,29 @@ per-instance results into the reply object (PROTOCOL.md section 3).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import orjson
 
 from ..errors import BadRequest, InstanceError
 from ..register import MethodDef
 from .codec import OutputError, ShapedText, decode_value, encode_value
-from .urls import parse_predict_path
+from .urls import PredictTarget, parse_predict_path
 
 PARSE_FAILED = "Parser request failed, "
 
-Version = TypeVar("Version")
 
-
-def parse_request(
-    path: str,
-    body: bytes,
-    lookup: Callable[[str, int, str], tuple[Version, MethodDef]],
-    check_count: Callable[[int], None] = lambda count: None,
-) -> tuple[Version, MethodDef, list[list[Any]]]:
-    """The version and method a predict request names, and per instance the method's
-    input values in order. ``lookup(servable, version, method)`` finds the method
-    (raising `NotFound`); ``check_count(n)`` may refuse the number of instances
-    before any is decoded; everything else wrong raises `BadRequest`."""
+def read_request(
+    path: str, body: bytes, check_count: Callable[[int], None] = lambda count: None
+) -> tuple[PredictTarget, list[dict[str, Any]]]:
+    """What a predict request names, and its instances, each a dict of decoded values,
+    in MindSpore's order: the JSON syntax, then the URL, then every value.
+    ``check_count(n)`` may refuse the number of instances before any is decoded;
+    everything wrong raises `BadRequest`. The method's own input checks come after
+    the lookup (`method_inputs`)."""
     request = _load_json(body)
     target = parse_predict_path(path)  # MindSpore checks the JSON syntax before the URL
-    instances = parse_instances(request, check_count)
-    version, method = lookup(target.servable, target.version, target.method)
-    return version, method, method_inputs(instances, method, target.servable)
+    return target, parse_instances(request, check_count)
 
 
 def _load_json(body: bytes) -> Any:

@@ -1,8 +1,14 @@
 """The dataplane: one predict request from admission to reply, whatever the transport.
 
-    parse the request whole (JSON, URL, every value; find servable/version/method;
-    check the inputs) -> run the method's pipeline -> encode each instance's outputs
-    -> reply
+    admit -> name the target (REST: the whole body parsed first, as MindSpore does) ->
+    find servable/version/method -> decode each instance for the method -> run the
+    method's pipeline before the deadline -> build the reply
+
+`Dataplane` is that path without a wire format: admission (``max_enqueued_requests``,
+draining, servables still loading), the servable/version/method lookup, the instance
+limit, the deadline, `run_method`, and the mapping of failures to a status and
+message. REST (`PredictHandler`, JSON) and gRPC (`mserve.transport.grpc`, protobuf)
+each bring a decoder and a reply builder, so both transports share every rule.
 
 Request-level failures (JSON, URL, any value, unknown servable, a missing input)
 answer ``{"error_msg"}`` (PROTOCOL.md 2.3); failures while running (a stage that
@@ -15,12 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from ..errors import NotFound, PayloadTooLarge, ServingError
+from ..errors import InstanceError, NotFound, PayloadTooLarge, ServingError
 from ..protocol.codec import dumps
-from ..protocol.rest import build_reply, parse_request
-from ..protocol.urls import parse_predict_path
+from ..protocol.rest import build_reply, method_inputs, read_request
+from ..protocol.urls import PredictTarget, parse_predict_path
 from ..register import MethodDef
 from .pipeline import run_method
 from .servable import LoadedVersion, ServableRegistry
@@ -31,16 +38,38 @@ log = logging.getLogger("mserve.serving.dataplane")
 # (5.6 MB of JSON) cost about 500 MB to decode and run.
 DEFAULT_MAX_INSTANCES = 10000
 
+Reply = TypeVar("Reply")
+# A transport's decoder: the request's instances, decoded for this version's method
+# (each a list of input values, or the instance's error). Raising a ServingError
+# fails the whole request.
+Decoder = Callable[[LoadedVersion, MethodDef], Sequence[Sequence[Any] | InstanceError]]
+# A transport's reply builder: per-instance results -> (status, reply).
+Builder = Callable[[MethodDef, Sequence[Any]], tuple[int, Reply]]
 
-class PredictHandler:
-    """Answers predict requests for the servables in ``registry``.
+LOADING_MESSAGE = "servable is not available: the server is still loading servables"
+INTERNAL_MESSAGE = "internal server error, see the server log"
+
+
+@dataclass
+class Outcome(Generic[Reply]):
+    """How one predict ended: ``status`` (an HTTP status, whatever the transport),
+    and either the transport's ``reply`` or, for a whole-request failure, ``error``
+    (the client-facing message)."""
+
+    status: int
+    reply: Reply | None = None
+    error: str | None = None
+
+
+class Dataplane:
+    """Admission, lookup, limits, deadline, pipeline and error mapping for one transport.
 
     ``max_enqueued_requests`` bounds the requests inside the server at once, those
-    still waiting for a thread included (`should_shed`; more get a fast 503 with
-    Retry-After); ``request_timeout`` (seconds) bounds each one: the reply leaves at
-    the deadline whatever a stage is still doing (the transport sends
-    `deadline_reply`, see `mserve.transport.wsgi.DeadlineWatch`; 504 ``Time out``).
-    ``max_instances`` bounds the instances of one request (413 beyond).
+    still waiting for a thread included (`should_shed`; more are refused with 503);
+    ``request_timeout`` (seconds) bounds each one (instances that miss it get ``Time
+    out``; 504); ``max_instances`` bounds the instances of one request (413 beyond);
+    ``loading`` says whether servables are still loading (then an unknown servable is
+    a 503, not a 404).
     """
 
     def __init__(
@@ -59,8 +88,6 @@ class PredictHandler:
         self._active = 0
         self._lock = threading.Lock()
         self.draining = False
-        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
-        self._eligible_in: dict | None = None  # ... for this registry snapshot
 
     @property
     def active(self) -> int:
@@ -70,18 +97,72 @@ class PredictHandler:
         """Whether a request arriving now is over capacity: ``queued`` requests wait
         for a thread in the transport, on top of those inside the handler (running,
         or past their deadline but still in a stage). The transport answers those
-        with `shed_reply` at once instead of queueing them."""
+        with a 503 at once instead of queueing them."""
         return self.draining or queued + self._active >= self.max_enqueued_requests
 
-    def shed_reply(self) -> tuple[int, bytes, dict[str, str]]:
-        """The fast 503 for a request over capacity (MindSpore Serving's wording, then ours)."""
-        reason = (
-            "server is shutting down"
-            if self.draining
-            else f"Serving Error: enqueued requests count exceeds the limit {self.max_enqueued_requests} "
+    def shed_reason(self) -> str:
+        """Why a request over capacity is refused (MindSpore Serving's wording, then ours)."""
+        if self.draining:
+            return "server is shutting down"
+        return (
+            f"Serving Error: enqueued requests count exceeds the limit {self.max_enqueued_requests} "
             "(the request queue is full, retry later)"
         )
-        return 503, dumps({"error_msg": reason}), {"Retry-After": "1"}
+
+    def check_instance_count(self, count: int) -> None:
+        """A request may carry at most ``max_instances`` instances: every instance
+        costs decoding, numpy objects and reply space, well beyond its bytes."""
+        if count > self.max_instances:
+            raise PayloadTooLarge(
+                f"the request has {count} instances, more than the limit {self.max_instances} "
+                "(max_instances_per_request): split it into smaller requests"
+            )
+
+    def predict(
+        self, target: Callable[[], PredictTarget], decode: Decoder, build: Builder[Reply], where: str = ""
+    ) -> Outcome[Reply]:
+        """Run one request. ``target`` names what it calls (raising `BadRequest` for
+        a bad name), ``decode`` and ``build`` are the transport's. Never raises."""
+        with self._lock:
+            admitted = self._active < self.max_enqueued_requests and not self.draining
+            if admitted:
+                self._active += 1
+        if not admitted:
+            return Outcome(503, error=self.shed_reason())
+        deadline = time.monotonic() + self.request_timeout
+        try:
+            named = target()
+            version, method = self.registry.lookup(named.servable, named.version, named.method)
+            results = run_method(version, method, decode(version, method), deadline)
+            status, reply = build(method, results)
+            return Outcome(status, reply)
+        except NotFound as exc:
+            if self.loading():
+                return Outcome(503, error=LOADING_MESSAGE)
+            return Outcome(exc.status, error=exc.message)
+        except ServingError as exc:
+            return Outcome(exc.status, error=exc.message)
+        except BaseException:  # noqa: BLE001 - whatever happens, the client gets a reply
+            log.exception("predict %s failed", where)
+            return Outcome(500, error=INTERNAL_MESSAGE)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+class PredictHandler(Dataplane):
+    """The REST side: answers ``POST /model/...`` bodies with JSON. The reply leaves
+    at the deadline whatever a stage is still doing (the transport sends
+    `deadline_reply`, see `mserve.transport.wsgi.DeadlineWatch`; 504 ``Time out``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
+        self._eligible_in: dict | None = None  # ... for this registry snapshot
+
+    def shed_reply(self) -> tuple[int, bytes, dict[str, str]]:
+        """The fast 503 for a request over capacity."""
+        return 503, dumps({"error_msg": self.shed_reason()}), {"Retry-After": "1"}
 
     def deadline_reply(self) -> tuple[int, bytes, dict[str, str]]:
         """What a client gets when its request is still running at the deadline."""
@@ -89,32 +170,25 @@ class PredictHandler:
 
     def handle(self, path: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
         """Answer one predict request: status, JSON body, extra headers. Never raises."""
-        headers: dict[str, str] = {}
-        with self._lock:
-            admitted = self._active < self.max_enqueued_requests and not self.draining
-            if admitted:
-                self._active += 1
-        if not admitted:
-            return self.shed_reply()
+
+        instances: list[Any] = []
+
+        def target() -> PredictTarget:
+            # MindSpore parses the whole body (JSON, URL, every value) before the lookup.
+            named, parsed = read_request(path, body, self.check_instance_count)
+            instances.extend(parsed)
+            return named
+
+        def decode(version: LoadedVersion, method: MethodDef) -> list[Any]:
+            return method_inputs(instances, method, version.name)
+
+        outcome = self.predict(target, decode, build_reply, where=path)
+        status = outcome.status
+        headers = {"Retry-After": "1"} if status == 503 else {}
+        if outcome.error is not None:
+            return status, dumps({"error_msg": outcome.error}), headers
         try:
-            status, reply = self._handle(path, body, time.monotonic() + self.request_timeout)
-        except NotFound as exc:
-            if self.loading():
-                status, reply = 503, {"error_msg": "servable is not available: the server is still loading servables"}
-            else:
-                status, reply = exc.status, {"error_msg": exc.message}
-        except ServingError as exc:
-            status, reply = exc.status, {"error_msg": exc.message}
-        except BaseException:  # noqa: BLE001 - whatever happens, the client gets a reply
-            log.exception("predict %s failed", path)
-            status, reply = 500, {"error_msg": "internal server error, see the server log"}
-        finally:
-            with self._lock:
-                self._active -= 1
-        if status == 503:
-            headers["Retry-After"] = "1"
-        try:
-            data = dumps(reply)
+            data = dumps(outcome.reply)
         except Exception:  # an output the codec let through but JSON cannot carry
             log.exception("predict %s: the reply cannot be serialized", path)
             status, data = 500, dumps({"error_msg": "internal server error: the reply cannot be encoded as JSON"})
@@ -141,17 +215,3 @@ class PredictHandler:
     def _resolve(self, path: str) -> tuple[LoadedVersion, MethodDef]:
         target = parse_predict_path(path)
         return self.registry.lookup(target.servable, target.version, target.method)
-
-    def check_instance_count(self, count: int) -> None:
-        """A request may carry at most ``max_instances`` instances: every instance
-        costs decoding, numpy objects and reply space, well beyond its bytes."""
-        if count > self.max_instances:
-            raise PayloadTooLarge(
-                f"the request has {count} instances, more than the limit {self.max_instances} "
-                "(max_instances_per_request): split it into smaller requests"
-            )
-
-    def _handle(self, path: str, body: bytes, deadline: float) -> tuple[int, dict]:
-        version, method, inputs = parse_request(path, body, self.registry.lookup, self.check_instance_count)
-        results = run_method(version, method, inputs, deadline)
-        return build_reply(method, results)

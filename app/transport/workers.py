@@ -6,8 +6,11 @@ starts N worker processes that inherit the socket; each loads the servables and
 serves with its own threads. Over plain HTTP the workers take turns accepting
 through a shared table (balance.py), so keep-alive connections spread evenly; over
 HTTPS the kernel hands each new connection to whichever worker accepts it first.
-The pool restarts a worker that dies, and on stop sends SIGTERM to all, which drain
-their in-flight requests.
+gRPC (``grpc`` settings) is not inherited: every worker binds the gRPC port itself
+with SO_REUSEPORT and the kernel spreads new connections (a gRPC channel is one
+long-lived connection, so each client channel stays with one worker). The pool
+restarts a worker that dies, and on stop sends SIGTERM to all, which drain their
+in-flight requests.
 
 Run as ``python -m mserve.transport.workers`` it is one worker: it reads its settings as JSON
 on stdin and reports ``READY <json description>`` on stdout once it serves.
@@ -51,6 +54,7 @@ class WorkerPool:
         log_level: int = logging.INFO,
         ready_timeout: float = 600.0,
         poll_interval: float | None = None,
+        grpc: dict[str, Any] | None = None,
     ):
         self.sock = sock
         self.workers = workers
@@ -62,6 +66,7 @@ class WorkerPool:
             "fd": sock.fileno(),
             "log_level": log_level,
             "poll_interval": poll_interval,
+            "grpc": grpc,  # start_grpc_server arguments; every worker binds the port with SO_REUSEPORT
         }
         # HTTPS connections are accepted by cheroot's own loop: no turn-taking there.
         self.balance_fd = ConnectionBalance.create_table(workers) if ssl_config is None and workers > 1 else None
@@ -180,6 +185,8 @@ def _worker_main() -> int:
         server.start_restful_server(
             sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
         )
+        if settings.get("grpc"):
+            server.start_grpc_server(ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["grpc"])
     except (ServableLoadError, RuntimeError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1

@@ -1,9 +1,28 @@
-"""The RESTful client of example add"""
+"""The clients of example add: gRPC (MindSpore Serving's Client) and RESTful"""
 
 import json
 
 import numpy as np
 import requests
+from mserve.client import Client
+
+
+def run_add_common(address):
+    """invoke servable add method add_common over gRPC, three instances"""
+    client = Client(address, "add", "add_common")
+    instances = []
+    for i in range(3):
+        x1 = np.asarray([[1, 1], [1, 1]]).astype(np.float32) * (i + 1)
+        x2 = np.asarray([[1, 1], [1, 1]]).astype(np.float32) * (i + 1)
+        instances.append({"x1": x1, "x2": x2})
+    return client.infer(instances)
+
+
+def run_add_cast(address):
+    """invoke servable add method add_cast over gRPC, int32 inputs"""
+    client = Client(address, "add", "add_cast")
+    instances = [{"x1": np.ones((2, 2), np.int32), "x2": np.ones((2, 2), np.int32)}]
+    return client.infer(instances)
 
 
 def post_restful(address, servable_name, method_name, json_instances, version_number=None):

@@ -12,6 +12,7 @@ def start():
                                                  device_ids=(0,))
     server.start_servables(servable_configs=servable_config)
 
+    server.start_grpc_server(address="127.0.0.1:5500")
     server.start_restful_server(address="127.0.0.1:1500")
 
 

@@ -1,0 +1,306 @@
+"""The gRPC transport: MindSpore Serving's ``MSService/Predict`` on grpcio.
+
+`GrpcTransport` serves, on one address (``host:port`` or ``unix:PATH``, plain or TLS):
+
+* ``/mindspore.serving.proto.MSService/Predict``, wire-compatible with MindSpore
+  Serving 2.0.2, through the same `Dataplane` as REST (admission, lookup, deadline,
+  pipeline, error mapping); the messages are `mserve.protocol.grpc_codec`'s. Every
+  outcome is gRPC status OK, failures travel in ``error_msg`` (PROTOCOL.md section 5);
+  only what grpcio itself refuses (a message over ``max_msg_mb_size``) is a gRPC error.
+* The standard health service ``grpc.health.v1.Health``: ``SERVING`` (for ``""`` and
+  ``mindspore.serving.proto.MSService``) exactly when ``GET /ready`` would answer 200,
+  ``NOT_SERVING`` otherwise.
+
+Each predict gets a request id (the client's ``x-request-id`` metadata when sane,
+else a new one; sent back as trailing metadata), one access-log record and the
+request metrics, labelled like REST (status: the outcome as an HTTP status).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ..ops.access_log import access_log, current_request_id, log_request, request_id
+from ..ops.metrics import RequestMetrics
+from ..protocol import grpc_codec
+from ..protocol import ms_service_pb2 as pb
+from ..protocol import ms_service_pb2_grpc as pb_grpc
+from ..protocol.urls import PredictTarget
+from ..serving.dataplane import Dataplane
+from ..serving.reload import RequestEpochs
+
+log = logging.getLogger("mserve.transport.grpc")
+
+SERVICE_NAME = "mindspore.serving.proto.MSService"
+PREDICT_METHOD = f"/{SERVICE_NAME}/Predict"
+_TAG = "Serving gRPC"
+
+
+def check_address(address: str) -> None:
+    """MindSpore Serving's address checks (``Serving Error: ...``); port 0 (pick a
+    free port) is an mserve addition."""
+    if not isinstance(address, str) or not address:
+        raise RuntimeError(f"Parameter 'address' should be a non-empty str, but actually {address!r}")
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if not path:
+            raise RuntimeError("Serving Error: Empty grpc server unix domain socket address")
+        path = path[2:] if path.startswith("//") else path  # unix:///abs/path is also gRPC's syntax
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise RuntimeError(
+                f"Serving Error: {_TAG} server start failed, the directory {directory} of the unix domain socket "
+                f"address '{address}' does not exist"
+            )
+        _check_unix_path_free(path, address)
+        return
+    position = address.rfind(":")
+    if position < 0:
+        raise RuntimeError(f"Serving Error: The format of the {_TAG} address '{address}' is illegal")
+    if position == 0 or position == len(address) - 1:
+        raise RuntimeError(f"Serving Error: Missing ip or port of the {_TAG} address '{address}'")
+    port = address[position + 1:]
+    if not port.isdigit() or not port.isascii():
+        raise RuntimeError(f"Serving Error: The type of {_TAG} address '{address}' port is not a number")
+    if int(port) > 65535:
+        raise RuntimeError(
+            f"Serving Error: The port of the {_TAG} address '{address}' is out of legal range [1 ~ 65535]"
+        )
+
+
+def _check_unix_path_free(path: str, address: str) -> None:
+    """grpcio replaces whatever is at a unix socket's path: refuse a path that is not a
+    socket, or a socket some server still answers on (a stale one may be replaced)."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise RuntimeError(f"Serving Error: {_TAG} server start failed, {path} of address '{address}' is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens: a socket left behind by a process that is gone
+    finally:
+        probe.close()
+    raise RuntimeError(
+        f"Serving Error: {_TAG} server start failed, address '{address}' is in use: a server answers on {path}"
+    )
+
+
+def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
+    """grpcio credentials for an `mserve.server.SSLConfig`: one-way TLS, or mutual
+    (client certificates must chain to ``custom_ca``) with ``verify_client=True``.
+    The files are checked first, with the HTTPS transport's clear messages."""
+    from .https import build_ssl_context
+
+    try:
+        build_ssl_context(ssl_config)
+    except RuntimeError as exc:
+        raise RuntimeError(f"Serving Error: {_TAG} server start failed, {exc}") from None
+    with open(ssl_config.certificate, "rb") as f:
+        certificate = f.read()
+    with open(ssl_config.private_key, "rb") as f:
+        private_key = f.read()
+    custom_ca = None
+    if ssl_config.verify_client:
+        with open(ssl_config.custom_ca, "rb") as f:
+            custom_ca = f.read()
+    return grpc.ssl_server_credentials(
+        [(private_key, certificate)], root_certificates=custom_ca, require_client_auth=bool(ssl_config.verify_client)
+    )
+
+
+class ReadinessHealth(health.HealthServicer):
+    """grpc.health.v1 answering from the server's readiness (``GET /ready``)."""
+
+    SERVICES = ("", SERVICE_NAME)
+
+    def __init__(self, readiness: Callable[[], tuple[bool, str]]):
+        super().__init__()
+        self._readiness = readiness
+        self._status: int | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Publish the current readiness (Watch streams see the change)."""
+        ready = self._readiness()[0]
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if status != self._status:
+            self._status = status
+            for service in self.SERVICES:
+                self.set(service, status)
+
+    def Check(self, request: Any, context: Any) -> Any:
+        self.refresh()
+        return super().Check(request, context)
+
+    def shut_down(self) -> None:
+        """NOT_SERVING for good, and end the Watch streams after telling them: an
+        open stream is a call in flight, which would hold the server's stop for its
+        whole drain time. (grpcio's servicer keeps the streams' callbacks in
+        ``_send_response_callbacks``; ``None`` ends a stream with status OK.)"""
+        self.enter_graceful_shutdown()
+        with self._lock:
+            callbacks = [cb for per_service in self._send_response_callbacks.values() for cb in per_service]
+        for callback in callbacks:
+            callback(None)
+
+
+class PredictServicer(pb_grpc.MSServiceServicer):
+    """``MSService/Predict`` over a `Dataplane`."""
+
+    def __init__(self, dataplane: Dataplane, epochs: RequestEpochs):
+        self.dataplane = dataplane
+        self.epochs = epochs
+        self.metrics = RequestMetrics(dataplane.registry.servables)
+
+    def Predict(self, request: Any, context: Any) -> Any:
+        started = time.perf_counter()
+        given = None
+        for key, value in context.invocation_metadata():
+            if key == "x-request-id":
+                given = value
+        rid = request_id({"HTTP_X_REQUEST_ID": given} if given else {})
+        token = current_request_id.set(rid)
+        try:
+            spec = request.servable_spec
+            reply = pb.PredictReply()
+            reply.servable_spec.CopyFrom(spec)
+            version = f"/version/{spec.version_number}" if spec.version_number else ""
+            path = f"/model/{spec.name}{version}:{spec.method_name}"
+
+            def decode(version: Any, method: Any) -> list[list[Any]]:
+                self.dataplane.check_instance_count(len(request.instances))
+                return grpc_codec.decode_instances(request, method, version.name)
+
+            def build(method: Any, results: Any) -> tuple[int, Any]:
+                return grpc_codec.build_reply(reply, method, results), reply
+
+            epoch = self.epochs.enter()
+            try:
+                outcome = self.dataplane.predict(
+                    lambda: PredictTarget(spec.name, spec.version_number, spec.method_name),
+                    decode,
+                    build,
+                    where=f"gRPC {path}",
+                )
+            finally:
+                self.epochs.leave(epoch)
+            if outcome.error is not None:
+                grpc_codec.set_error(reply, outcome.status, outcome.error)
+            context.set_trailing_metadata((("x-request-id", rid),))
+            elapsed = time.perf_counter() - started
+            self.metrics.observe(path, outcome.status, elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": request.ByteSize()}
+                log_request("gRPC", path, outcome.status, elapsed, rid, peer, reply.ByteSize())
+            return reply
+        finally:
+            current_request_id.reset(token)
+
+
+class GrpcTransport:
+    """One started gRPC endpoint; `stop` drains it."""
+
+    scheme = "grpc"
+
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        address: str,
+        readiness: Callable[[], tuple[bool, str]],
+        epochs: RequestEpochs | None = None,
+        max_msg_mb_size: int = 100,
+        ssl_config: Any = None,
+        threads: int = 16,
+        reuse_port: bool = False,
+    ):
+        check_address(address)
+        self.address = address
+        self.dataplane = dataplane
+        self.ssl_config = ssl_config
+        self.health = ReadinessHealth(readiness)
+        limit = max_msg_mb_size * 1024 * 1024
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # As MindSpore Serving: a port in use is an error, unless worker
+                # processes share it on purpose (mserve start --workers N).
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ],
+        )
+        pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs or RequestEpochs()), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        """What a client dials: ``host:port`` (the real port when 0 was asked) or ``unix:PATH``."""
+        if self.address.startswith("unix:"):
+            return self.address
+        host = self.address[: self.address.rfind(":")]
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        """Listen and serve; `RuntimeError` ``Serving Error: ...`` when that fails."""
+        try:
+            if self.ssl_config is not None:
+                port = self._server.add_secure_port(self.address, server_credentials(self.ssl_config))
+            else:
+                port = self._server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            if str(exc).startswith("Serving Error"):
+                raise
+            port, detail = 0, f": {exc}"
+        else:
+            detail = ""
+        unix = self.address.startswith("unix:")
+        if not port:
+            why = (None if unix else _why_not_bound(self.address)) or detail
+            raise RuntimeError(
+                f"Serving Error: {_TAG} server start failed, create server failed, address {self.address}{why}"
+            )
+        self.port = 0 if unix else port
+        self._server.start()
+        log.info("%s server listening on %s%s", _TAG, self.target, " (TLS)" if self.ssl_config else "")
+
+    def refresh_health(self) -> None:
+        self.health.refresh()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Health answers NOT_SERVING, new calls are refused, calls in flight get up
+        to ``drain_timeout`` seconds."""
+        self.health.shut_down()
+        self.dataplane.draining = True
+        self._server.stop(grace=drain_timeout).wait()
+
+
+def _why_not_bound(address: str) -> str:
+    """Why grpcio could not bind ``host:port`` (it only says that it failed)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:
+        return f": cannot resolve host {host!r} ({exc})"
+    family, kind, proto, _, sockaddr = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.bind(sockaddr)
+    except OSError as exc:
+        return f": {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return ""
