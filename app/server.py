@@ -22,13 +22,24 @@ mserve additions (operability):
   requests are still served for ``grace`` seconds (so load balancers notice), then
   the listener closes and in-flight requests finish, up to ``drain_timeout``.
 * Metrics: batch and model hooks go to `mserve.ops.metrics` (``GET /metrics``).
+
+Processes (see `mserve.devices` and README "Processes: front-ends and device
+processes"): by default `start_servables` starts one device process per device,
+which alone loads and runs the models, and `start_restful_server` starts
+``workers`` front-end processes on the port (default `default_workers`: one per
+CPU core, at most 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
+Python stages and send model calls to the device processes. ``use_processes("single")``
+(or ``MSERVE_PROCESSES=single``) keeps everything in this process instead, as the
+tests and the device and front-end processes themselves do.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -115,6 +126,10 @@ class _State:
     epochs: RequestEpochs = field(default_factory=RequestEpochs)  # requests in flight, for retiring versions
     watcher: VersionWatcher | None = None
     observers: dict[int, Any] = field(default_factory=dict)  # id(LoadedVersion) -> its VersionObserver
+    processes: str | None = None  # "devices" or "single"; None: MSERVE_PROCESSES, else "devices"
+    devices: Any = None  # the DeviceSupervisor (devices mode)
+    frontends: list[Any] = field(default_factory=list)  # front-end WorkerPools (devices mode)
+    run_dir: str | None = None  # sockets, manifest and metrics of this server's processes
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -150,6 +165,67 @@ def registry() -> ServableRegistry:
 def readiness() -> tuple[bool, str]:
     """(ready, reason): what ``GET /ready`` answers (200 when ready, else 503)."""
     return _state.readiness()
+
+
+PROCESS_MODES = ("devices", "single")
+
+
+def use_processes(mode: str) -> None:
+    """``"devices"``: models in device processes, HTTP in front-end processes (the
+    default); ``"single"``: everything in this process. Call before `start_servables`."""
+    if mode not in PROCESS_MODES:
+        raise ValueError(f"processes must be one of {', '.join(PROCESS_MODES)}, got {mode!r}")
+    _state.processes = mode
+
+
+def processes() -> str:
+    """The process mode `start_servables` and `start_restful_server` use now."""
+    if _state.processes is not None:
+        return _state.processes
+    mode = os.environ.get("MSERVE_PROCESSES", "devices").strip().lower() or "devices"
+    if mode not in PROCESS_MODES:
+        raise RuntimeError(f"MSERVE_PROCESSES must be one of {', '.join(PROCESS_MODES)}, got {mode!r}")
+    return mode
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Front-end processes when none is asked for: ``MSERVE_WORKERS``, else one per
+    CPU core this process may use, at most 8 (past that, HTTP is rarely the limit
+    and each front-end costs memory)."""
+    raw = os.environ.get("MSERVE_WORKERS")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise RuntimeError(f"MSERVE_WORKERS must be a whole number, got {raw!r}") from None
+        if value < 1:
+            raise RuntimeError(f"MSERVE_WORKERS must be at least 1, got {value}")
+        return value
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _run_dir() -> str:
+    if _state.run_dir is None:
+        _state.run_dir = tempfile.mkdtemp(prefix="mserve-")
+    return _state.run_dir
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of device and front-end processes: one metrics directory
+    for the whole server (any front-end's /metrics sums every process)."""
+    env = dict(os.environ)
+    if not metrics.multiprocess_dir():
+        folder = os.path.join(_run_dir(), "metrics")
+        os.makedirs(folder, exist_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return env
 
 
 def _refresh_ready() -> None:
@@ -191,6 +267,9 @@ def start_servables(
     configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
+    if processes() == "devices":
+        _start_devices(configs, poll_interval)
+        return
     enable_compile_cache()
     from .backends.jax_runtime import prefer_sync_cpu_dispatch
 
@@ -206,6 +285,35 @@ def start_servables(
         finally:
             _state.loading -= 1
             _refresh_ready()
+
+
+def _start_devices(configs: list[ServableStartConfig], poll_interval: float | None) -> None:
+    """Devices mode: a device process per device loads the servables; front-ends
+    already started pick them up from the manifest."""
+    from .devices.supervisor import DeviceSupervisor
+
+    with _state.lock:
+        if _state.devices is not None:
+            raise RuntimeError(
+                "start_servables was already called: with device processes, pass every servable in one call "
+                "(or call stop() first)"
+            )
+        names = [c.servable_name for c in configs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ServableLoadError(f"servable {', '.join(twice)} is configured twice")
+        supervisor = DeviceSupervisor(
+            configs, _run_dir(), log_level=logging.getLogger("mserve").getEffectiveLevel(),
+            poll_interval=poll_interval or None, env=_child_env(),
+        )
+        _state.loading += 1
+        try:
+            supervisor.start()
+        finally:
+            _state.loading -= 1
+        _state.devices = supervisor
+        for pool in _state.frontends:
+            pool.wait_loaded()
 
 
 def _load(config: ServableStartConfig) -> None:
@@ -335,6 +443,7 @@ def start_restful_server(
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
     inline_max_ms: float = 1.0,
+    workers: int | None = None,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -347,16 +456,27 @@ def start_restful_server(
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
     each (see `mserve.transport.inline`; plain HTTP only; 0 turns it off).
+
+    ``workers``: front-end processes serving the port in devices mode (the default,
+    see the module docstring); ``None`` is `default_workers`.
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
+    if inline_max_ms < 0:
+        raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
+    if sock is None and processes() == "devices":
+        restful = {
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "request_timeout": request_timeout, "inline_max_ms": inline_max_ms,
+        }
+        return _start_frontends(address, ssl_config, restful, workers)
+    if workers is not None and workers != 1:
+        raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
     handler = PredictHandler(
         _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
     )
-    if inline_max_ms < 0:
-        raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
     inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
     app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
@@ -386,6 +506,50 @@ def start_restful_server(
     return server
 
 
+class _Frontends:
+    """The front-end processes of one RESTful server, as `RestfulServer` sees them."""
+
+    def __init__(self, pool: Any, scheme: str):
+        self.pool = pool
+        self.scheme = scheme
+        self.port = pool.sock.getsockname()[1]
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        self.pool.stop(drain_timeout)
+
+
+def _start_frontends(
+    address: str, ssl_config: SSLConfig | None, restful: dict[str, Any], workers: int | None
+) -> RestfulServer:
+    """Devices mode: bind ``address`` here, serve it from ``workers`` front-end processes."""
+    from .transport.workers import WorkerPool
+    from .devices.manifest import FILE_NAME
+
+    count = default_workers() if workers is None else workers
+    if not isinstance(count, int) or count < 1:
+        raise RuntimeError(f"workers must be a whole number >= 1, got {workers!r}")
+    host, port = parse_address(address)
+    if ssl_config is not None:
+        from .transport.https import build_ssl_context
+
+        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+    with _state.lock:
+        sock = bind_socket(host, port)
+        pool = WorkerPool(
+            [], sock, count, restful=restful, ssl_config=ssl_config,
+            log_level=logging.getLogger("mserve").getEffectiveLevel(),
+            manifest=os.path.join(_run_dir(), FILE_NAME), env=_child_env(),
+            access_log=logging.getLogger("mserve.access").isEnabledFor(logging.INFO),
+        )
+        pool.start(loaded=_state.devices is not None)
+        frontends = _Frontends(pool, "https" if ssl_config is not None else "http")
+        _state.frontends.append(pool)
+        _state.transports.append(frontends)
+    server = RestfulServer(frontends, host)
+    log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
+    return server
+
+
 def begin_shutdown() -> None:
     """Answer ``/ready`` with 503 from now on and stop hot reload; requests are
     still served. `stop` does this first; call it earlier (say, on a signal) to give
@@ -411,11 +575,20 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
             handler.draining = True
         for transport in transports:
             transport.stop(drain_timeout)
+        _state.frontends.clear()
+        # Device processes after the front-ends: their calls in flight are done by now.
+        if _state.devices is not None:
+            _state.devices.stop(drain_timeout)
+            _state.devices = None
+        if _state.run_dir is not None:
+            shutil.rmtree(_state.run_dir, ignore_errors=True)
+            _state.run_dir = None
         _state.watcher = None
         _state.registry.clear()
         for observer in _state.observers.values():
             observer.detach()
         _state.observers.clear()
         _state.configured.clear()
+        _state.processes = None  # use_processes holds for one server's lifetime
         _state.stopping = False
         _refresh_ready()

@@ -41,7 +41,7 @@ class StartSettings:
     drain_timeout: float = 30.0
     access_log: bool = True
     log_level: str = "info"
-    workers: int = 1
+    workers: int | None = None  # front-end processes; None: mserve.server.default_workers(); 0: one process
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
     batching: bool = True
@@ -77,8 +77,8 @@ class StartSettings:
             fail("device_ids is empty")
         if any(d < 0 for d in self.device_ids):
             fail(f"device_ids must be non-negative, got {self.device_ids}")
-        if self.workers < 1:
-            fail(f"workers must be at least 1, got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            fail(f"workers must be 0 (one process) or more front-end processes, got {self.workers}")
         if self.max_batch_size < 1:
             fail(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_batch_delay_ms < 0:
@@ -133,7 +133,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads"}
+_OPTIONAL_INTS = {"threads", "workers"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

@@ -37,8 +37,10 @@ START_EPILOG = """\
   mserve new demo && mserve start --servable demo
   mserve start --host 0.0.0.0 --port 8080 --device-type gpu --device-ids 0,1
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem
-  [dim]# two server processes on one port (more CPU cores for HTTP and JSON)[/]
+  [dim]# two front-end processes on one port (HTTP, JSON, Python stages); models stay in one device process per device[/]
   mserve start --workers 2
+  [dim]# everything in one process (no device processes)[/]
+  mserve start --workers 0
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
@@ -155,7 +157,8 @@ def start(
     ),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error.  \\[default: info]", show_default=False),
     workers: Optional[int] = typer.Option(
-        None, help="Server processes sharing the port (each loads the servables; >1 uses more cores).  \\[default: 1]",
+        None, help="Front-end processes sharing the port (HTTP, JSON, Python stages); the models live in one device"
+        " process per device whatever N is. 0: everything in this one process.  \\[default: CPU cores, at most 8]",
         show_default=False,
     ),
     max_batch_size: Optional[int] = typer.Option(
@@ -250,11 +253,12 @@ def _serve(settings: StartSettings) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if settings.workers > 1:
-            _serve_workers(settings, configs, stop_requested, signals_seen)
+        if settings.workers != 0:
+            _serve_processes(settings, configs, stop_requested, signals_seen)
             return
         from mserve import server
 
+        server.use_processes("single")
         _load(configs, settings.poll_interval or None)
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
@@ -283,34 +287,43 @@ def _serve(settings: StartSettings) -> None:
             signal.signal(sig, handler)
 
 
-def _serve_workers(
+def _serve_processes(
     settings: StartSettings, configs: list[Any], stop_requested: threading.Event, signals_seen: list[int]
 ) -> None:
-    """``--workers N``: N server processes on one listening socket (see mserve.transport.workers)."""
-    from mserve.transport.http import bind_socket
-    from mserve.transport.workers import WorkerPool
+    """The default: ``settings.workers`` front-end processes on the port and one device
+    process per device (see mserve.devices). The port is served first, so /health
+    answers 200 and /ready 503 while the device processes load."""
+    from mserve import server
+    from mserve.errors import ServableLoadError
 
+    server.use_processes("devices")
+    workers = settings.workers if settings.workers is not None else server.default_workers()
     try:
-        sock = bind_socket(settings.host, settings.port)
-    except (RuntimeError, OSError) as exc:
+        restful = server.start_restful_server(
+            settings.address, ssl_config=settings.ssl_config(), workers=workers, **settings.restful_options()
+        )
+    except ImportError as exc:
+        server.stop()
+        render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
+    except socket.gaierror as exc:
+        server.stop()
+        render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
+    except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
+        server.stop()
         render.fail(str(exc), code=1)
-    scheme = "https" if settings.ssl_certfile else "http"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"{scheme}://{host}:{sock.getsockname()[1]}"
-    pool = WorkerPool(
-        configs, sock, settings.workers, restful=settings.restful_options(), ssl_config=settings.ssl_config(),
-        log_level=getattr(logging, settings.log_level.upper()),
-        poll_interval=settings.poll_interval or None,
-    )
     try:
-        described = pool.start()
-    except RuntimeError as exc:
+        server.start_servables(configs, poll_interval=settings.poll_interval or None)
+    except (ServableLoadError, RuntimeError) as exc:
+        server.stop(drain_timeout=0)
         render.fail(str(exc), code=1)
+    pool = restful.transport.pool
+    devices = server._state.devices
     try:
-        workers = f" with {settings.workers} worker processes"
-        _announce_and_wait(described, url, workers, settings, stop_requested, signals_seen)
+        how = f" with {workers} front-end process{'es' if workers > 1 else ''} and " \
+              f"{len(devices.devices)} device process{'es' if len(devices.devices) > 1 else ''}"
+        _announce_and_wait(pool.description, restful.url, how, settings, stop_requested, signals_seen)
     finally:
-        pool.stop(settings.drain_timeout)
+        server.stop(settings.drain_timeout)
     render.note("stopped")
 
 
@@ -357,6 +370,7 @@ def list_servables(
         configs = start_configs(resolved, device_type)
         from mserve import server
 
+        server.use_processes("single")  # describe only: no device processes needed
         with logging_to_stderr("warning", access_log=False):
             _load(configs)
             try:

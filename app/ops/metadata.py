@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..register import MethodDef, Slot
+from .metrics import placement
 from ..serving.servable import LoadedVersion, Servable
 
 
@@ -57,7 +58,10 @@ def describe_version(version: LoadedVersion) -> dict[str, Any]:
                 "format": stage.model.model_format,
                 "with_batch_dim": stage.model.with_batch_dim,
                 "max_batch_size": stage.max_batch_size,
-                "devices": len(stage.runtimes),
+                "devices": len(stage.runtimes) if not stage.remote else len(placement(stage)),
+                # Which device and process hold the model: the device processes, or
+                # this process when models run in-process.
+                "placement": placement(stage),
                 "inputs": [s.describe() for s in stage.inputs],
                 "outputs": [s.describe() for s in stage.outputs],
             }
