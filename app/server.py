@@ -84,6 +84,11 @@ class ServableStartConfig:
     batch_sizes: Sequence[int] | None = None
     max_batch_delay_ms: float = 2.0
     batching: bool = True
+    # With device processes: a model of at most this many KiB of files, on the CPU,
+    # not batched across requests, also gets a copy in each front-end, which runs it
+    # on its HTTP I/O thread (a round trip to the device process costs more than such
+    # a model's whole call). 0: never. Never for accelerators. See mserve.devices.
+    frontend_copy_max_kb: float = 256.0
 
     def versions(self) -> list[int]:
         return [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)

@@ -70,26 +70,56 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]
 
 
 class Server:
-    """`mserve` worker processes on a free port (as `mserve start --workers N`)."""
+    """An mserve server on a free port.
+
+    ``mode="devices"``: what `mserve start --workers N` runs now: N front-end
+    processes and one device process holding the models. ``mode="legacy"``: N
+    complete servers on the port, each loading the models (what `--workers N` meant
+    before device processes; the "today" rows of the issue's comparison).
+    """
 
     def __init__(
-        self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES, **config: object
+        self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES,
+        mode: str = "devices", **config: object,
     ):
         from mserve import server
+
+        self.mode = mode
+        configs = [server.ServableStartConfig(str(root), name, **config)]
+        if mode == "devices":
+            server.use_processes("devices")
+            started = server.start_restful_server("127.0.0.1:0", workers=workers, **(restful or {}))
+            server.start_servables(configs)
+            self.port = started.port
+            self.pool = started.transport.pool
+            return
         from mserve.transport.http import bind_socket
         from mserve.transport.workers import WorkerPool
 
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
-        configs = [server.ServableStartConfig(str(root), name, **config)]
         self.pool = WorkerPool(configs, sock, workers, restful=restful, log_level=40)
         self.pool.start()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def pids(self) -> list[int]:
+        """Every process of this server (the benchmark's own process excluded)."""
+        from mserve import server
+
+        pids = [p.pid for p in self.pool.procs if p is not None]
+        if self.mode == "devices" and server._state.devices is not None:
+            pids += list(server._state.devices.pids().values())
+        return pids
+
     def stop(self) -> None:
-        self.pool.stop(drain_timeout=5)
+        if self.mode == "devices":
+            from mserve import server
+
+            server.stop(drain_timeout=5)
+        else:
+            self.pool.stop(drain_timeout=5)
 
 
 MLP_SIZES = (1024, 2048, 2048, 10)

@@ -49,6 +49,7 @@ class StartSettings:
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
+    frontend_copy_max_kb: float = 256.0  # small unbatched CPU models also live in each front-end; 0: never
 
     # ------------------------------------------------------------------ building
 
@@ -87,6 +88,8 @@ class StartSettings:
             fail(f"max_enqueued_requests must be at least 1, got {self.max_enqueued_requests}")
         if self.poll_interval < 0:
             fail(f"poll_interval must be >= 0, got {self.poll_interval}")
+        if self.frontend_copy_max_kb < 0:
+            fail(f"frontend_copy_max_kb must be >= 0, got {self.frontend_copy_max_kb}")
         if self.inline_max_ms < 0:
             fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
@@ -315,6 +318,7 @@ def start_configs(
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "batching": settings.batching,
+            "frontend_copy_max_kb": settings.frontend_copy_max_kb,
         }
     return [
         server.ServableStartConfig(

@@ -44,7 +44,7 @@ START_EPILOG = """\
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -187,6 +187,13 @@ def start(
         " skipping two thread hand-offs (0: off).  \\[default: 1]",
         show_default=False,
     ),
+    frontend_copy_max_kb: Optional[float] = typer.Option(
+        None,
+        help="Models of at most this many KiB, on the CPU and not batched across requests, also get a copy in each"
+        " front-end process, saving the round trip to the device process (0: never; never on accelerators)."
+        "  \\[default: 256]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -221,6 +228,7 @@ def start(
             "request_timeout": request_timeout,
             "poll_interval": poll_interval,
             "inline_max_ms": inline_max_ms,
+            "frontend_copy_max_kb": frontend_copy_max_kb,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)

@@ -5,7 +5,16 @@ registry: each servable's definition is loaded here once (servable_config.py run
 every front-end: its Python stages run here), and each version gets stand-ins for
 its model stages (`remote.RemoteModelStage`, plus a `remote.RemoteBatcher` where the
 device process batches across requests). No model file is opened and no JAX client
-is created in a front-end.
+is created in a front-end, with one exception:
+
+Front-end copies. A small model on the CPU that is not batched across requests
+(``frontend_copy`` in the manifest, see ``ServableStartConfig.frontend_copy_max_kb``)
+is also loaded here, on this process's CPU, and runs in-process (on the HTTP I/O
+thread for quick predicts): for the add servable a round trip to the device process
+costs about 140 µs, several times the model call itself, and on a small machine the
+extra process competes for the same cores (benchmarks/bench_serving.py shows the
+difference). Such a front-end imports JAX (CPU only: ``JAX_PLATFORMS=cpu``); one
+without copies never does. Accelerator models never get front-end copies.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..serving.model_stage import ModelStage
 from ..serving.servable import LoadedVersion, Servable, load_definition
 from .remote import DeviceClient, RemoteBatcher, RemoteModelStage
 
@@ -31,6 +41,7 @@ class FrontendModels:
         self.clients: dict[str, DeviceClient] = {}
         self.definitions: dict[str, Any] = {}
         self._built: dict[tuple[str, int], tuple[str, LoadedVersion]] = {}
+        self._copies: dict[tuple[str, ...], ModelStage] = {}  # front-end copies, by model files
 
     def _client(self, group: str, socket_path: str) -> DeviceClient:
         client = self.clients.get(group)
@@ -82,6 +93,9 @@ class FrontendModels:
         batchers = {}
         for model in definition.models:
             spec = version["models"][str(model.index)]
+            if spec.get("frontend_copy"):
+                stages[model.index] = self._copy(model, spec)
+                continue
             clients = [self.clients[g] for g in spec["groups"]]
             stage = RemoteModelStage(model, spec, clients, servable.name, number)
             stages[model.index] = stage
@@ -90,3 +104,32 @@ class FrontendModels:
         workers = config.num_parallel_workers if config is not None else 0
         pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mserve-{servable.name}-stage") if workers > 0 else None
         return LoadedVersion(servable.name, number, definition, stages, batchers, pool)
+
+    def _copy(self, model: Any, spec: dict[str, Any]) -> ModelStage:
+        """This front-end's own copy of a small CPU model, loaded and warm."""
+        key = tuple(spec["files"])
+        stage = self._copies.get(key)
+        if stage is not None:
+            stage.placement = _copy_placement(spec)  # type: ignore[attr-defined]
+            return stage
+        from ..backends import get_backend
+        from ..backends.jax_runtime import prefer_sync_cpu_dispatch
+        from ..serving.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
+        prefer_sync_cpu_dispatch()  # before this process's JAX makes its CPU client
+        import jax
+
+        runtime = get_backend(model.model_format)([Path(f) for f in spec["files"]], model.options, jax.devices("cpu")[0])
+        stage = ModelStage(model, [runtime], spec["max_batch_size"], spec["buckets"] or None)
+        stage.warm_up()
+        stage.placement = _copy_placement(spec)  # type: ignore[attr-defined]
+        self._copies[key] = stage
+        log.info("front-end copy of %s loaded (%d program(s) compiled)", model.model_files[0], stage.compile_count)
+        return stage
+
+
+def _copy_placement(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    import os
+
+    return list(spec["placement"]) + [{"device": "cpu:0", "pid": os.getpid(), "role": "front-end copy"}]

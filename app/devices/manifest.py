@@ -43,7 +43,9 @@ def write(
                 for index, model in version["models"].items():
                     found = merged["models"].setdefault(index, dict(model, groups=[], placement=[]))
                     found["groups"].append(device["group"])
-                    found["placement"].extend({"device": d, "pid": device["pid"]} for d in model["devices"])
+                    found["placement"].extend(
+                        {"device": d, "pid": device["pid"], "role": "device process"} for d in model["devices"]
+                    )
     data = {"generation": generation, "devices": devices, "servables": list(servables.values())}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,7 @@ def describe(group: str, socket_path: str) -> dict[str, Any]:
     servables = []
     devices: set[str] = set()
     for servable in server.registry().servables().values():
+        config = server._state.configured.get(servable.name)
         versions = {}
         for number, loaded in servable.versions.items():
             models = {}
@@ -81,6 +83,10 @@ def describe(group: str, socket_path: str) -> dict[str, Any]:
                 names = [device_name(r) for r in stage.runtimes]
                 devices.update(names)
                 models[str(index)] = {
+                    "frontend_copy": _frontend_copy(
+                        stage, batcher is not None, names, config,
+                        Path(servable.directory) / servable.name / str(number),
+                    ),
                     "inputs": [[s.dtype.str, None if s.shape is None else list(s.shape)] for s in stage.inputs],
                     "outputs": [[s.dtype.str, None if s.shape is None else list(s.shape)] for s in stage.outputs],
                     "max_batch_size": stage.max_batch_size,
@@ -89,9 +95,10 @@ def describe(group: str, socket_path: str) -> dict[str, Any]:
                     "max_delay": batcher.max_delay if batcher is not None else None,
                     "compile_count": stage.compile_count,
                     "devices": names,
+                    "files": [os.fspath(Path(servable.directory) / servable.name / str(number) / f)
+                              for f in stage.model.model_files],
                 }
             versions[str(number)] = {"models": models}
-        config = server._state.configured.get(servable.name)
         servables.append({
             "name": servable.name,
             "directory": os.fspath(servable.directory),
@@ -100,6 +107,25 @@ def describe(group: str, socket_path: str) -> dict[str, Any]:
         })
     return {"group": group, "socket": socket_path, "pid": os.getpid(), "devices": sorted(devices),
             "servables": servables}
+
+
+FRONTEND_COPY_FORMATS = ("jax_export", "jax_function")
+
+
+def _frontend_copy(stage: Any, batched: bool, devices: list[str], config: Any, folder: Path) -> bool:
+    """Whether front-ends should hold their own copy of this model: small, on the
+    CPU, a JAX format, and not batched across requests (batching needs the rows of
+    every front-end in one place). Never for a model on an accelerator."""
+    limit = getattr(config.config, "frontend_copy_max_kb", 0) if config is not None else 0
+    if not limit or batched or stage.model.model_format.lower() not in FRONTEND_COPY_FORMATS:
+        return False
+    if not devices or not all(d.startswith("cpu:") for d in devices):
+        return False
+    try:
+        size = sum((folder / f).stat().st_size for f in stage.model.model_files)
+    except OSError:
+        return False
+    return size <= limit * 1024
 
 
 def _config_json(config: Any) -> dict[str, Any]:

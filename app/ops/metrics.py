@@ -323,12 +323,15 @@ class VersionObserver(BatchObserver):
 
 
 def placement(stage: Any) -> list[dict[str, Any]]:
-    """Where a model stage's model lives: ``[{"device": "cpu:0", "pid": 123}]``, one
-    entry per device. A stand-in for a model in a device process says it itself."""
+    """Where a model stage's model lives: ``[{"device": "cpu:0", "pid": 123, "role":
+    ...}]``, one entry per copy. ``role``: ``"device process"`` (the copy that serves
+    the device), ``"front-end copy"`` (a small CPU model each front-end also holds,
+    see mserve.devices.frontend) or ``"this process"`` (everything in one process).
+    Stages of front-ends say it themselves (``stage.placement``)."""
     remote = getattr(stage, "placement", None)
     if remote is not None:
         return list(remote)
-    return [{"device": device_name(r), "pid": os.getpid()} for r in stage.runtimes]
+    return [{"device": device_name(r), "pid": os.getpid(), "role": "this process"} for r in stage.runtimes]
 
 
 def device_name(runtime: Any) -> str:

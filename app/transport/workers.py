@@ -62,7 +62,7 @@ class WorkerPool:
         poll_interval: float | None = None,
         manifest: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
-        access_log: bool = True,
+        access_log: bool | None = None,
     ):
         self.sock = sock
         self.manifest = manifest
@@ -75,7 +75,8 @@ class WorkerPool:
             "ssl_config": dataclasses.asdict(ssl_config) if ssl_config is not None else None,
             "fd": sock.fileno(),
             "log_level": log_level,
-            "access_log": access_log,
+            # None: one access line per request when log_level lets INFO through
+            "access_log": access_log if access_log is not None else log_level <= logging.INFO,
             "poll_interval": poll_interval,
             "manifest": os.fspath(manifest) if manifest is not None else None,
         }
