@@ -135,6 +135,8 @@ class _State:
     devices: Any = None  # the DeviceSupervisor (devices mode)
     frontends: list[Any] = field(default_factory=list)  # front-end WorkerPools (devices mode)
     run_dir: str | None = None  # sockets, manifest and metrics of this server's processes
+    # How hot reload retires a version (a device process first lets its front-ends switch).
+    retire: Any = None  # (name, version) -> None; None: _retire_version
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -414,8 +416,11 @@ def _watch(entries: list[_Loaded], poll_interval: float) -> None:
     def add(name: str, loaded: LoadedVersion) -> None:
         _state.registry.add(_state.configured[name].servable, loaded)
 
+    def retire(name: str, version: int) -> None:
+        (_state.retire or _retire_version)(name, version)
+
     _state.watcher = VersionWatcher(
-        list(targets.values()), _state.registry, load, add, _retire_version, poll_interval, _refresh_ready
+        list(targets.values()), _state.registry, load, add, retire, poll_interval, _refresh_ready
     )
     _state.watcher.start()
     log.info("hot reload: watching %s every %gs", ", ".join(sorted(targets)), poll_interval)

@@ -144,7 +144,7 @@ class Served:
                 if requests.get(self.url + "/ready", timeout=2).status_code == 200:
                     if "serving on" in self.output():
                         return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
                 pass
             time.sleep(0.1)
         raise AssertionError("not ready:\n" + self.output())
@@ -413,6 +413,37 @@ def test_two_host_devices_get_a_device_process_each(tmp_path):
 def _device_of(url: str, pid: int) -> str:
     (model,) = requests.get(url + "/model/mixer", timeout=10).json()["versions"][0]["models"]
     return next(p["device"] for p in model["placement"] if p["pid"] == pid)
+
+
+def test_hot_reload_happens_in_the_device_process(tmp_path):
+    write_mixer(tmp_path)
+    served = Served([str(tmp_path), "--workers", "2", "--poll-interval", "0.3"], cwd=tmp_path)
+    try:
+        served.wait_ready()
+        (device,) = tree(served.proc.pid)["device"]
+        body = {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}
+        assert post(served.url, "/model/mixer:fast", body).json()["instances"][0]["y"] == [3.0, 5.0, 7.0, 9.0]
+        staging = tmp_path / "staging"
+        export_to(staging / "affine.jaxexport", lambda x: x * 3.0, spec("b, 4"))
+        staging.rename(tmp_path / "mixer" / "2")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            reply = post(served.url, "/model/mixer:fast", body)
+            assert reply.status_code == 200, reply.text  # the switch loses no request
+            if reply.json()["instances"][0]["y"] == [3.0, 6.0, 9.0, 12.0]:
+                break
+            time.sleep(0.1)
+        assert reply.json()["instances"][0]["y"] == [3.0, 6.0, 9.0, 12.0]
+        while time.monotonic() < deadline:  # version 1 is retired once its requests are done
+            described = requests.get(served.url + "/model/mixer", timeout=10).json()
+            if [v["version"] for v in described["versions"]] == [2]:
+                break
+            time.sleep(0.1)
+        assert [v["version"] for v in described["versions"]] == [2]
+        assert described["versions"][0]["models"][0]["placement"][0]["pid"] == device
+        assert tree(served.proc.pid)["device"] == [device]  # reloaded in place, not restarted
+    finally:
+        assert served.stop() == 0, served.output()
 
 
 def test_a_device_process_that_cannot_load_fails_the_start(tmp_path):

@@ -65,9 +65,10 @@ def local_device_ids(device_type: str | None, ids: list[int], remapped: bool) ->
     return ids
 
 
-def describe(group: str, socket_path: str) -> dict[str, Any]:
+def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set()) -> dict[str, Any]:
     """What this process serves, for the manifest the front-ends build their
-    stand-in model stages from: per version and model, the specs and batching."""
+    stand-in model stages from: per version and model, the specs and batching
+    (``hidden``: versions being retired, which front-ends should stop calling)."""
     from .. import server
     from ..ops.metrics import device_name
 
@@ -77,6 +78,8 @@ def describe(group: str, socket_path: str) -> dict[str, Any]:
         config = server._state.configured.get(servable.name)
         versions = {}
         for number, loaded in servable.versions.items():
+            if (servable.name, number) in hidden:
+                continue
             models = {}
             for index, stage in loaded.stages.items():
                 batcher = loaded.batchers.get(index)
@@ -139,8 +142,12 @@ def _config_json(config: Any) -> dict[str, Any]:
 class DeviceServer:
     """Accepts front-end connections on a unix socket and runs their model calls."""
 
-    def __init__(self, socket_path: str):
+    def __init__(self, socket_path: str, group: str = ""):
         self.socket_path = socket_path
+        self.group = group
+        self.hidden: set[tuple[str, int]] = set()  # versions being retired
+        self._last_call: dict[tuple[str, int], float] = {}
+        self._report_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._active = 0
         self._cv = threading.Condition()
@@ -229,6 +236,28 @@ class DeviceServer:
             except OSError:
                 pass
 
+    def report(self) -> None:
+        """Tell the supervisor what this process serves now (``SERVES <json>``)."""
+        with self._report_lock:
+            print("SERVES " + json.dumps(describe(self.group, self.socket_path, set(self.hidden))), flush=True)
+
+    def retire(self, name: str, version: int, quiet: float = 2.0, limit: float = 120.0) -> None:
+        """Hot reload's retirement of a version, with front-ends in other processes:
+        first stop listing it (the front-ends switch to what they are told), keep
+        answering it until it has had no call for ``quiet`` seconds, then unload it."""
+        from .. import server
+
+        key = (name, version)
+        self.hidden.add(key)
+        self.report()
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
+            time.sleep(0.1)
+            if time.monotonic() - max(self._last_call.get(key, 0.0), started) >= quiet:
+                break
+        server._retire_version(name, version)
+        self.hidden.discard(key)
+
     def _lookup(self, name: str, version: int) -> Any:
         from .. import server
 
@@ -250,6 +279,7 @@ class DeviceServer:
         from ..errors import InstanceError
 
         _, name, version, index, rows_in, remaining, announced, batched = message
+        self._last_call[(name, version)] = time.monotonic()
         loaded = self._lookup(name, version)
         if loaded is None or self._stopping:
             why = "the device process is stopping" if self._stopping else "it was unloaded"
@@ -296,16 +326,16 @@ def _encode_results(results: list, buffer: Buffer | None, error_type: type) -> l
     return encoded
 
 
-def _watch_registry(group: str, socket_path: str, stop: threading.Event) -> None:
-    """Report versions that hot reload added or retired (``SERVES <json>``)."""
+def _watch_registry(device_server: DeviceServer, stop: threading.Event) -> None:
+    """Report versions that hot reload added or retired."""
     from .. import server
 
     seen = server.registry().servables()
-    while not stop.wait(0.2):
+    while not stop.wait(0.05):
         now = server.registry().servables()
         if now is not seen:
             seen = now
-            print("SERVES " + json.dumps(describe(group, socket_path)), flush=True)
+            device_server.report()
 
 
 def main() -> int:
@@ -324,6 +354,8 @@ def main() -> int:
     from ..errors import ServableLoadError
 
     server.use_processes("single")  # this process is the in-process server of its device
+    device_server = DeviceServer(settings["socket"], group)
+    server._state.retire = device_server.retire
     try:
         configs = []
         for data in settings["configs"]:
@@ -331,7 +363,6 @@ def main() -> int:
                                                            settings["remapped"]))
             configs.append(server.ServableStartConfig(**data))
         server.start_servables(configs, poll_interval=settings.get("poll_interval"))
-        device_server = DeviceServer(settings["socket"])
         device_server.listen()
     except (ServableLoadError, RuntimeError, ValueError, OSError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
@@ -339,7 +370,7 @@ def main() -> int:
     print("READY " + json.dumps(describe(group, settings["socket"])), flush=True)
     stop = threading.Event()
     if settings.get("poll_interval"):
-        threading.Thread(target=_watch_registry, args=(group, settings["socket"], stop), daemon=True).start()
+        threading.Thread(target=_watch_registry, args=(device_server, stop), daemon=True).start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     stop.set()
     device_server.stop(settings.get("drain_timeout", 30.0))
