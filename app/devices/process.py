@@ -36,17 +36,19 @@ log = logging.getLogger("mserve.devices.process")
 
 
 def die_with_parent() -> None:
-    """Get SIGKILL when the process that started this one dies (Linux), so a killed
-    supervisor never leaves device or front-end processes behind."""
-    try:
-        import ctypes
+    """Exit when the process that started this one is gone, so a supervisor killed
+    outright never leaves device or front-end processes behind. (Not
+    ``PR_SET_PDEATHSIG``: it fires when the parent *thread* ends, and a restarted
+    process is started by a watcher thread that ends at stop, before the drain.)"""
+    parent = os.getppid()
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the parent's stop still ends us
-        return
-    if os.getppid() == 1:  # the parent already went
-        os._exit(1)
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mserve-parent-watch", daemon=True).start()
 
 
 def local_device_ids(device_type: str | None, ids: list[int], remapped: bool) -> list[int]:
@@ -357,10 +359,15 @@ def main() -> int:
     device_server = DeviceServer(settings["socket"], group)
     server._state.retire = device_server.retire
     try:
+        from ..ops import metrics
+
         configs = []
         for data in settings["configs"]:
-            data = dict(data, device_ids=local_device_ids(data.get("device_type"), data["device_ids"],
-                                                           settings["remapped"]))
+            local = local_device_ids(data.get("device_type"), data["device_ids"], settings["remapped"])
+            for mine, machine in zip(local, data["device_ids"]):
+                if mine != machine:  # report GPUs as the machine numbers them
+                    metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
+            data = dict(data, device_ids=local)
             configs.append(server.ServableStartConfig(**data))
         server.start_servables(configs, poll_interval=settings.get("poll_interval"))
         device_server.listen()

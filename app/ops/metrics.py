@@ -334,12 +334,23 @@ def placement(stage: Any) -> list[dict[str, Any]]:
     return [{"device": device_name(r), "pid": os.getpid(), "role": "this process"} for r in stage.runtimes]
 
 
+# Local device name -> the machine's: a device process that sees only GPU 3 (as its
+# gpu:0, through CUDA_VISIBLE_DEVICES) sets {"gpu:0": "gpu:3"} here.
+DEVICE_RENAMES: dict[str, str] = {}
+
+
 def device_name(runtime: Any) -> str:
-    """``platform:id`` of a runtime's device (``cpu:0``, ``gpu:1``), or what a plugin gives."""
+    """``platform:id`` of a runtime's device (``cpu:0``, ``gpu:1``, numbered as on the
+    machine, not as ``CUDA_VISIBLE_DEVICES`` renumbers them), or what a plugin gives."""
+    name = _local_device_name(runtime)
+    return DEVICE_RENAMES.get(name, name)
+
+
+def _local_device_name(runtime: Any) -> str:
     device = getattr(runtime, "device", None)
     if device is None:
         inner = getattr(runtime, "_runtime", None)
-        return device_name(inner) if inner is not None else "unknown"
+        return _local_device_name(inner) if inner is not None else "unknown"
     platform, number = getattr(device, "platform", None), getattr(device, "id", None)
     if platform is not None and number is not None:
         return f"{platform}:{number}"

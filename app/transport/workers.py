@@ -200,6 +200,9 @@ def _worker_main() -> int:
     # Block the stop signals first, so one that comes while loading is held until
     # the worker serves and then drains like any other stop.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    from ..devices.process import die_with_parent
+
+    die_with_parent()  # a pool's process killed outright leaves no worker behind
     settings = json.loads(sys.stdin.read())
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
@@ -250,11 +253,9 @@ def _frontend(settings: dict[str, Any], sock: socket.socket, balance: Connection
     from .. import server
     from ..devices.frontend import FrontendModels
     from ..devices.manifest import Follower
-    from ..devices.process import die_with_parent
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
 
-    die_with_parent()
     ssl = settings["ssl_config"]
     state = server._state
     state.loading += 1  # until the device processes serve
