@@ -39,7 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SERVABLES = REPO / "servables"
 ADD_BODY = '{"instances":[{"x1":[[1.0,2.0],[3.0,4.0]],"x2":[[1.0,2.0],[3.0,4.0]]}]}'
-ANCHOR = REPO.parent / "shared" / "anchors" / "mindspore_serving"
+# ../shared beside the checkout (/work/main), or two levels up from a worktree (/work/wt/issueN)
+ANCHOR = next(
+    (p / "shared" / "anchors" / "mindspore_serving" for p in (REPO.parent, REPO.parent.parent)
+     if (p / "shared" / "anchors" / "mindspore_serving").is_dir()),
+    REPO.parent / "shared" / "anchors" / "mindspore_serving",
+)
 
 
 def lenet_body(instances: int = 1) -> str:

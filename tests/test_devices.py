@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import requests
@@ -62,6 +63,14 @@ def fast(x):
     return y, pid
 
 
+tiler = register.declare_model(model_file="tile.jaxexport", model_format="jax_export", with_batch_dim=False)
+
+
+@register.register_method(output_names=["y"])
+def big(x):
+    return register.add_stage(tiler, x, outputs_count=1)
+
+
 def hold(seconds):
     time.sleep(float(seconds))
     return seconds
@@ -76,6 +85,11 @@ def wait(seconds):
 def write_mixer(root: Path) -> None:
     write_servable(root, "mixer", MIXER_CONFIG)
     export_to(root / "mixer" / "1" / "affine.jaxexport", lambda x: x * 2.0 + 1.0, spec("b, 4"))
+    # 4 floats in, 3 MiB out: more than a connection's first shared-memory buffer holds
+    export_to(root / "mixer" / "1" / "tile.jaxexport", lambda x: jnp.tile(x, BIG_TILES), spec((4,)))
+
+
+BIG_TILES = 3 * 1024 * 1024 // 16
 
 
 # --------------------------------------------------------------------------- process tree
@@ -184,7 +198,9 @@ def three_frontends(tmp_path_factory):
     """``mserve start --workers 3`` serving the mixer servable on one (CPU) device."""
     root = tmp_path_factory.mktemp("mixer")
     write_mixer(root)
-    served = Served([str(root), "--workers", "3", "--max-batch-delay-ms", "3000"], cwd=root)
+    # No front-end copies: the small unbatched tile model runs in the device process too.
+    served = Served([str(root), "--workers", "3", "--max-batch-delay-ms", "3000", "--frontend-copy-max-kb", "0"],
+                    cwd=root)
     try:
         served.wait_ready()
         yield served
@@ -221,14 +237,14 @@ def test_one_device_process_holds_the_model_for_three_frontends(three_frontends)
     assert len(roles["frontend"]) == 3 and len(roles["device"]) == 1, roles
     device = roles["device"][0]
     described = requests.get(three_frontends.url + "/model/mixer", timeout=10).json()
-    (model,) = described["versions"][0]["models"]
-    assert model["placement"] == [{"device": "cpu:0", "pid": device, "role": "device process"}]
+    for model in described["versions"][0]["models"]:
+        assert model["placement"] == [{"device": "cpu:0", "pid": device, "role": "device process"}]
     # Only the device process has XLA loaded: the front-ends never imported JAX.
     assert maps_jax(device)
     assert not any(maps_jax(pid) for pid in roles["frontend"])
     metrics = requests.get(three_frontends.url + "/metrics", timeout=10).text
     placed = metric_samples(metrics, "mserve_model_placement")
-    assert [(s["process"], s["device"], v) for s, v in placed if s["servable"] == "mixer"] == [(str(device), "cpu:0", 1.0)]
+    assert [(s["process"], s["device"], v) for s, v in placed if s["servable"] == "mixer"] == [(str(device), "cpu:0", 1.0)] * 2
 
 
 def test_requests_on_different_frontends_share_one_device_call(three_frontends):
@@ -292,6 +308,18 @@ def _connections_and_owners(port: int, count: int) -> tuple[list, list]:
         conn.request("POST", "/model/mixer:fast", body=json.dumps({"instances": [{"x": [0.0, 0.0, 0.0, 0.0]}]}))
         owners.append(json.loads(conn.getresponse().read())["instances"][0]["frontend"])
     return conns, owners
+
+
+def test_outputs_larger_than_the_shared_buffer(three_frontends):
+    """3 MiB of output for 16 bytes of input: the first reply carries it inline (the
+    connection's buffer holds 1 MiB), later ones through the grown buffer."""
+    session = requests.Session()
+    for k in range(3):
+        x = [float(k), 1.5, -2.0, 4.0]
+        reply = post(three_frontends.url, "/model/mixer:big", {"instances": [{"x": x}]}, session)
+        assert reply.status_code == 200, reply.text[:200]
+        y = np.array(reply.json()["instances"][0]["y"], np.float32)
+        assert y.shape == (4 * BIG_TILES,) and np.array_equal(y, np.tile(np.array(x, np.float32), BIG_TILES))
 
 
 def test_a_killed_frontend_loses_only_its_requests(three_frontends):
@@ -397,7 +425,7 @@ def test_two_host_devices_get_a_device_process_each(tmp_path):
         served.wait_ready()
         roles = tree(served.proc.pid)
         assert len(roles["device"]) == 2, roles
-        (model,) = requests.get(served.url + "/model/mixer", timeout=10).json()["versions"][0]["models"]
+        model = requests.get(served.url + "/model/mixer", timeout=10).json()["versions"][0]["models"][0]
         assert sorted((p["device"], p["pid"]) for p in model["placement"]) == sorted(
             zip(["cpu:0", "cpu:1"], sorted(roles["device"], key=lambda pid: _device_of(served.url, pid)))
         )
@@ -411,7 +439,7 @@ def test_two_host_devices_get_a_device_process_each(tmp_path):
 
 
 def _device_of(url: str, pid: int) -> str:
-    (model,) = requests.get(url + "/model/mixer", timeout=10).json()["versions"][0]["models"]
+    model = requests.get(url + "/model/mixer", timeout=10).json()["versions"][0]["models"][0]
     return next(p["device"] for p in model["placement"] if p["pid"] == pid)
 
 
@@ -425,6 +453,7 @@ def test_hot_reload_happens_in_the_device_process(tmp_path):
         assert post(served.url, "/model/mixer:fast", body).json()["instances"][0]["y"] == [3.0, 5.0, 7.0, 9.0]
         staging = tmp_path / "staging"
         export_to(staging / "affine.jaxexport", lambda x: x * 3.0, spec("b, 4"))
+        (staging / "tile.jaxexport").write_bytes((tmp_path / "mixer" / "1" / "tile.jaxexport").read_bytes())
         staging.rename(tmp_path / "mixer" / "2")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -47,7 +47,7 @@ class DeviceUnavailable(Exception):
 
 
 class _Connection:
-    __slots__ = ("sock", "channel", "buffer")
+    __slots__ = ("sock", "channel", "buffer", "wanted")
 
     def __init__(self, path: str, hello: tuple):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,6 +59,7 @@ class _Connection:
         self.sock = sock
         self.channel = Channel(sock)
         self.buffer: Buffer | None = None
+        self.wanted = 0  # outputs that came inline because the buffer was too small
         self.channel.send(hello)
 
     def ensure(self, size: int) -> Buffer:
@@ -135,7 +136,7 @@ class DeviceClient:
                 sent: list[tuple] = [tuple(row) for row in rows]
                 buffer = conn.buffer
             else:
-                buffer = conn.ensure(nbytes_of(flat))
+                buffer = conn.ensure(max(nbytes_of(flat), conn.wanted))
                 descs, _ = buffer.write(flat)
                 width = len(rows[0]) if rows else 0
                 sent = [tuple(descs[i : i + width]) for i in range(0, len(descs), width)]
@@ -150,7 +151,11 @@ class DeviceClient:
             self._drop()
             self._mark_down()
             raise DeviceUnavailable(f"device process {self.key} went away ({exc})") from None
-        return [_decode(result, buffer) for result in reply[1]]
+        results = reply[1]
+        came_inline = [v for r in results if r[0] == "a" for v in r[1]]
+        if came_inline and all(storable(v) for v in came_inline):
+            conn.wanted = max(conn.wanted, nbytes_of(came_inline))  # room for such outputs next time
+        return [_decode(result, buffer) for result in results]
 
 
 def _decode(result: tuple, buffer: Buffer | None) -> tuple | InstanceError:
