@@ -68,7 +68,9 @@ class ServableStartConfig:
 
     ``version_number=0`` loads the newest version folder; a number loads that one; a
     list loads several. ``device_ids`` picks devices of ``device_type`` (``"cpu"``,
-    ``"gpu"``, or a backend plugin's type; ``None``: JAX's default device kind).
+    ``"gpu"``, ``"ascend"``: any type an installed backend runs on; ``None``: each
+    model's backend picks its default). A model that declares a sharding is one
+    instance spanning all of them.
     """
 
     servable_directory: str | os.PathLike
@@ -144,6 +146,13 @@ class _State:
             return False, "stopping"
         if self.loading:
             return False, "loading servables"
+        if self.processes_started():  # devices mode: this process supervises, front-ends serve
+            if self.devices is None:
+                return False, "no servable loaded"
+            down = self.devices.down()
+            if down:
+                return False, f"device process {', '.join(down)} is restarting"
+            return True, "ready"
         if not self.configured:
             return False, "no servable loaded"
         served = self.registry.servables()
@@ -151,6 +160,9 @@ class _State:
         if missing:
             return False, f"no version of servable {', '.join(missing)} is loaded"
         return True, "ready"
+
+    def processes_started(self) -> bool:
+        return self.devices is not None or bool(self.frontends)
 
     def failed_versions(self, name: str) -> list[dict[str, Any]]:
         """Versions hot reload could not load (they are skipped until they change)."""
@@ -240,23 +252,16 @@ def _refresh_ready() -> None:
 
 
 def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[Any]:
-    """JAX devices for ``device_type``; other types go to their backend as (type, id)."""
-    kind = (device_type or "").lower()
-    if kind in ("", "none", "cpu", "gpu", "cuda"):
-        import jax
+    """Devices (type, id) for the backends; the type must be one that an installed
+    backend runs on (else the error names what to install). ``None`` lets each
+    model's backend pick its default type; ids are checked by the backend at load."""
+    from .backends import BackendError, Device, check_device_type
 
-        platform = {"": None, "none": None, "cuda": "gpu"}.get(kind, kind)
-        try:
-            devices = jax.devices(platform)
-        except RuntimeError as exc:
-            raise ServableLoadError(f"device_type {device_type!r} is not available here: {exc}") from None
-        missing = [i for i in device_ids if not 0 <= i < len(devices)]
-        if missing:
-            raise ServableLoadError(
-                f"device_ids {missing} do not exist: {len(devices)} {devices[0].platform} device(s) present"
-            )
-        return [devices[i] for i in device_ids]
-    return [(kind, i) for i in device_ids]
+    try:
+        kind = check_device_type(device_type)
+    except BackendError as exc:
+        raise ServableLoadError(str(exc)) from None
+    return [Device(kind, i) for i in device_ids]
 
 
 def start_servables(
@@ -277,12 +282,20 @@ def start_servables(
     if processes() == "devices":
         _start_devices(configs, poll_interval)
         return
-    enable_compile_cache()
-    from .backends.jax_runtime import prefer_sync_cpu_dispatch
-
-    prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    # "Loading" from the first moment: importing JAX alone takes seconds, and a server
+    # already listening must answer 503 (not 404) meanwhile.
     with _state.lock:
         _state.loading += 1
+    try:
+        enable_compile_cache()
+        from .backends.jax_runtime import prefer_sync_cpu_dispatch
+
+        prefer_sync_cpu_dispatch()  # before anything makes JAX's CPU client
+    except BaseException:
+        with _state.lock:
+            _state.loading -= 1
+        raise
+    with _state.lock:
         _refresh_ready()
         try:
             for config in configs:
@@ -363,7 +376,7 @@ def _load_version(entry: _Loaded, number: int) -> LoadedVersion:
     try:
         loaded = load_version(
             entry.servable.directory, entry.servable.definition, number, entry.devices, batching,
-            config.num_parallel_workers,
+            config.num_parallel_workers, config.dec_key, config.dec_mode,
         )
     except BaseException:
         metrics.VERSION_LOADS.labels(name, "failed").inc()
@@ -558,6 +571,29 @@ def _start_frontends(
     server = RestfulServer(frontends, host)
     log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
     return server
+
+
+def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
+    """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
+    (mserve addition): probes that need no client certificate when the RESTful server
+    requires one (mutual TLS), and nothing else (no predicts, no metadata). Bind it to
+    127.0.0.1 unless the probes come from outside (a kubelet's ``httpGet``). Stopped by
+    `stop` with the rest; call it before `start_servables` to answer while loading."""
+    from .ops.endpoints import create_probe_app
+
+    host, port = parse_address(address)
+    with _state.lock:
+        sock = bind_socket(host, port)
+        try:
+            transport = WaitressTransport(create_probe_app(_state), sock, threads=threads, max_body_bytes=1 << 16)
+            transport.start()
+        except BaseException:
+            sock.close()
+            raise
+        _state.transports.append(transport)
+    probes = RestfulServer(transport, host)
+    log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
+    return probes
 
 
 def begin_shutdown() -> None:

@@ -9,7 +9,7 @@ platform it runs on (``platforms=("cpu", "cuda")`` covers both).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax import export
@@ -17,7 +17,8 @@ from jax import export
 from .jax_runtime import JaxProgram, resolve_device, specs_from_avals
 
 
-def load(files: list[Path], options: dict[str, Any], device: Any) -> JaxProgram:
+def load(files: list[Path], options: dict[str, Any], devices: Sequence[Any]) -> JaxProgram:
+    """Load the artifact for one device (``devices``: a one-device group)."""
     if len(files) != 1:
         raise ValueError(f"jax_export expects exactly one model file, got {len(files)}")
     path = files[0]
@@ -25,7 +26,7 @@ def load(files: list[Path], options: dict[str, Any], device: Any) -> JaxProgram:
         exported = export.deserialize(bytearray(path.read_bytes()))
     except Exception as exc:  # the deserializer raises assorted types on garbage
         raise ValueError(f"{path} is not a jax.export artifact: {exc}") from exc
-    device = resolve_device(device)
+    device = resolve_device(devices)
     platform = "cuda" if device.platform == "gpu" else device.platform
     if platform not in exported.platforms:
         raise ValueError(

@@ -12,18 +12,23 @@ once. ``input_specs`` gives each input's shape (``jax.export.symbolic_shape`` sy
 a leading ``b`` is a free batch size) and dtype. The function is exported with those
 specs at load time, so shapes, dtypes and mistakes in the function surface at start,
 exactly as for a ``jax_export`` artifact.
+
+With ``options["sharding"]`` the model is one instance spanning all the servable's
+``device_ids``: the weights are split over a device mesh as named there, and the
+function is compiled once for the mesh (`mserve.backends.jax_sharding`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax import export
 
-from .jax_runtime import JaxProgram, resolve_device, specs_from_avals
+from .jax_runtime import JaxProgram, jax_devices, resolve_device, specs_from_avals
+from .jax_sharding import MeshLayout
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
@@ -54,7 +59,9 @@ def _input_specs(options: dict[str, Any]) -> list[jax.ShapeDtypeStruct]:
     return specs
 
 
-def load(files: list[Path], options: dict[str, Any], device: Any) -> JaxProgram:
+def load(files: list[Path], options: dict[str, Any], devices: Sequence[Any]) -> JaxProgram:
+    """Load on one device, or as one instance over ``devices`` when ``options``
+    declare a ``sharding`` (see `mserve.backends.jax_sharding`)."""
     fn = options.get("function")
     if not callable(fn):
         raise ValueError("jax_function needs options['function'], a callable f(params, *inputs)")
@@ -68,10 +75,12 @@ def load(files: list[Path], options: dict[str, Any], device: Any) -> JaxProgram:
     except Exception as exc:
         raise ValueError(f"tracing {getattr(fn, '__name__', fn)} with input_specs failed: {exc}") from exc
     n_params = len(jax.tree.leaves(param_specs))
-    return JaxProgram(
-        fn,
-        specs_from_avals(exported.in_avals[n_params:]),
-        specs_from_avals(exported.out_avals),
-        resolve_device(device),
-        leading=(params,),
-    )
+    inputs = specs_from_avals(exported.in_avals[n_params:])
+    outputs = specs_from_avals(exported.out_avals)
+    if "sharding" in options:
+        layout = MeshLayout.from_options(options["sharding"], jax_devices(devices), params, len(inputs))
+        return JaxProgram(
+            fn, inputs, outputs, layout.mesh.devices.flat[0], leading=(params,), devices=list(layout.mesh.devices.flat),
+            leading_shardings=(layout.param_shardings,), input_shardings=layout.input_shardings,
+        )
+    return JaxProgram(fn, inputs, outputs, resolve_device(devices), leading=(params,))

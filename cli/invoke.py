@@ -5,9 +5,10 @@ b64 tensor, ``.json`` -> the JSON value, anything else -> b64 bytes) and/or
 ``--instances FILE.json``. Tensors and bytes are encoded by ``mserve.protocol.codec``, the
 same codec the server decodes with.
 
-HTTP goes through the standard library (``urllib`` + ``ssl``): no extra dependency,
-the CLI starts fast, and ``ssl.SSLContext`` covers --cacert, --cert/--key and
---insecure directly.
+Before sending, invoke asks the server for the method's signature (``GET
+/model/{name}``) and fits literals and ``.npy`` arrays to the declared dtypes when the
+conversion is exact (`cli.schema`); ``--output`` saves outputs in their declared
+dtypes. HTTP(S) goes through `cli.client`.
 
 Exit codes:
   0  every instance answered;
@@ -20,7 +21,6 @@ Exit codes:
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -30,9 +30,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import render
-from .render import fail
-
-DEFAULT_URL = "http://127.0.0.1:5500"
+from .client import DEFAULT_URL, check_base, get_json, request, ssl_context
+from .render import CliError, fail
+from .schema import NpyValue, conform_instances, find_method, save_dtype
 
 EPILOG = """\
 [bold]Examples[/]
@@ -47,9 +47,12 @@ EPILOG = """\
   mserve invoke add:add_cast -i x1='[[1,2],[3,4]]' -i x2='[[1,1],[1,1]]' \\
       -n 4 --version 1 --output out/
   [dim]# HTTPS with a private CA[/]
-  mserve invoke demo:predict -i x='[1,2,3,4]' --url https://host:5500 --cacert ca.pem
+  mserve invoke demo:predict -i x='[1.0,2.0,3.0,4.0]' --url https://host:5500 --cacert ca.pem
+  [dim]# mutual TLS: a client certificate too[/]
+  mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[1.0,2.0],[3.0,4.0]]' \\
+      --url https://host:5500 --cacert ca.pem --cert client.pem --key client.key
 
-VALUE is a JSON literal (quote it for the shell; a string needs JSON quotes: -i text='"hi"') or @FILE: .npy -> typed tensor, .json -> its JSON value, any other file -> bytes.
+VALUE is a JSON literal (quote it for the shell; a string needs JSON quotes: -i text='"hi"') or @FILE: .npy -> typed tensor, .json -> its JSON value, any other file -> bytes. invoke reads the method's input dtypes from the server and converts literals and .npy data to them when the conversion is exact (1 -> 1.0 for a float32 input); otherwise it stops and names the input, the expected and the given dtype.
 
 [bold]Exit codes[/]: 0 every instance answered; 1 some instance failed (error_msg in its place); 2 no per-instance result: request-level error (unknown servable or method, bad URL or JSON, a top-level error_msg), no connection, timeout, or a bad command line.
 """
@@ -82,7 +85,8 @@ def read_value(text: str) -> Any:
 
 
 def read_file_value(path: Path) -> Any:
-    """``@file``: .npy -> typed b64 tensor, .json -> JSON value, else b64 bytes."""
+    """``@file``: .npy -> its array (typed once the signature is known), .json -> JSON
+    value, else b64 bytes."""
     from mserve.protocol import codec
 
     try:
@@ -91,13 +95,9 @@ def read_file_value(path: Path) -> Any:
             import numpy as np
 
             try:
-                array = np.load(path, allow_pickle=False)
+                return NpyValue(np.load(path, allow_pickle=False), path)
             except ValueError as exc:
                 fail(f"{path} is not a plain .npy array: {exc}")
-            try:
-                return codec.encode_tensor(array)
-            except ValueError as exc:
-                fail(f"{path}: {exc}")
         if suffix == ".json":
             try:
                 return json.loads(path.read_text())
@@ -161,68 +161,27 @@ def build_body(inputs: dict[str, Any], instances_file: Optional[str], count: int
 def predict_url(base: str, servable: str, method: str, version: Optional[int]) -> str:
     from urllib.parse import quote
 
-    if "://" not in base:
-        fail(f"--url {base!r} needs a scheme: http://HOST:PORT or https://HOST:PORT")
     path = render.predict_path(quote(servable, safe=""), quote(method, safe=""), version)
-    return base.rstrip("/") + path
+    return check_base(base) + path
 
 
-def ssl_context(url: str, cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool) -> Any:
-    if not url.lower().startswith("https://"):
-        if cacert or cert or key or insecure:
-            fail("--cacert, --cert, --key and --insecure apply to https:// URLs only")
+def method_signature(
+    base: str, servable: str, method: str, version: Optional[int], timeout: float, context: Any
+) -> Optional[dict[str, Any]]:
+    """The method's inputs and outputs as the server describes them, or None when the
+    server does not say: not an mserve server (MindSpore Serving has no such GET
+    endpoint), or no such servable, version or method (the predict then answers
+    404 in MindSpore's words, with what is served)."""
+    from urllib.parse import quote
+
+    url = f"{check_base(base)}/model/{quote(servable, safe='')}"
+    try:
+        status, described = get_json(url, timeout, context)
+    except CliError:  # no connection, TLS: the predict reports it, naming its own URL
         return None
-    if key and not cert:
-        fail("--key needs --cert")
-    try:
-        context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
-        if insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if cert:
-            context.load_cert_chain(str(cert), str(key) if key else None)
-    except (OSError, ssl.SSLError) as exc:
-        fail(f"TLS setup failed: {exc}")
-    return context
-
-
-def post(url: str, body: bytes, timeout: float, context: Any) -> tuple[int, bytes]:
-    """POST ``body``; (status, reply bytes) for any HTTP answer, `CliError` otherwise."""
-    import http.client
-    import socket
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json", "Accept": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            fail(f"TLS verification of {url} failed: {reason.verify_message or reason} (use --cacert FILE, or --insecure)")
-        if isinstance(reason, ssl.SSLError):
-            fail(f"TLS error talking to {url}: {reason}")
-        if isinstance(reason, ConnectionRefusedError):
-            fail(f"cannot connect to {url}: connection refused (is `mserve start` running there?)")
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            fail(f"no answer from {url} within {timeout:g}s (--timeout)")
-        if isinstance(reason, socket.gaierror):
-            fail(f"cannot resolve the host of {url}: {reason.strerror or reason}")
-        fail(f"cannot connect to {url}: {getattr(reason, 'strerror', None) or reason}")
-    except (TimeoutError, socket.timeout):
-        fail(f"no answer from {url} within {timeout:g}s (--timeout)")
-    except ssl.SSLError as exc:
-        fail(f"TLS error talking to {url}: {exc}")
-    except http.client.HTTPException as exc:  # not HTTP at all (e.g. http:// to an HTTPS port)
-        fail(f"no valid HTTP answer from {url}: {type(exc).__name__} {exc}")
-    except (ConnectionError, OSError) as exc:
-        fail(f"connection to {url} failed: {exc.strerror or exc}")
+    if status != 200 or not isinstance(described, dict):
+        return None
+    return find_method(described, version, method)
 
 
 # --------------------------------------------------------------------------- reply
@@ -262,9 +221,12 @@ def reply_table(instances: list[Any]) -> Table:
     return table
 
 
-def save_outputs(instances: list[Any], directory: Path) -> list[Path]:
+def save_outputs(
+    instances: list[Any], directory: Path, outputs: Optional[dict[str, dict[str, Any]]] = None
+) -> list[Path]:
     """Every output of every answered instance as ``NAME_INDEX.npy`` (``.bin`` for
-    bytes, ``.txt`` for strings) in ``directory``."""
+    bytes, ``.txt`` for strings) in ``directory``; arrays in the output's declared
+    dtype (``outputs``: name -> description) where the server declares one."""
     import numpy as np
 
     from mserve.protocol import codec
@@ -288,7 +250,7 @@ def save_outputs(instances: list[Any], directory: Path) -> list[Path]:
                 path.write_text(decoded)
             else:
                 path = directory / f"{safe}_{index}.npy"
-                np.save(path, np.asarray(decoded), allow_pickle=False)
+                np.save(path, save_dtype((outputs or {}).get(name), decoded), allow_pickle=False)
             written.append(path)
     return written
 
@@ -328,7 +290,9 @@ def invoke(
         context = ssl_context(address, cacert, cert, key, insecure)
         import orjson
 
-        status, raw = post(address, orjson.dumps(body), timeout, context)
+        signature = method_signature(url, servable, method, version, timeout, context)
+        body["instances"] = conform_instances(body["instances"], signature)
+        status, raw = request(address, orjson.dumps(body), timeout, context)
         try:
             reply = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -339,7 +303,8 @@ def invoke(
             sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\n") + "\n")
         answered = isinstance(reply, dict) and isinstance(reply.get("instances"), list)
         if answered and output is not None:
-            written = save_outputs(reply["instances"], output)
+            declared = {o["name"]: o for o in (signature or {}).get("outputs", [])}
+            written = save_outputs(reply["instances"], output, declared)
             render.note(f"saved {len(written)} file(s) to {escape(str(output))}")
         if not answered:
             message = reply.get("error_msg") if isinstance(reply, dict) else None

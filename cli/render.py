@@ -120,8 +120,17 @@ def predict_path(servable: str, method: str, version: int | None = None) -> str:
     return f"/model/{servable}:{method}"
 
 
+def runs_on(model: dict[str, Any]) -> str:
+    """``jax_export on cpu:0, cpu:1`` (one instance per device) or ``jax_function on
+    cpu:0+cpu:1`` (one instance spanning both: a sharded model)."""
+    instances = model.get("instances") or []
+    where = ", ".join("+".join(group) for group in instances) or "?"
+    return f"{model.get('backend', model.get('format', '?'))} on {where}"
+
+
 def servables_table(descriptions: Sequence[dict[str, Any]], base_url: str | None = None) -> Table:
-    """One row per servable/version/method, from `mserve.ops.metadata.describe_servable`.
+    """One row per servable/version/method, from `mserve.ops.metadata.describe_servable`,
+    with the backend and devices of the version's models.
 
     With ``base_url`` the last column is the URL to POST to, else the path. The newest
     version is addressed without ``/version/N``, older ones with it.
@@ -132,6 +141,7 @@ def servables_table(descriptions: Sequence[dict[str, Any]], base_url: str | None
     table.add_column("method", style="cyan")
     table.add_column("inputs")
     table.add_column("outputs")
+    table.add_column("runs on")
     table.add_column("POST to" if base_url else "path", style="green", overflow="fold")
     for desc in descriptions:
         latest = desc["latest_version"]
@@ -145,6 +155,7 @@ def servables_table(descriptions: Sequence[dict[str, Any]], base_url: str | None
                     escape(method["name"]),
                     escape("\n".join(spec_text(s) for s in method["inputs"])),
                     escape("\n".join(spec_text(s) for s in method["outputs"])),
+                    escape("\n".join(runs_on(m) for m in version.get("models", []))),
                     escape((base_url or "") + path),
                 )
     return table

@@ -50,6 +50,8 @@ class StartSettings:
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
     frontend_copy_max_kb: float = 256.0  # small unbatched CPU models also live in each front-end; 0: never
+    health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
+    health_host: str = "127.0.0.1"
 
     # ------------------------------------------------------------------ building
 
@@ -102,6 +104,13 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                fail(f"health_port {self.health_port} is out of range (0-65535)")
+            if self.health_port and self.health_port == self.port and self.health_host == self.host:
+                fail(f"--health-port {self.health_port} is the serving port; pick another one")
+            if self.workers > 1:
+                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -136,7 +145,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "workers"}
+_OPTIONAL_INTS = {"threads", "workers", "health_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

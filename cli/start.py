@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.markup import escape
 
-from . import render
+from . import progress, render
 from .settings import StartSettings, resolve_servables, start_configs
 
 START_EPILOG = """\
@@ -37,6 +37,8 @@ START_EPILOG = """\
   mserve new demo && mserve start --servable demo
   mserve start --host 0.0.0.0 --port 8080 --device-type gpu --device-ids 0,1
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem
+  [dim]# mutual TLS, with /health and /ready on a plain-HTTP port for probes[/]
+  mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem --ssl-ca ca.pem --verify-client --health-port 5501
   [dim]# two front-end processes on one port (HTTP, JSON, Python stages); models stay in one device process per device[/]
   mserve start --workers 2
   [dim]# everything in one process (no device processes)[/]
@@ -44,7 +46,7 @@ START_EPILOG = """\
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -54,6 +56,8 @@ LIST_EPILOG = """\
 
   mserve list
   mserve list ./servables --servable add --json
+  [dim]# what a running server serves[/]
+  mserve list --url http://127.0.0.1:5500
 """
 
 log = logging.getLogger("mserve.cli")
@@ -88,7 +92,9 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     access_handler = _StderrHandler()
     access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     access.handlers = [access_handler]
-    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
+    access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
+    access.setLevel(access_level if access_log else logging.WARNING)
     access.propagate = False
     try:
         yield
@@ -99,13 +105,16 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
             lg.propagate = propagate
 
 
-def _load(configs: list[Any], poll_interval: float | None = None) -> None:
-    """Load servables; load failures exit 1 with one line (after unloading)."""
+def _load(configs: list[Any], poll_interval: float | None = None, show_progress: bool = False) -> None:
+    """Load servables (with a progress display when asked); load failures exit 1 with
+    one line (after unloading)."""
     from mserve import server
     from mserve.errors import ServableLoadError
 
+    display = progress.LoadDisplay() if show_progress else contextlib.nullcontext()
     try:
-        server.start_servables(configs, poll_interval=poll_interval)
+        with display:
+            server.start_servables(configs, poll_interval=poll_interval)
     except (ServableLoadError, RuntimeError) as exc:
         server.stop()
         render.fail(str(exc), code=1)
@@ -194,6 +203,16 @@ def start(
         "  \\[default: 256]",
         show_default=False,
     ),
+    health_port: Optional[int] = typer.Option(
+        None, metavar="PORT",
+        help="Also answer GET /health and /ready on this plain-HTTP port, without a client certificate "
+        "(for probes under mutual TLS).  \\[default: off]",
+        show_default=False,
+    ),
+    health_host: Optional[str] = typer.Option(
+        None, help="Address of --health-port (0.0.0.0 for a kubelet's httpGet probes).  \\[default: 127.0.0.1]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -229,6 +248,8 @@ def start(
             "poll_interval": poll_interval,
             "inline_max_ms": inline_max_ms,
             "frontend_copy_max_kb": frontend_copy_max_kb,
+            "health_port": health_port,
+            "health_host": health_host,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -267,32 +288,53 @@ def _serve(settings: StartSettings) -> None:
         from mserve import server
 
         server.use_processes("single")
-        _load(configs, settings.poll_interval or None)
+        # Listen first: a port in use or a bad certificate is reported before any model
+        # compiles, and while they load /health answers 200 and /ready 503.
+        restful, probes = _listen(settings)
+        render.note(
+            f"listening on {escape(restful.url)}: /health answers 200, /ready 503 until the servables are loaded"
+        )
+        _load(configs, settings.poll_interval or None, show_progress=True)
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
             return
         try:
-            restful = server.start_restful_server(
-                settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
-            )
-        except ImportError as exc:
-            server.stop()
-            render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
-        except socket.gaierror as exc:
-            server.stop()
-            render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
-        except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
-            server.stop()
-            render.fail(str(exc), code=1)
-
-        try:
-            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen)
+            extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
+            _announce_and_wait(_describe_loaded(), restful.url, "", settings, stop_requested, signals_seen, extra)
         finally:
             server.stop(settings.drain_timeout)
         render.note("stopped")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, Any]:
+    """Start the RESTful server (its front-end processes when ``workers`` is given)
+    and the health port before loading; exit 1 with one line when a port cannot be
+    used or a TLS file is bad."""
+    from mserve import server
+
+    probes = None
+    front = {} if workers is None else {"workers": workers}
+    try:
+        restful = server.start_restful_server(
+            settings.address, ssl_config=settings.ssl_config(), **front, **settings.restful_options()
+        )
+        if settings.health_port is not None:
+            host = settings.health_host
+            host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            probes = server.start_health_server(f"{host}:{settings.health_port}")
+    except ImportError as exc:
+        server.stop()
+        render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
+    except socket.gaierror as exc:
+        server.stop()
+        render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
+    except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
+        server.stop()
+        render.fail(str(exc), code=1)
+    return restful, probes
 
 
 def _serve_processes(
@@ -306,19 +348,11 @@ def _serve_processes(
 
     server.use_processes("devices")
     workers = settings.workers if settings.workers is not None else server.default_workers()
-    try:
-        restful = server.start_restful_server(
-            settings.address, ssl_config=settings.ssl_config(), workers=workers, **settings.restful_options()
-        )
-    except ImportError as exc:
-        server.stop()
-        render.fail(f"HTTPS is not available in this mserve build ({exc})", code=1)
-    except socket.gaierror as exc:
-        server.stop()
-        render.fail(f"cannot listen on {settings.address}: {exc.strerror or exc}", code=1)
-    except (RuntimeError, ValueError, OSError) as exc:  # port in use, bad address, TLS files
-        server.stop()
-        render.fail(str(exc), code=1)
+    restful, probes = _listen(settings, workers)
+    render.note(
+        f"listening on {escape(restful.url)} ({workers} front-end process{'es' if workers > 1 else ''}): "
+        "/health answers 200, /ready 503 until the device processes have loaded the servables"
+    )
     try:
         server.start_servables(configs, poll_interval=settings.poll_interval or None)
     except (ServableLoadError, RuntimeError) as exc:
@@ -329,7 +363,8 @@ def _serve_processes(
     try:
         how = f" with {workers} front-end process{'es' if workers > 1 else ''} and " \
               f"{len(devices.devices)} device process{'es' if len(devices.devices) > 1 else ''}"
-        _announce_and_wait(pool.description, restful.url, how, settings, stop_requested, signals_seen)
+        extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
+        _announce_and_wait(pool.description, restful.url, how, settings, stop_requested, signals_seen, extra)
     finally:
         server.stop(settings.drain_timeout)
     render.note("stopped")
@@ -342,14 +377,15 @@ def _announce_and_wait(
     settings: StartSettings,
     stop_requested: threading.Event,
     signals_seen: list[int],
+    extra: str = "",
 ) -> None:
     """Print what is served and where, then block until SIGINT/SIGTERM."""
     console = render.out()
     console.print(render.servables_table(described, url))
     console.print(f"[bold green]mserve[/] serving on [bold]{escape(url)}[/]{how}  (Ctrl+C to stop)", soft_wrap=True)
     console.print(
-        f"health: {escape(url)}/health  ready: {escape(url)}/ready  metrics: {escape(url)}/metrics  "
-        f"openapi: {escape(url)}/openapi.json", soft_wrap=True,
+        f"docs: {escape(url)}/docs  health: {escape(url)}/health  ready: {escape(url)}/ready  "
+        f"metrics: {escape(url)}/metrics  openapi: {escape(url)}/openapi.json{escape(extra)}", soft_wrap=True,
     )
     sys.stdout.flush()
     while not stop_requested.wait(0.5):
@@ -366,28 +402,69 @@ def list_servables(
         None, "--servable", "-s", metavar="NAME[:VERSION]", help="Only this servable (repeatable)."
     ),
     device_type: Optional[str] = typer.Option(None, help="Device type to load on (as for start).", show_default=False),
+    url: Optional[str] = typer.Option(
+        None, "--url", help="Describe the servables of a running server instead (e.g. http://127.0.0.1:5500).",
+        show_default=False,
+    ),
+    cacert: Optional[Path] = typer.Option(None, help="With --url https://: CA bundle (PEM).", show_default=False),
+    cert: Optional[Path] = typer.Option(None, help="With --url https://: client certificate (PEM).", show_default=False),
+    key: Optional[Path] = typer.Option(None, help="Private key of --cert, if not inside it.", show_default=False),
+    insecure: bool = typer.Option(False, "--insecure", "-k", help="Do not verify the server's certificate."),
+    timeout: float = typer.Option(30.0, help="With --url: seconds to wait for the answer."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Show what `mserve start` would serve, without starting a server.
+    """Show what `mserve start` would serve, without starting a server; or, with --url, what a running server serves.
 
     Loads each servable (so every model is checked), describes versions, methods, inputs and outputs, then unloads.
     """
     with render.reported(debug, unexpected_code=1):
-        resolved = resolve_servables(servable_directory, servable or [])
-        configs = start_configs(resolved, device_type)
-        from mserve import server
+        if url is not None:
+            if servable_directory is not None or device_type is not None:
+                render.fail("--url describes a running server: SERVABLE_DIR and --device-type do not apply")
+            descriptions = _describe_remote(url, servable or [], cacert, cert, key, insecure, timeout)
+            base: Optional[str] = url.rstrip("/")
+        else:
+            resolved = resolve_servables(servable_directory, servable or [])
+            configs = start_configs(resolved, device_type)
+            from mserve import server
 
-        server.use_processes("single")  # describe only: no device processes needed
-        with logging_to_stderr("warning", access_log=False):
-            _load(configs)
-            try:
-                descriptions = _describe_loaded()
-            finally:
-                server.stop()
+            server.use_processes("single")  # describe only: no device processes needed
+            with logging_to_stderr("warning", access_log=False):
+                _load(configs)
+                try:
+                    descriptions = _describe_loaded()
+                finally:
+                    server.stop()
+            base = None
         if as_json:
             import orjson
 
             sys.stdout.write(orjson.dumps({"servables": descriptions}, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
-            render.out().print(render.servables_table(descriptions))
+            render.out().print(render.servables_table(descriptions, base))
+
+
+def _describe_remote(
+    url: str, names: list[str], cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool,
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """``GET /models`` of a running server, optionally only the servables ``names``."""
+    from .client import check_base, get_json, ssl_context
+
+    base = check_base(url)
+    context = ssl_context(base, cacert, cert, key, insecure)
+    status, answer = get_json(base + "/models", timeout, context)
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("servables"), list):
+        detail = answer.get("error_msg") if isinstance(answer, dict) else None
+        render.fail(f"{base}/models answered HTTP {status}{': ' + str(detail) if detail else ''} "
+                    "(is this an mserve server?)")
+    descriptions = answer["servables"]
+    if names:
+        wanted = {n.partition(":")[0] for n in names}
+        missing = sorted(wanted - {d.get("name") for d in descriptions})
+        if missing:
+            served = ", ".join(sorted(str(d.get("name")) for d in descriptions)) or "nothing"
+            render.fail(f"{base} does not serve {', '.join(missing)} (it serves {served})")
+        descriptions = [d for d in descriptions if d.get("name") in wanted]
+    return descriptions

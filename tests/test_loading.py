@@ -228,9 +228,9 @@ def test_model_file_missing(tmp_path):
 
 
 def test_unknown_model_format(tmp_path):
-    simple(tmp_path, config=SIMPLE_CONFIG.replace('model_format="jax_export"', 'model_format="MindIR"'))
+    simple(tmp_path, config=SIMPLE_CONFIG.replace('model_format="jax_export"', 'model_format="TensorRT"'))
     msg = load_error(tmp_path, "s")
-    assert "unknown model_format 'MindIR'" in msg and "jax_export" in msg and "jax_function" in msg
+    assert "unknown model_format 'TensorRT'" in msg and "jax_export" in msg and "jax_function" in msg
 
 
 def test_model_file_not_an_artifact(tmp_path):

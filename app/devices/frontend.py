@@ -28,6 +28,7 @@ from typing import Any
 from ..serving.model_stage import ModelStage
 from ..serving.servable import LoadedVersion, Servable, load_definition
 from .remote import DeviceClient, RemoteBatcher, RemoteModelStage
+from .supervisor import config_from_json
 
 log = logging.getLogger("mserve.devices.frontend")
 
@@ -61,7 +62,7 @@ class FrontendModels:
             definition = self.definitions.get(name)
             if definition is None:
                 definition = self.definitions[name] = load_definition(entry["directory"], name)
-            config = server.ServableStartConfig(**entry["config"]) if entry.get("config") else None
+            config = config_from_json(entry["config"]) if entry.get("config") else None
             servable = Servable(name, Path(entry["directory"]), definition)
             for number, version in sorted(entry["versions"].items(), key=lambda kv: int(kv[0])):
                 key = (name, int(number))
@@ -91,8 +92,10 @@ class FrontendModels:
         definition = servable.definition
         stages = {}
         batchers = {}
+        backends = {}
         for model in definition.models:
             spec = version["models"][str(model.index)]
+            backends[model.index] = tuple(spec.get("backend", ("?", "?")))
             if spec.get("frontend_copy"):
                 stages[model.index] = self._copy(model, spec)
                 continue
@@ -103,7 +106,7 @@ class FrontendModels:
                 batchers[model.index] = RemoteBatcher(stage, spec["max_delay"])
         workers = config.num_parallel_workers if config is not None else 0
         pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mserve-{servable.name}-stage") if workers > 0 else None
-        return LoadedVersion(servable.name, number, definition, stages, batchers, pool)
+        return LoadedVersion(servable.name, number, definition, stages, batchers, pool, backends)
 
     def _copy(self, model: Any, spec: dict[str, Any]) -> ModelStage:
         """This front-end's own copy of a small CPU model, loaded and warm."""
@@ -112,15 +115,14 @@ class FrontendModels:
         if stage is not None:
             stage.placement = _copy_placement(spec)  # type: ignore[attr-defined]
             return stage
-        from ..backends import get_backend
+        from ..backends import Device, load_model
         from ..backends.jax_runtime import prefer_sync_cpu_dispatch
         from ..serving.compile_cache import enable_compile_cache
 
         enable_compile_cache()
         prefer_sync_cpu_dispatch()  # before this process's JAX makes its CPU client
-        import jax
-
-        runtime = get_backend(model.model_format)([Path(f) for f in spec["files"]], model.options, jax.devices("cpu")[0])
+        runtime = load_model(model.model_format, [Path(f) for f in spec["files"]], model.options, Device("cpu", 0),
+                             context=getattr(model, "context", None))
         stage = ModelStage(model, [runtime], spec["max_batch_size"], spec["buckets"] or None)
         stage.warm_up()
         stage.placement = _copy_placement(spec)  # type: ignore[attr-defined]

@@ -41,8 +41,9 @@ def write(
             for number, version in s["versions"].items():
                 merged = entry["versions"].setdefault(number, {"models": {}})
                 for index, model in version["models"].items():
-                    found = merged["models"].setdefault(index, dict(model, groups=[], placement=[]))
+                    found = merged["models"].setdefault(index, dict(model, groups=[], placement=[], instances=[]))
                     found["groups"].append(device["group"])
+                    found["instances"].extend(model.get("instances", []))
                     found["placement"].extend(
                         {"device": d, "pid": device["pid"], "role": "device process"} for d in model["devices"]
                     )

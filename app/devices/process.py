@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ops.metadata import _instances
 from .channel import Channel, ChannelClosed
 from .shm import Buffer, nbytes_of, storable
 
@@ -100,6 +101,8 @@ def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set())
                     "max_delay": batcher.max_delay if batcher is not None else None,
                     "compile_count": stage.compile_count,
                     "devices": names,
+                    "instances": _instances(stage),
+                    "backend": list(loaded.backends.get(index, ("?", "?"))),
                     "files": [os.fspath(Path(servable.directory) / servable.name / str(number) / f)
                               for f in stage.model.model_files],
                 }
@@ -123,6 +126,8 @@ def _frontend_copy(stage: Any, batched: bool, devices: list[str], config: Any, f
     every front-end in one place). Never for a model on an accelerator."""
     limit = getattr(config.config, "frontend_copy_max_kb", 0) if config is not None else 0
     if not limit or batched or stage.model.model_format.lower() not in FRONTEND_COPY_FORMATS:
+        return False
+    if stage.model.options.get("sharding"):  # one instance over several devices
         return False
     if not devices or not all(d.startswith("cpu:") for d in devices):
         return False
@@ -354,6 +359,7 @@ def main() -> int:
 
     from .. import server
     from ..errors import ServableLoadError
+    from .supervisor import config_from_json
 
     server.use_processes("single")  # this process is the in-process server of its device
     device_server = DeviceServer(settings["socket"], group)
@@ -367,8 +373,7 @@ def main() -> int:
             for mine, machine in zip(local, data["device_ids"]):
                 if mine != machine:  # report GPUs as the machine numbers them
                     metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
-            data = dict(data, device_ids=local)
-            configs.append(server.ServableStartConfig(**data))
+            configs.append(config_from_json(dict(data, device_ids=local)))
         server.start_servables(configs, poll_interval=settings.get("poll_interval"))
         device_server.listen()
     except (ServableLoadError, RuntimeError, ValueError, OSError) as exc:

@@ -214,6 +214,7 @@ class RemoteModelStage(ModelStage):
         runtime = _SpecsOnly(_specs(spec["inputs"]), _specs(spec["outputs"]), spec["compile_count"])
         super().__init__(model, [runtime], spec["max_batch_size"], spec["buckets"] or None)
         self.placement = list(spec["placement"])
+        self.instances = list(spec.get("instances", []))
         self.servable = servable
         self.version = version
         self.picker = _Picker(clients)

@@ -20,6 +20,7 @@ process finishes its calls in flight and exits.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -53,14 +54,37 @@ class DeviceGroup:
         return f"{'gpu' if kind == 'cuda' else kind}:{'+'.join(map(str, self.ids))}"
 
 
-def plan_groups(configs: Sequence[Any]) -> dict[DeviceGroup, list[Any]]:
-    """Device group -> the servable configs it loads (each narrowed to the group's ids)."""
+def plan_groups(configs: Sequence[Any], spans: Any = None) -> dict[DeviceGroup, list[Any]]:
+    """Device group -> the servable configs it loads (each narrowed to the group's
+    ids). A servable with a model that spans its devices (a sharded model, see
+    `spans_devices`) goes whole to one group of all its ids."""
+    spans = spans or spans_devices
     groups: dict[DeviceGroup, list[Any]] = {}
     for config in configs:
-        for device_id in dict.fromkeys(config.device_list()):
-            group = DeviceGroup(config.device_type, (device_id,))
-            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(group.ids)))
+        ids = list(dict.fromkeys(config.device_list()))
+        together = [tuple(ids)] if len(ids) > 1 and spans(config) else [(i,) for i in ids]
+        for members in together:
+            group = DeviceGroup(config.device_type, members)
+            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(members)))
     return groups
+
+
+def spans_devices(config: Any) -> bool:
+    """Whether a model of this servable is one instance over several devices (its
+    backend shards it). Reads servable_config.py here; a servable that does not even
+    load is left to its device process to report."""
+    from ..backends import find_backend
+    from ..serving.servable import load_definition
+
+    try:
+        definition = load_definition(config.servable_directory, config.servable_name)
+        for model in definition.models:
+            backend, _ = find_backend(model.model_format, config.device_type)
+            if backend.shards is not None and backend.shards(model.options):
+                return True
+    except Exception:
+        return False
+    return False
 
 
 def device_env(group: DeviceGroup, base: dict[str, str] | None = None) -> tuple[dict[str, str], bool]:
@@ -222,6 +246,10 @@ class DeviceSupervisor:
                     log.error("restarting device process %s failed: %s; trying again", device.group.key, exc)
                     time.sleep(1.0)
 
+    def down(self) -> list[str]:
+        """Device groups whose process is restarting."""
+        return [d.group.key for d in self.devices if not d.up]
+
     def pids(self) -> dict[str, int]:
         """Device group key -> pid of its process now."""
         return {d.group.key: d.proc.pid for d in self.devices if d.proc is not None}
@@ -253,11 +281,24 @@ class DeviceSupervisor:
 
 
 def _config_json(config: Any, keep_workers: bool = False) -> dict[str, Any]:
+    """A ServableStartConfig as JSON for another process (`config_from_json`)."""
     data = dataclasses.asdict(config)
     data["servable_directory"] = os.fspath(config.servable_directory)
+    if isinstance(config.dec_key, (bytes, bytearray)):
+        data["dec_key"] = {"base64": base64.b64encode(bytes(config.dec_key)).decode()}
     if not keep_workers:
         data["num_parallel_workers"] = 0  # Python stages run in the front-ends
     return data
+
+
+def config_from_json(data: dict[str, Any]) -> Any:
+    from .. import server
+
+    data = dict(data)
+    key = data.get("dec_key")
+    if isinstance(key, dict) and "base64" in key:
+        data["dec_key"] = base64.b64decode(key["base64"])
+    return server.ServableStartConfig(**data)
 
 
 def _forget_metrics(pid: int) -> None:

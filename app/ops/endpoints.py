@@ -1,5 +1,11 @@
-"""The GET endpoints: health, readiness, servable metadata, metrics, OpenAPI.
+"""The GET endpoints: an index, health, readiness, servable metadata, metrics, OpenAPI.
 
+    GET /                                an index: the served methods (their predict
+                                         URLs and inputs) and links to everything below
+                                         (HTML for a browser, JSON otherwise)
+    GET /docs                            an interactive page of /openapi.json (Swagger
+                                         UI, its assets from the flask-swagger-ui
+                                         package: nothing is fetched from the network)
     GET /health                          200 {"status": "ok"} while the process serves
     GET /ready                           200 when every servable is loaded and warm, else 503
     GET /models                          every servable, as GET /model/{name}
@@ -23,16 +29,17 @@ from flask import Blueprint, Response, request
 from . import metrics
 from ..protocol.codec import dumps
 from .metadata import describe_servable, describe_version
-from ..serving.servable import LoadedVersion, Servable
+from ..serving.servable import LoadedVersion, Servable, clip
 
 
-GET_PATHS = frozenset({"/health", "/ready", "/models", "/metrics", "/openapi.json"})
+GET_PATHS = frozenset({"/", "/docs", "/docs/", "/health", "/ready", "/models", "/metrics", "/openapi.json"})
 _MODEL_PATH = re.compile(r"/model/[^/:]+(/version/[^/:]+)?")
+_DOCS_ASSET = re.compile(r"/docs/[A-Za-z0-9_.-]+")
 
 
 def is_get_path(path: str) -> bool:
     """A URL of a GET endpoint (not a predict URL, which has ``:method``)."""
-    return path in GET_PATHS or _MODEL_PATH.fullmatch(path) is not None
+    return path in GET_PATHS or _MODEL_PATH.fullmatch(path) is not None or _DOCS_ASSET.fullmatch(path) is not None
 
 
 def _json(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
@@ -63,6 +70,69 @@ def describe(servable: Servable, state: Any) -> dict[str, Any]:
     return described
 
 
+def readiness_response(state: Any) -> Response:
+    """``GET /ready``: 200 when ready, else 503 with Retry-After; the body says why."""
+    ok, reason = state.readiness()
+    metrics.READY.set(1 if ok else 0)
+    servables = state.registry.servables()
+    body = {
+        "ready": ok,
+        "status": reason,
+        "servables": {
+            name: {"versions": sorted(s.versions), "latest_version": s.latest} for name, s in sorted(servables.items())
+        },
+    }
+    return _json(200, body) if ok else _json(503, body, {"Retry-After": "1"})
+
+
+def create_probe_app(state: Any) -> Any:
+    """A WSGI app answering ``GET /health`` and ``GET /ready`` only, for the plain-HTTP
+    health port (`mserve.server.start_health_server`); anything else is a JSON 404."""
+    import time
+
+    from flask import Flask
+
+    from .access_log import log_request, request_id
+
+    app = Flask("mserve-probes")
+
+    @app.get("/health", provide_automatic_options=False)
+    def health() -> Response:
+        return _json(200, {"status": "ok"})
+
+    @app.get("/ready", provide_automatic_options=False)
+    def ready() -> Response:
+        return readiness_response(state)
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    def other(exc: Any) -> Response:
+        return _error(404, "this port answers GET /health and GET /ready only")
+
+    def logged(environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+        rid = request_id(environ)
+        seen: list[int] = []
+
+        def respond(status: str, headers: list, exc_info: Any = None) -> Any:
+            seen.append(int(status.split(" ", 1)[0]))
+            headers.append(("X-Request-ID", rid))
+            return start_response(status, headers, exc_info)
+
+        result = app(environ, respond)
+        log_request(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/", seen[-1] if seen else 0,
+                    time.perf_counter() - started, rid, environ, None)
+        return result
+
+    return logged
+
+
+def _prefers_html(req: Any) -> bool:
+    """A browser (``text/html`` ranked above JSON in Accept) gets the HTML index."""
+    accept = req.accept_mimetypes
+    return accept["text/html"] > accept["application/json"]
+
+
 def create_blueprint(state: Any) -> Blueprint:
     """The endpoints over ``state`` (`mserve.server._State`: registry, readiness)."""
     bp = Blueprint("mserve_ops", __name__)
@@ -72,24 +142,42 @@ def create_blueprint(state: Any) -> Blueprint:
         # No automatic OPTIONS: other methods, OPTIONS too, get the app's 405.
         return bp.get(rule, provide_automatic_options=False)
 
+    @get("/")
+    def index() -> Response:
+        from .index import index_html, index_json
+
+        listing = index_json(registry.servables())
+        if _prefers_html(request):
+            return Response(index_html(listing), status=200, mimetype="text/html")
+        return _json(200, listing)
+
+    @get("/docs")
+    def docs() -> Response:
+        from .index import docs_html
+
+        return Response(docs_html(), status=200, mimetype="text/html")
+
+    @get("/docs/")
+    def docs_slash() -> Response:
+        return Response(status=308, headers={"Location": "/docs"})
+
+    @get("/docs/<asset>")
+    def docs_asset(asset: str) -> Response:
+        from .index import docs_asset as read_asset
+
+        found = read_asset(asset)
+        if found is None:
+            return _error(404, f"no such file: /docs/{clip(asset)}")
+        data, mimetype = found
+        return Response(data, status=200, mimetype=mimetype, headers={"Cache-Control": "public, max-age=86400"})
+
     @get("/health")
     def health() -> Response:
         return _json(200, {"status": "ok"})
 
     @get("/ready")
     def ready() -> Response:
-        ok, reason = state.readiness()
-        metrics.READY.set(1 if ok else 0)
-        servables = registry.servables()
-        body = {
-            "ready": ok,
-            "status": reason,
-            "servables": {
-                name: {"versions": sorted(s.versions), "latest_version": s.latest}
-                for name, s in sorted(servables.items())
-            },
-        }
-        return _json(200, body) if ok else _json(503, body, {"Retry-After": "1"})
+        return readiness_response(state)
 
     @get("/models")
     def models() -> Response:
@@ -104,7 +192,7 @@ def create_blueprint(state: Any) -> Blueprint:
             return method_not_allowed()
         servable = registry.servables().get(name)
         if servable is None:
-            return _error(404, f"servable {name} is not available")
+            return _error(404, f"servable {clip(name)} is not available{registry.servable_hint(name)}")
         return _json(200, describe(servable, state))
 
     @get("/model/<name>/version/<version>")
@@ -114,14 +202,17 @@ def create_blueprint(state: Any) -> Blueprint:
 
             return method_not_allowed()
         if not (version.isascii() and version.isdigit()):
-            return _error(400, f"please check url, the keyword:[version] value invalid, request version number {version}")
+            return _error(
+                400, f"please check url, the keyword:[version] value invalid, request version number {clip(version)}"
+            )
         servable = registry.servables().get(name)
         if servable is None:
-            return _error(404, f"servable {name} is not available")
+            return _error(404, f"servable {clip(name)} is not available{registry.servable_hint(name)}")
         number = int(version) or servable.latest
         loaded = servable.versions.get(number)
         if loaded is None:
-            return _error(404, f"servable {name} version {number} is not available")
+            served = ", ".join(map(str, sorted(servable.versions)))
+            return _error(404, f"servable {name} version {clip(str(number))} is not available; served: {served}")
         described = _with_batching(loaded, describe_version(loaded))
         return _json(200, {"name": name, "latest": number == servable.latest, **described})
 

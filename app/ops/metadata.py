@@ -48,6 +48,20 @@ def describe_method(version: LoadedVersion, method: MethodDef) -> dict[str, Any]
     }
 
 
+def _devices(runtime: Any) -> list[Any]:
+    """The devices one model instance runs on (a sharded one: several)."""
+    return list(getattr(runtime, "devices", None) or [getattr(runtime, "device", "?")])
+
+
+def _instances(stage: Any) -> list[list[str]]:
+    """Per model instance, its devices (a stage whose model runs in device processes
+    says it itself)."""
+    remote = getattr(stage, "instances", None)
+    if remote is not None:
+        return remote
+    return [[str(d) for d in _devices(r)] for r in stage.runtimes]
+
+
 def describe_version(version: LoadedVersion) -> dict[str, Any]:
     return {
         "version": version.version,
@@ -58,14 +72,17 @@ def describe_version(version: LoadedVersion) -> dict[str, Any]:
                 "format": stage.model.model_format,
                 "with_batch_dim": stage.model.with_batch_dim,
                 "max_batch_size": stage.max_batch_size,
-                "devices": len(stage.runtimes) if not stage.remote else len(placement(stage)),
-                # Which device and process hold the model: the device processes, or
-                # this process when models run in-process.
+                "backend": version.backends.get(index, ("?", "?"))[0],
+                "device_type": version.backends.get(index, ("?", "?"))[1],
+                "devices": sum(len(i) for i in _instances(stage)),
+                "instances": _instances(stage),
+                # Which process holds the model on which device: the device processes
+                # (and front-end copies), or this process when everything runs in one.
                 "placement": placement(stage),
                 "inputs": [s.describe() for s in stage.inputs],
                 "outputs": [s.describe() for s in stage.outputs],
             }
-            for stage in version.stages.values()
+            for index, stage in version.stages.items()
         ],
     }
 

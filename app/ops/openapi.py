@@ -322,7 +322,28 @@ def document(servables: dict[str, Any]) -> dict[str, Any]:
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PredictRequest")}}},
         "responses": _predict_responses(_ref("PredictReply")),
     }
+    index_schema = {
+        "type": "object",
+        "required": ["name", "methods", "links"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "methods": {"type": "array", "items": {"type": "object", "properties": {
+                "servable": {"type": "string"}, "method": {"type": "string"}, "url": {"type": "string"},
+                "version": {"type": "integer"}, "versions": {"type": "array", "items": {"type": "integer"}},
+                "inputs": {"type": "array", "items": _ref("NamedTensorSpec")},
+                "outputs": {"type": "array", "items": _ref("NamedTensorSpec")},
+            }}},
+            "links": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+    index_ok = _ok("The served methods and links (HTML when the client prefers text/html)", index_schema)
+    index_ok["content"]["text/html"] = {"schema": {"type": "string"}}
     paths: dict[str, Any] = {
+        "/": _get("index", "The served methods (predict URLs, inputs, outputs) and links to the endpoints",
+                  {"200": index_ok}),
+        "/docs": _get("docs", "This document as an interactive page (Swagger UI)",
+                      {"200": _ok("HTML page", {"type": "string"}, "text/html")}),
         "/health": _get("health", "200 while the process serves", {"200": _ok("Alive", _ref("Health"))}),
         "/ready": _get(
             "ready",

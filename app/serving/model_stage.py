@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -77,6 +77,36 @@ class ModelStage:
             self.buckets = []
         self._next_runtime = itertools.cycle(range(len(self.runtimes)))
         self._rr_lock = threading.Lock()
+        # What feeds each model input, for error messages: set by `name_inputs`.
+        self.input_labels: list[str | None] = [None] * len(self.inputs)
+
+    def name_inputs(self, methods: Sequence[Any]) -> None:
+        """Learn from the methods' wiring what feeds each model input (``input 'x1'``,
+        ``output 0 of add_trans_datatype``), so a dtype or shape error names it, not
+        only its position. A model fed differently by several methods lists each."""
+        for i in range(len(self.inputs)):
+            fed: dict[str, list[str]] = {}
+            for method in methods:
+                for stage in method.stages:
+                    if stage.target is not self.model or i >= len(stage.inputs):
+                        continue
+                    slot = stage.inputs[i]
+                    if slot.index < len(method.input_names):
+                        label = f"input '{method.input_names[slot.index]}'"
+                    else:
+                        label = slot.label
+                    fed.setdefault(label, []).append(method.name)
+            if len(fed) == 1:
+                self.input_labels[i] = next(iter(fed))
+            elif fed:
+                self.input_labels[i] = ", ".join(
+                    f"{label} in method {'/'.join(names)}" for label, names in fed.items()
+                )
+
+    def _named(self, index: int) -> str:
+        """`` (model input 0 is input 'x1')`` after MindSpore's text, when known."""
+        label = self.input_labels[index] if index < len(self.input_labels) else None
+        return f" (model input {index} is {label})" if label else ""
 
     def _fixed_batch(self) -> int | None:
         if not self.model.with_batch_dim:
@@ -108,7 +138,7 @@ class ModelStage:
             if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
                 raise InstanceError(
                     f"Given model input {i} data type {_type_name(value)} not match the data type {spec.dtype.name}"
-                    " defined in model"
+                    f" defined in model{self._named(i)}"
                 )
             want = self.instance_shape(i)
             if want is not None and (
@@ -117,6 +147,7 @@ class ModelStage:
                 shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
                 raise InstanceError(
                     f"Given model input {i} size {tuple(value.shape)} not match the size {shown} defined in model"
+                    f"{self._named(i)}"
                 )
         return row
 
@@ -198,17 +229,51 @@ class ModelStage:
                 return size
         return n
 
-    def warm_up(self) -> None:
-        """Compile every shape the request path will use, before the first request."""
+    def warm_up(self, on_bucket: Callable[[int, int, int | None], None] | None = None) -> None:
+        """Compile every shape the request path will use, before the first request.
+
+        ``on_bucket(k, n, batch_size)`` is called as the runtime starts on the k-th of
+        n shapes (over all devices), for a progress display."""
         from ..backends import concrete_shapes
 
         sizes: list[int | None] = list(self.buckets) if self.model.with_batch_dim else [None]
+        plans = []
         for runtime in self.runtimes:
-            shapes = [s for s in (concrete_shapes(runtime.inputs, size) for size in sizes) if s is not None]
-            if shapes and hasattr(runtime, "warm_up"):
-                runtime.warm_up(shapes)
+            pairs = [(size, s) for size in sizes if (s := concrete_shapes(runtime.inputs, size)) is not None]
+            if pairs and hasattr(runtime, "warm_up"):
+                plans.append((runtime, pairs))
+        total = sum(len(pairs) for _, pairs in plans)
+        done = 0
+        for runtime, pairs in plans:
+            runtime.warm_up(_Reporting(pairs, done, total, on_bucket) if on_bucket else [s for _, s in pairs])
+            done += len(pairs)
 
     @property
     def compile_count(self) -> int:
         return sum(getattr(r, "compile_count", 0) for r in self.runtimes)
 
+
+
+class _Reporting(Sequence):
+    """The shapes handed to a runtime's ``warm_up``, reporting each one as the
+    runtime takes it (runtimes compile shape by shape as they iterate), so progress
+    is per compiled shape without changing the backend interface."""
+
+    def __init__(self, pairs: list, before: int, total: int, on_bucket: Callable[[int, int, int | None], None]):
+        self._pairs = pairs
+        self._before = before
+        self._total = total
+        self._on_bucket = on_bucket
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [shape for _, shape in self._pairs[index]]
+        return self._pairs[index][1]
+
+    def __iter__(self) -> Iterator[Any]:
+        for k, (size, shape) in enumerate(self._pairs):
+            self._on_bucket(self._before + k + 1, self._total, size)
+            yield shape

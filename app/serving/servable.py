@@ -16,13 +16,14 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import register
-from ..backends import get_backend
+from ..backends import BackendError, Device, find_backend, load_model, placement
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
+from .progress import LoadProgress, report
 from ..register import MethodDef, Model, ServableDefinition
 
 log = logging.getLogger("mserve.serving.servable")
@@ -97,6 +98,13 @@ class LoadedVersion:
     stages: dict[int, ModelStage]  # Model.index -> stage
     batchers: dict[int, Batcher] = field(default_factory=dict)
     stage_pool: ThreadPoolExecutor | None = None  # for per-instance Python stages
+    backends: dict[int, tuple[str, str]] = field(default_factory=dict)  # Model.index -> (backend, device type)
+    # Graphs after the first of a model of several files, for Model.call(subgraph=i):
+    # (Model.index, i) -> a stage over runtime.subgraphs[i] of every instance.
+    subgraph_stages: dict[tuple[int, int], ModelStage] = field(default_factory=dict)
+
+    def subgraph_count(self, model: Model) -> int:
+        return 1 + sum(1 for index, _ in self.subgraph_stages if index == model.index)
 
     @property
     def methods(self) -> dict[str, MethodDef]:
@@ -139,6 +147,55 @@ class LoadedVersion:
             batcher.stop()
         if self.stage_pool is not None:
             self.stage_pool.shutdown(wait=False, cancel_futures=True)
+        _release(stage.runtimes for stage in self.stages.values())
+
+
+def _release(groups: Any) -> None:
+    """Let the runtimes free their device memory (those that can say so)."""
+    for runtimes in groups:
+        for runtime in runtimes:
+            close = getattr(runtime, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:  # releasing must not stop the others from releasing
+                log.exception("releasing %r failed", runtime)
+
+
+def _load_instances(
+    what: str, model: Model, files: list[Path], devices: Sequence[Any], servable_folder: Path,
+    dec_key: bytes | None, dec_mode: str, starting: Callable[[str, list[Device]], None] = lambda b, d: None,
+) -> tuple[list[Any], tuple[str, str]]:
+    """A model's instances, from the backend that serves its format on the devices'
+    type: one per device, or one spanning them all when the model declares a
+    sharding. Returns them with (backend name, device type). ``starting(backend,
+    devices)`` is told once the backend and device type are chosen (progress)."""
+    wanted = [d if isinstance(d, Device) else Device(None, int(d)) for d in devices]
+    if not wanted:
+        raise ServableLoadError(f"{what}: no device to load it on (device_ids is empty)")
+    try:
+        backend, kind = find_backend(model.model_format, wanted[0].type)
+        chosen = [Device(kind, d.id) for d in wanted]
+        groups = placement(backend, model.options, chosen)
+    except BackendError as exc:
+        raise ServableLoadError(f"{what}: {exc}") from None
+    starting(backend.name, chosen)
+    config_file = getattr(model, "config_file", None)  # register.Model gains it with issue 9
+    runtimes: list[Any] = []
+    try:
+        for group in groups:
+            runtimes.append(load_model(
+                model.model_format, files, model.options, group, backend=backend,
+                config_file=None if config_file is None else servable_folder / config_file,
+                context=getattr(model, "context", None), dec_key=dec_key, dec_mode=dec_mode,
+            ))
+    except Exception as exc:
+        _release([runtimes])
+        if isinstance(exc, ServableLoadError):
+            raise
+        raise ServableLoadError(f"{what}: loading on {backend.name} ({kind}) failed: {exc}") from exc
+    return runtimes, (backend.name, kind)
 
 
 def load_version(
@@ -148,44 +205,62 @@ def load_version(
     devices: Sequence[Any],
     batching: BatchSettings | None = None,
     num_parallel_workers: int = 0,
+    dec_key: bytes | None = None,
+    dec_mode: str = "AES-GCM",
 ) -> LoadedVersion:
     batching = batching or BatchSettings()
     name = definition.name
     folder = Path(servable_directory) / name / str(version)
     stages: dict[int, ModelStage] = {}
+    used: dict[int, tuple[str, str]] = {}
+    subgraphs: dict[tuple[int, int], ModelStage] = {}
     for model in definition.models:
         files = [folder / f for f in model.model_files]
         for f in files:
             if not f.is_file():
+                _release(stage.runtimes for stage in stages.values())
                 raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
         try:
-            loader = get_backend(model.model_format)
-        except KeyError as exc:
-            raise ServableLoadError(f"servable '{name}': {exc.args[0]}") from None
-        try:
-            runtimes = [loader(files, model.options, device) for device in devices]
-        except ServableLoadError:
+            def starting(backend: str, chosen: list[Device], model_file: str = model.model_files[0]) -> None:
+                report(LoadProgress(name, version, "loading", model_file, backend, tuple(map(str, chosen))))
+
+            runtimes, used[model.index] = _load_instances(
+                f"servable '{name}' version {version}: model {', '.join(model.model_files)} ({model.model_format})",
+                model, files, devices, Path(servable_directory) / name, dec_key, dec_mode, starting,
+            )
+        except BaseException:
+            _release(stage.runtimes for stage in stages.values())
             raise
-        except Exception as exc:
-            raise ServableLoadError(
-                f"servable '{name}' version {version}: loading {', '.join(model.model_files)} "
-                f"({model.model_format}) failed: {exc}"
-            ) from exc
-        stages[model.index] = ModelStage(
-            model,
-            runtimes,
-            model.options.get("max_batch_size", batching.max_batch_size),
-            model.options.get("batch_sizes", batching.batch_sizes),
+        limits = (model.options.get("max_batch_size", batching.max_batch_size),
+                  model.options.get("batch_sizes", batching.batch_sizes))
+        stages[model.index] = ModelStage(model, runtimes, *limits)
+        for i in range(1, min(len(getattr(r, "subgraphs", ())) for r in runtimes)):
+            subgraphs[(model.index, i)] = ModelStage(model, [r.subgraphs[i] for r in runtimes], *limits)
+        log.info(
+            "servable %s version %d: model %s on backend %s, device(s) %s",
+            name, version, ", ".join(model.model_files), used[model.index][0],
+            ", ".join("+".join(map(str, getattr(r, "devices", ()))) or "?" for r in runtimes),
         )
-    _check_wiring(definition, stages)
-    _check_batch_dims(name, stages)
-    for stage in stages.values():
-        try:
-            stage.warm_up()
-        except Exception as exc:
-            raise ServableLoadError(
-                f"servable '{name}' version {version}: warming up {stage.model.model_files[0]} failed: {exc}"
-            ) from exc
+    try:
+        _check_wiring(definition, stages)
+        _check_batch_dims(name, stages)
+        for stage in stages.values():
+            stage.name_inputs(list(definition.methods.values()))
+        for stage in [*stages.values(), *subgraphs.values()]:
+            model_file = stage.model.model_files[0]
+
+            def on_bucket(k: int, n: int, size: int | None, model_file: str = model_file) -> None:
+                report(LoadProgress(name, version, "compiling", model_file, step=k, total=n, batch_size=size))
+
+            try:
+                stage.warm_up(on_bucket)
+            except Exception as exc:
+                raise ServableLoadError(
+                    f"servable '{name}' version {version}: warming up {model_file} failed: {exc}"
+                ) from exc
+    except BaseException:
+        _release(stage.runtimes for stage in stages.values())
+        raise
     batchers = {}
     if batching.cross_request:
         for index, stage in stages.items():
@@ -199,7 +274,8 @@ def load_version(
         "servable %s version %d ready: %d model(s), %d program(s) compiled",
         name, version, len(stages), sum(s.compile_count for s in stages.values()),
     )
-    return LoadedVersion(name, version, definition, stages, batchers, pool)
+    report(LoadProgress(name, version, "ready"))
+    return LoadedVersion(name, version, definition, stages, batchers, pool, used, subgraphs)
 
 
 def _check_batch_dims(name: str, stages: dict[int, ModelStage]) -> None:
@@ -306,13 +382,44 @@ class ServableRegistry:
 
     def lookup(self, name: str, version: int, method: str) -> tuple[LoadedVersion, MethodDef]:
         """The version (0 = newest) and method a request names, or `NotFound` in
-        MindSpore Serving's words."""
+        MindSpore Serving's words, followed by what is served and the nearest name."""
         servable = self._servables.get(name)
         shown = f" version({version}) " if version else ""
-        if servable is None or (version and version not in servable.versions):
-            raise NotFound(f"Request servable({name}) method({method}) {shown}, servable is not available")
+        head = f"Request servable({clip(name)}) method({clip(method)}) {shown}"
+        if servable is None:
+            raise NotFound(f"{head}, servable is not available{self.servable_hint(name)}")
+        if version and version not in servable.versions:
+            served = ", ".join(map(str, sorted(servable.versions)))
+            raise NotFound(f"{head}, servable is not available; servable {name} serves version(s) {served}")
         loaded = servable.versions[version or servable.latest]
         found = loaded.methods.get(method)
         if found is None:
-            raise NotFound(f"Request servable({name}) method({method}) {shown}, method is not available")
+            hint = _nearest(method, list(loaded.methods), f"; servable {name} has method(s) ")
+            raise NotFound(f"{head}, method is not available{hint}")
         return loaded, found
+
+    def servable_hint(self, name: str) -> str:
+        """``; served: add, lenet; did you mean 'add'?`` for an unknown servable."""
+        served = sorted(self._servables)
+        if not served:
+            return "; no servable is loaded"
+        return _nearest(name, served, "; served: ")
+
+
+# Client-supplied names are echoed in errors only this long: a URL may be megabytes.
+_ECHO_LIMIT = 64
+_LIST_LIMIT = 20
+
+
+def clip(text: str, limit: int = _ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks the cut)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _nearest(wanted: str, names: list[str], intro: str) -> str:
+    """``{intro}a, b, c; did you mean 'b'?`` (the list bounded, the guess by difflib)."""
+    import difflib
+
+    shown = ", ".join(names[:_LIST_LIMIT]) + (f", ... ({len(names)} in all)" if len(names) > _LIST_LIMIT else "")
+    close = difflib.get_close_matches(wanted[:256], names, n=1, cutoff=0.6)
+    return f"{intro}{shown}" + (f"; did you mean '{close[0]}'?" if close else "")

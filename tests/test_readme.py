@@ -1,0 +1,344 @@
+"""Every shell example in README.md, run against a real server: a README that drifts
+from the code fails here.
+
+What counts as an example: every fenced block tagged ``console``/``shell-session``
+(commands are the ``$ `` lines, continued by a trailing backslash; the lines after a
+command are its output) and ``bash``/``sh``/``shell``/``zsh`` (every line is a
+command). One test per block, in README order, each in a fresh directory holding what
+the README's commands expect: ``sample_data``, ``servables``, ``benchmarks`` and
+``.venv`` (links to the repository's and to this interpreter's), the certificates the
+HTTPS section names (``ca.crt``, ``server.crt``/``.key``, ``client.crt``/``.key``,
+``client.pem``, made with trustme as the README shows) and the user's own files the
+examples name (``photo.png``, ``raw.bin``).
+
+How a block runs:
+
+* ``mserve start ...`` in a block starts that block's server in the background (on a
+  free port; ``--host 0.0.0.0`` becomes 127.0.0.1), waits until it serves, runs the
+  block's remaining commands against it, and must exit 0 on SIGTERM. Blocks without
+  one run against a shared ``mserve start`` (the bundled servables), exactly what the
+  README's first steps start. Ports 5500/5501 in commands become the server's ports,
+  and ``MSERVE_URL`` points at it.
+* A command must exit 0, and when its shown output is JSON the output must be that
+  JSON. A command whose shown output starts with ``error:`` or ``curl: (`` must fail,
+  with output matching the shown lines (``...`` matches anything). Other shown output
+  (tables, logs) is not compared.
+* Nothing is skipped silently: a block that needs what a machine may lack carries a
+  marker line just before its fence, ``<!-- readme-test: needs docker -->`` (or
+  ``gpu``; skipped with the reason when absent) or ``<!-- readme-test: skip REASON
+  -->``; an unknown marker fails, and so does a block that looks like a shell example
+  (``$ `` lines) but is not tagged as one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from support import REPO, free_port
+from test_cli import Started
+
+README = REPO / "README.md"
+CONSOLE = {"console", "shell-session"}
+SCRIPT = {"bash", "sh", "shell", "zsh"}
+MARKER = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->", re.S)
+START = re.compile(r"(^|[\s/])mserve start\b")
+FAILURE_OUTPUT = ("error:", "curl: (")
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Command:
+    text: str
+    line: int
+    output: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    line: int
+    heading: str
+    lang: str
+    body: list[str]
+    marker: str | None
+    commands: list[Command] = field(default_factory=list)
+
+
+def parse(text: str) -> list[Block]:
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    heading = "top"
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#") and not line.startswith("#!"):
+            heading = line.lstrip("#").strip()
+        fence = re.match(r"^```\s*([\w-]*)", line)
+        if not fence:
+            i += 1
+            continue
+        start, lang = i + 1, fence.group(1).lower()
+        j = i + 1
+        while j < len(lines) and not lines[j].startswith("```"):
+            j += 1
+        marker = None
+        k = i - 1
+        while k >= 0 and not lines[k].strip():
+            k -= 1
+        if k >= 0 and lines[k].rstrip().endswith("-->"):
+            opening = k
+            while opening > 0 and "<!--" not in lines[opening]:
+                opening -= 1
+            found = MARKER.search("\n".join(lines[opening:k + 1]))
+            marker = found.group(1) if found else None
+        block = Block(start, heading, lang, lines[i + 1:j], marker)
+        block.commands = _commands(block)
+        blocks.append(block)
+        i = j + 1
+    return blocks
+
+
+def _commands(block: Block) -> list[Command]:
+    commands: list[Command] = []
+    lines = block.body
+    i = 0
+    while i < len(lines):
+        raw = lines[i]
+        if block.lang in CONSOLE:
+            if not raw.startswith("$ "):
+                if commands and raw.strip():
+                    commands[-1].output.append(raw)
+                i += 1
+                continue
+            raw = raw[2:]
+        elif block.lang in SCRIPT:
+            if not raw.strip() or raw.lstrip().startswith("#"):
+                i += 1
+                continue
+        else:
+            return []
+        text, first = raw, block.line + i + 1
+        while text.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            text += "\n" + lines[i]
+        commands.append(Command(text, first))
+        i += 1
+    return commands
+
+
+BLOCKS = parse(README.read_text())
+
+
+def _engine_answers(tool: str) -> bool:
+    path = shutil.which(tool)
+    return bool(path) and subprocess.run([path, "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def _gpu_present() -> bool:
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+
+
+NEEDS = {"docker": lambda: _engine_answers("docker"), "gpu": _gpu_present}
+
+
+def _param(block: Block):
+    ident = f"L{block.line}-" + re.sub(r"[^a-z0-9]+", "-", block.heading.lower()).strip("-")[:40]
+    marks = [pytest.mark.timeout(900)]
+    if block.marker is not None:
+        verb, _, rest = block.marker.partition(" ")
+        if verb == "skip":
+            marks.append(pytest.mark.skip(reason=f"README line {block.line}: {rest or 'marked skip'}"))
+        elif verb == "needs" and rest in NEEDS:
+            if not NEEDS[rest]():
+                marks.append(pytest.mark.skip(reason=f"README line {block.line} needs {rest}, absent here"))
+    return pytest.param(block, id=ident, marks=marks)
+
+
+SHELL_BLOCKS = [b for b in BLOCKS if b.lang in CONSOLE | SCRIPT]
+
+
+def test_the_readme_has_shell_examples_and_every_one_is_collected():
+    assert len(SHELL_BLOCKS) >= 10
+    for block in BLOCKS:
+        if block.lang not in CONSOLE | SCRIPT:
+            looks_like_shell = any(line.startswith("$ ") for line in block.body)
+            assert not looks_like_shell, f"README line {block.line}: $ commands in a ```{block.lang} block; tag it console"
+    for block in SHELL_BLOCKS:
+        if block.marker is not None:
+            verb, _, rest = block.marker.partition(" ")
+            assert verb == "skip" and rest or verb == "needs" and rest in NEEDS, (
+                f"README line {block.line}: unknown marker {block.marker!r} (skip REASON, needs docker|gpu)")
+
+
+def test_the_readme_links_stay_inside_the_repository():
+    for target in re.findall(r"\]\(([^)\s]+)\)", README.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        assert not target.startswith(("../", "/")), f"README links outside the repository: {target}"
+        path = target.split("#", 1)[0]
+        if path:
+            assert (REPO / path).exists(), f"README links to a missing file: {target}"
+
+
+def test_docs_protocol_is_the_shared_protocol():
+    """docs/protocol.md is the repository's copy of the project's PROTOCOL.md."""
+    copy = REPO / "docs" / "protocol.md"
+    assert copy.is_file()
+    shared = next((p / "shared" / "PROTOCOL.md" for p in REPO.parents if (p / "shared" / "PROTOCOL.md").is_file()),
+                  None)
+    if shared is None:
+        pytest.skip("no shared/PROTOCOL.md above the repository to compare docs/protocol.md with")
+    assert copy.read_text() == shared.read_text(), f"docs/protocol.md differs from {shared}: copy it again"
+
+
+# --------------------------------------------------------------------------- running
+
+
+@pytest.fixture(scope="module")
+def workspace_files(tmp_path_factory):
+    """Certificates and the user's files the README's commands name."""
+    trustme = pytest.importorskip("trustme")
+    root = tmp_path_factory.mktemp("readme_files")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(root / "ca.crt"))
+    srv = ca.issue_cert("localhost", "127.0.0.1")
+    srv.cert_chain_pems[0].write_to_path(str(root / "server.crt"))
+    srv.private_key_pem.write_to_path(str(root / "server.key"))
+    client = ca.issue_cert("client@example")
+    client.cert_chain_pems[0].write_to_path(str(root / "client.crt"))
+    client.private_key_pem.write_to_path(str(root / "client.key"))
+    client.private_key_and_cert_chain_pem.write_to_path(str(root / "client.pem"))
+    shutil.copy(REPO / "sample_data" / "digits" / "digit_0.png", root / "photo.png")
+    (root / "raw.bin").write_bytes(bytes(range(256)) * 3 + bytes(16))  # 784 bytes: 28x28 uint8
+    return root
+
+
+def _workspace(tmp_path: Path, files: Path) -> Path:
+    for name in ("sample_data", "servables", "benchmarks"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
+    for item in files.iterdir():
+        shutil.copy(item, tmp_path / item.name)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """``mserve start``: the bundled servables, as the README's first steps serve them."""
+    started = Started([], tmp_path_factory.mktemp("readme_default"), free_port())
+    try:
+        started.wait_ready(timeout=300)
+    except BaseException:
+        started.proc.kill()
+        raise
+    yield started
+    assert started.stop() == 0, started.stderr
+
+
+def _rewrite(text: str, port: int, health_port: int) -> str:
+    text = re.sub(r"\b5500\b", str(port), text)
+    text = re.sub(r"\b5501\b", str(health_port), text)
+    return text.replace("--host 0.0.0.0", "--host 127.0.0.1")
+
+
+def _env(port: int) -> dict[str, str]:
+    env = {**os.environ, "NO_COLOR": "1", "MSERVE_URL": f"http://127.0.0.1:{port}"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class BlockServer:
+    """A block's own ``mserve start``, in the background."""
+
+    def __init__(self, command: str, cwd: Path, port: int, env: dict[str, str]):
+        words = shlex.split(command, comments=True)
+        if "--port" not in words:
+            words += ["--port", str(port)]
+        self.out, self.err = cwd / "start.out", cwd / "start.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            # shlex.join leaves VAR=value prefixes unquoted, so bash still reads them as assignments.
+            self.proc = subprocess.Popen(["bash", "-c", shlex.join(words)], cwd=cwd, stdout=out, stderr=err, env=env,
+                                         start_new_session=True)
+
+    def wait_serving(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while "serving on" not in self.out.read_text():
+            assert self.proc.poll() is None, f"mserve start exited {self.proc.returncode}:\n{self.err.read_text()}"
+            assert time.monotonic() < deadline, f"mserve start not serving after {timeout}s:\n{self.err.read_text()}"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(120)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _pattern(shown: str) -> re.Pattern:
+    parts = [re.escape(part) for part in " ".join(shown.split()).split("...")]
+    return re.compile(".*".join(parts), re.S)
+
+
+def _check(command: Command, done: subprocess.CompletedProcess, where: str) -> None:
+    shown = [line for line in command.output if line.strip()]
+    text = done.stdout + done.stderr
+    if shown and shown[0].lstrip().startswith(FAILURE_OUTPUT):
+        assert done.returncode != 0, f"{where}: expected to fail, but exited 0:\n{text}"
+        flat = " ".join(text.split())
+        for line in shown:
+            assert _pattern(line).search(flat), f"{where}: output does not match {line!r}:\n{text}"
+        return
+    assert done.returncode == 0, f"{where}: exited {done.returncode}:\n{text}"
+    if shown:
+        try:
+            expected = json.loads("\n".join(shown))
+        except json.JSONDecodeError:
+            return  # a table, a log line, an elided document: not compared
+        try:
+            actual = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            pytest.fail(f"{where}: expected JSON output {expected}, got:\n{text}")
+        assert actual == expected, f"{where}: output differs"
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in SHELL_BLOCKS])
+def test_readme_example(block: Block, tmp_path, workspace_files, request):
+    assert block.commands, f"README line {block.line}: a shell block without commands"
+    cwd = _workspace(tmp_path, workspace_files)
+    own_server = any(START.search(c.text) for c in block.commands)
+    if own_server:
+        port, health_port = free_port(), free_port()
+    else:
+        port, health_port = request.getfixturevalue("default_server").port, free_port()
+    env = _env(port)
+    server: BlockServer | None = None
+    try:
+        for command in block.commands:
+            text = _rewrite(command.text, port, health_port)
+            where = f"README line {command.line} ({command.text.splitlines()[0].strip()})"
+            if START.search(command.text):
+                assert server is None, f"{where}: one mserve start per block"
+                server = BlockServer(text, cwd, port, env)
+                server.wait_serving()
+                continue
+            done = subprocess.run(["bash", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+            _check(command, done, where)
+    finally:
+        if server is not None:
+            code = server.stop()
+            assert code == 0, f"README line {block.line}: mserve start exited {code}:\n{server.err.read_text()}"
