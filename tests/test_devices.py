@@ -580,3 +580,34 @@ def test_default_workers(monkeypatch):
     monkeypatch.setenv("MSERVE_WORKERS", "none")
     with pytest.raises(RuntimeError, match="MSERVE_WORKERS"):
         server.default_workers()
+
+
+def test_a_sharded_model_lives_in_one_device_process_for_all_its_devices(tmp_path):
+    """A model that spans devices (issue 12's sharding) is one instance: its servable
+    gets one device process owning both host devices; an ordinary servable on the
+    same ids gets one process per device."""
+    from test_sharding import MODEL_PARALLEL, write_mlp
+
+    write_mlp(tmp_path, "sharded", MODEL_PARALLEL)
+    write_mlp(tmp_path, "plain", None)
+    groups = plan_groups([server.ServableStartConfig(tmp_path, n, device_ids=[0, 1], device_type="cpu")
+                          for n in ("sharded", "plain")])
+    assert {g.key: [c.servable_name for c in cs] for g, cs in groups.items()} == {
+        "cpu:0+1": ["sharded"], "cpu:0": ["plain"], "cpu:1": ["plain"],
+    }
+    served = Served([str(tmp_path), "--workers", "1", "--device-type", "cpu", "--device-ids", "0,1"],
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, cwd=tmp_path)
+    try:
+        served.wait_ready()
+        assert len(tree(served.proc.pid)["device"]) == 3
+        sharded = requests.get(served.url + "/model/sharded", timeout=10).json()["versions"][0]["models"][0]
+        plain = requests.get(served.url + "/model/plain", timeout=10).json()["versions"][0]["models"][0]
+        assert len(sharded["instances"]) == 1 and len(sharded["instances"][0]) == 2  # one instance, two devices
+        assert len({p["pid"] for p in sharded["placement"]}) == 1
+        assert len({p["pid"] for p in plain["placement"]}) == 2
+        x = {"instances": [{"x": [0.1 * i for i in range(16)]}]}
+        a = post(served.url, "/model/sharded:predict", x).json()["instances"][0]["y"]
+        b = post(served.url, "/model/plain:predict", x).json()["instances"][0]["y"]
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        assert served.stop() == 0, served.output()
