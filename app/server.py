@@ -329,11 +329,11 @@ def _start_devices(configs: list[ServableStartConfig], poll_interval: float | No
         _state.loading += 1
         try:
             supervisor.start()
+            _state.devices = supervisor
+            for pool in _state.frontends:  # ready once every front-end serves them
+                pool.wait_loaded()
         finally:
             _state.loading -= 1
-        _state.devices = supervisor
-        for pool in _state.frontends:
-            pool.wait_loaded()
 
 
 def _load(config: ServableStartConfig) -> None:

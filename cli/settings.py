@@ -109,8 +109,6 @@ class StartSettings:
                 fail(f"health_port {self.health_port} is out of range (0-65535)")
             if self.health_port and self.health_port == self.port and self.health_host == self.host:
                 fail(f"--health-port {self.health_port} is the serving port; pick another one")
-            if self.workers > 1:
-                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 

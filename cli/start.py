@@ -344,7 +344,6 @@ def _serve_processes(
     process per device (see mserve.devices). The port is served first, so /health
     answers 200 and /ready 503 while the device processes load."""
     from mserve import server
-    from mserve.errors import ServableLoadError
 
     server.use_processes("devices")
     workers = settings.workers if settings.workers is not None else server.default_workers()
@@ -353,11 +352,7 @@ def _serve_processes(
         f"listening on {escape(restful.url)} ({workers} front-end process{'es' if workers > 1 else ''}): "
         "/health answers 200, /ready 503 until the device processes have loaded the servables"
     )
-    try:
-        server.start_servables(configs, poll_interval=settings.poll_interval or None)
-    except (ServableLoadError, RuntimeError) as exc:
-        server.stop(drain_timeout=0)
-        render.fail(str(exc), code=1)
+    _load(configs, settings.poll_interval or None, show_progress=True)  # the device processes report progress
     pool = restful.transport.pool
     devices = server._state.devices
     try:

@@ -104,6 +104,8 @@ class FrontendModels:
             stages[model.index] = stage
             if spec["cross_request"]:
                 batchers[model.index] = RemoteBatcher(stage, spec["max_delay"])
+        for stage in stages.values():  # errors name what feeds each model input
+            stage.name_inputs(list(definition.methods.values()))
         workers = config.num_parallel_workers if config is not None else 0
         pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mserve-{servable.name}-stage") if workers > 0 else None
         return LoadedVersion(servable.name, number, definition, stages, batchers, pool, backends)

@@ -9,7 +9,8 @@ connection here (`channel.Channel` + a shared-memory `shm.Buffer`), served by it
 thread: rows from all front-ends meet in the same `Batcher`, so one device call
 carries requests that arrived on different front-ends.
 
-It prints ``READY <json>`` (what it serves, `describe`) on stdout once it listens,
+While loading it prints ``PROGRESS <json>`` per step (`mserve.serving.progress`);
+it prints ``READY <json>`` (what it serves, `describe`) on stdout once it listens,
 ``SERVES <json>`` whenever hot reload changed that, or ``FAILED <message>`` and exits 1
 when loading fails. SIGTERM: stop listening, let calls in flight finish, unload, exit 0.
 """
@@ -333,6 +334,12 @@ def _encode_results(results: list, buffer: Buffer | None, error_type: type) -> l
     return encoded
 
 
+def _forward_progress(event: Any) -> None:
+    import dataclasses
+
+    print("PROGRESS " + json.dumps(dataclasses.asdict(event)), flush=True)
+
+
 def _watch_registry(device_server: DeviceServer, stop: threading.Event) -> None:
     """Report versions that hot reload added or retired."""
     from .. import server
@@ -374,7 +381,10 @@ def main() -> int:
                 if mine != machine:  # report GPUs as the machine numbers them
                     metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
             configs.append(config_from_json(dict(data, device_ids=local)))
-        server.start_servables(configs, poll_interval=settings.get("poll_interval"))
+        from ..serving.progress import listening
+
+        with listening(_forward_progress):  # the supervisor's process shows it (mserve start's display)
+            server.start_servables(configs, poll_interval=settings.get("poll_interval"))
         device_server.listen()
     except (ServableLoadError, RuntimeError, ValueError, OSError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)

@@ -173,6 +173,9 @@ class DeviceSupervisor:
         proc = device.proc
         assert proc is not None and proc.stdout is not None
         for line in proc.stdout:
+            if line.startswith("PROGRESS "):
+                _progress(line[9:])
+                continue
             if line.startswith("READY "):
                 device.described = json.loads(line[6:])
                 threading.Thread(target=self._follow, args=(device, proc), daemon=True).start()
@@ -299,6 +302,18 @@ def config_from_json(data: dict[str, Any]) -> Any:
     if isinstance(key, dict) and "base64" in key:
         data["dec_key"] = base64.b64decode(key["base64"])
     return server.ServableStartConfig(**data)
+
+
+def _progress(text: str) -> None:
+    """A device process's loading step, reported here (where `mserve start` shows it)."""
+    from ..serving.progress import LoadProgress, report
+
+    try:
+        data = json.loads(text)
+        data["devices"] = tuple(data.get("devices") or ())
+        report(LoadProgress(**data))
+    except (ValueError, TypeError) as exc:
+        log.debug("unreadable progress line %r: %s", text, exc)
 
 
 def _forget_metrics(pid: int) -> None:

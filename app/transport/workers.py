@@ -218,7 +218,8 @@ def _worker_main() -> int:
     access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     access.handlers = [access_handler]
     access.propagate = False
-    access.setLevel(logging.INFO if settings.get("access_log", True) else logging.WARNING)
+    # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
+    access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
     from .. import server
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
