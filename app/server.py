@@ -139,6 +139,7 @@ class _State:
     run_dir: str | None = None  # sockets, manifest and metrics of this server's processes
     # How hot reload retires a version (a device process first lets its front-ends switch).
     retire: Any = None  # (name, version) -> None; None: _retire_version
+    follower: Any = None  # devices mode: keeps the registry following the device processes
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -330,10 +331,24 @@ def _start_devices(configs: list[ServableStartConfig], poll_interval: float | No
         try:
             supervisor.start()
             _state.devices = supervisor
+            _follow_devices(supervisor)
             for pool in _state.frontends:  # ready once every front-end serves them
                 pool.wait_loaded()
         finally:
             _state.loading -= 1
+
+
+def _follow_devices(supervisor: Any) -> None:
+    """This process's registry mirrors what the device processes serve (as each
+    front-end's does), so `registry`, the health port's ``/ready`` and tools see the
+    servables, and Model calls from here would reach the device processes too."""
+    from .devices.frontend import FrontendModels
+    from .devices.manifest import Follower
+
+    follower = Follower(supervisor.manifest_path, FrontendModels(_state, "supervisor", copies=False).apply, interval=0.5)
+    follower.poll()
+    follower.start()
+    _state.follower = follower
 
 
 def _load(config: ServableStartConfig) -> None:
@@ -623,6 +638,9 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
             transport.stop(drain_timeout)
         _state.frontends.clear()
         # Device processes after the front-ends: their calls in flight are done by now.
+        if _state.follower is not None:
+            _state.follower.stop()
+            _state.follower = None
         if _state.devices is not None:
             _state.devices.stop(drain_timeout)
             _state.devices = None

@@ -611,3 +611,23 @@ def test_a_sharded_model_lives_in_one_device_process_for_all_its_devices(tmp_pat
         assert np.allclose(a, b, rtol=1e-5, atol=1e-5)
     finally:
         assert served.stop() == 0, served.output()
+
+
+def test_the_start_script_process_sees_the_servables_but_holds_no_model(tmp_path):
+    """server.registry() in a start script lists what the device processes serve,
+    without loading a model or JAX in the script's own process."""
+    write_mixer(tmp_path)
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import sys\nfrom mserve import server\n"
+        "server.start_servables(server.ServableStartConfig(sys.argv[1], 'mixer'))\n"
+        "mixer = server.registry().servables()['mixer']\n"
+        "print(sorted(mixer.versions), all(s.remote for s in mixer.versions[1].stages.values()),"
+        " 'jaxlib' in open('/proc/self/maps').read(), flush=True)\n"
+        "server.stop()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MSERVE_PROCESSES"}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1]", "True", "False"]

@@ -34,11 +34,14 @@ log = logging.getLogger("mserve.devices.frontend")
 
 
 class FrontendModels:
-    """Keeps ``state`` (`mserve.server._State`) following the manifest."""
+    """Keeps ``state`` (`mserve.server._State`) following the manifest. ``copies``:
+    load the front-end copies of small CPU models (front-ends do; the supervising
+    process, which serves no requests, does not)."""
 
-    def __init__(self, state: Any, frontend: Any = None):
+    def __init__(self, state: Any, frontend: Any = None, copies: bool = True):
         self.state = state
         self.frontend = frontend
+        self.copies = copies
         self.clients: dict[str, DeviceClient] = {}
         self.definitions: dict[str, Any] = {}
         self._built: dict[tuple[str, int], tuple[str, LoadedVersion]] = {}
@@ -96,7 +99,7 @@ class FrontendModels:
         for model in definition.models:
             spec = version["models"][str(model.index)]
             backends[model.index] = tuple(spec.get("backend", ("?", "?")))
-            if spec.get("frontend_copy"):
+            if spec.get("frontend_copy") and self.copies:
                 stages[model.index] = self._copy(model, spec)
                 continue
             clients = [self.clients[g] for g in spec["groups"]]
