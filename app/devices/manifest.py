@@ -68,11 +68,18 @@ class Follower:
         self.apply = apply
         self.interval = interval
         self.generation = 0
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, inode) of the file last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll(self) -> bool:
         """Apply the manifest if it changed; whether it did."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if (st.st_mtime_ns, st.st_ino) == self._seen:  # each write replaces the file: a new inode
+            return False
         try:
             data = read(self.path)
         except (OSError, ValueError) as exc:  # written atomically, so this is unexpected
@@ -82,6 +89,7 @@ class Follower:
             return False
         self.apply(data)
         self.generation = data["generation"]
+        self._seen = (st.st_mtime_ns, st.st_ino)
         return True
 
     def start(self) -> None:
