@@ -26,10 +26,14 @@ from typing import Any, Callable, Sequence
 from .errors import ServableLoadError
 
 
+_CALL_FORMS = "the inputs can be call(x1, x2) for single instance or call([[x1, x2], [x1, x2]]) for multi instances."
+
+
 @dataclass(eq=False)  # a declared model is itself: identity equality and hash
 class Model:
     """A model declared by servable_config.py; ``add_stage(model, ...)`` runs it, and
-    ``model.call(...)`` runs it from inside a Python stage."""
+    ``model.call(...)`` runs it from inside a Python stage. ``context`` and
+    ``config_file`` are kept as declared, for the backends that use them."""
 
     model_files: list[str]
     model_format: str
@@ -37,15 +41,37 @@ class Model:
     without_batch_dim_inputs: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    context: Any = None
+    config_file: str | None = None
+
+    @property
+    def model_key(self) -> str:
+        """MindSpore Serving's name for the model (in Model.call errors)."""
+        return ";".join(self.model_files)
 
     def call(self, *args: Any, subgraph: int = 0) -> Any:
-        """Run the model from a Python stage on the inputs of one instance, or on a
-        list of instances (each a tuple of inputs). Returns the outputs in the same
-        form: one value (one output), a tuple (several), or a list of those."""
+        """Run the model from a Python stage, through the same batcher as a model stage.
+
+        ``model.call(x1, x2)`` runs one instance and returns its outputs: the array
+        itself for a model with one output, a tuple for several.
+        ``model.call([[x1, x2], [x1b, x2b]])`` (a list or tuple of instances, each a
+        list or tuple of inputs) returns a tuple with one tuple of outputs per
+        instance, so callers write ``for inst in outputs: y = inst[0]``. Failures
+        raise ``RuntimeError`` (``Model(file).call() failed: ...``). ``subgraph``
+        picks one graph of a model of several files (for backends that load each
+        file as a graph, such as MindIR's)."""
+        if isinstance(subgraph, bool) or not isinstance(subgraph, int) or subgraph < 0:
+            raise RuntimeError(f"Parameter 'subgraph' should be int >= 0, but actually {subgraph!r}")
+        name = f"Model({self.model_key}{f', subgraph={subgraph}' if subgraph else ''}).call()"
+        if not args:
+            raise RuntimeError(f"{name} failed: no inputs provided, {_CALL_FORMS}")
+        if len(args) == 1 and isinstance(args[0], (tuple, list)):
+            if not all(isinstance(instance, (tuple, list)) for instance in args[0]):
+                raise RuntimeError(f"{name} failed: inputs format invalid, {_CALL_FORMS}")
         runner = _current_version.get()
         if runner is None:
-            raise RuntimeError("Model.call can only be used inside a stage while mserve runs a request")
-        return runner.call_model(self, args)
+            raise RuntimeError(f"{name} failed: Model.call can only be used inside a stage while mserve runs a request")
+        return runner.call_model(self, args, subgraph)
 
 
 @dataclass(frozen=True)
@@ -109,32 +135,79 @@ def declare_model(
     model_file: str | Sequence[str],
     model_format: str,
     with_batch_dim: bool = True,
-    without_batch_dim_inputs: int | Sequence[int] | None = None,
     options: dict[str, Any] | None = None,
-    **ignored: Any,
+    without_batch_dim_inputs: int | Sequence[int] | None = None,
+    context: Any = None,
+    config_file: str | None = None,
 ) -> Model:
-    """Declare a model whose file(s) live in every version folder.
+    """Declare a model whose file(s) live in every version folder; MindSpore
+    Serving's signature, parameter order and checks.
 
     ``with_batch_dim=True``: the model's first dimension is the batch; instances
-    are stacked into it. ``without_batch_dim_inputs``: indices of inputs that carry no
-    batch dimension (taken from the first instance). Extra MindSpore arguments such as
-    ``context`` or ``config_file`` are accepted and ignored.
+    are stacked into it. ``options``: the model's settings for its backend (mserve: a
+    dict, e.g. ``jax_function``'s ``function`` and ``input_specs``, or batching).
+    ``without_batch_dim_inputs``: indices of inputs that carry no batch dimension
+    (taken from the first instance). ``context`` and ``config_file`` (a path relative
+    to servable_config.py's folder, or absolute) are kept on the `Model` for its
+    backend.
     """
     definition = _definition("declare_model")
-    files = [model_file] if isinstance(model_file, str) else list(model_file)
-    if not files or not all(isinstance(f, str) and f for f in files):
-        raise ServableLoadError(f"declare_model: model_file must be a file name or a list of them, got {model_file!r}")
+    if not isinstance(with_batch_dim, bool):
+        raise ServableLoadError(f"Parameter 'with_batch_dim' should be bool, but actually {type(with_batch_dim)}")
+    files = _str_tuple("model_file", model_file)
     if not isinstance(model_format, str):
-        raise ServableLoadError(f"declare_model: model_format must be a string, got {model_format!r}")
-    if without_batch_dim_inputs is None:
-        no_batch: tuple[int, ...] = ()
-    elif isinstance(without_batch_dim_inputs, int):
-        no_batch = (without_batch_dim_inputs,)
-    else:
-        no_batch = tuple(without_batch_dim_inputs)
-    model = Model(files, model_format, bool(with_batch_dim), no_batch, dict(options or {}), len(definition.models))
+        raise ServableLoadError(f"Parameter 'model_format' should be str, but actually {type(model_format)}")
+    if not model_format:
+        raise ServableLoadError("Parameter 'model_format' should not be empty str")
+    no_batch: tuple[int, ...] = ()
+    if without_batch_dim_inputs:
+        no_batch = _int_tuple("without_batch_dim_inputs", without_batch_dim_inputs)
+    if options is not None and not isinstance(options, dict):
+        raise ServableLoadError(f"Parameter 'options' should be None or dict, but gotten {type(options)}")
+    if config_file is not None and (not isinstance(config_file, str) or not config_file):
+        raise ServableLoadError(f"Parameter 'config_file' should be a non-empty str, but actually {config_file!r}")
+    model = Model(
+        list(files), model_format, with_batch_dim, no_batch, dict(options or {}), len(definition.models),
+        context, config_file,
+    )
     definition.models.append(model)
     return model
+
+
+def _str_tuple(name: str, values: Any) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = (values,)
+    if not isinstance(values, (tuple, list)):
+        raise ServableLoadError(f"Parameter '{name}' should be str or tuple/list of str, but actually {type(values)}")
+    seen: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ServableLoadError(f"The item of parameter '{name}' should be str, but actually {type(value)}")
+        if not value:
+            raise ServableLoadError(f"The item of parameter '{name}' should not be empty str")
+        if value in seen:
+            raise ServableLoadError(f"The item value '{value}' in parameter '{name}' should not be repeated")
+        seen.append(value)
+    if not seen:
+        raise ServableLoadError(f"Parameter '{name}' should not be empty")
+    return tuple(seen)
+
+
+def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, (tuple, list)):
+        raise ServableLoadError(f"Parameter '{name}' should be int or tuple/list of int, but actually {type(values)}")
+    seen: list[int] = []
+    for value in values:
+        if value in seen:
+            raise ServableLoadError(f"The item value '{value}' in parameter '{name}' should not be repeated")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ServableLoadError(f"The item value '{value}' in parameter '{name}' should be int, but actually {type(value)}")
+        if value < 0:
+            raise ServableLoadError(f"The item value '{value}' in parameter '{name}' should be >= 0")
+        seen.append(value)
+    return tuple(seen)
 
 
 def register_method(output_names: str | Sequence[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

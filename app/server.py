@@ -8,7 +8,12 @@
     server.stop()
 
 ``start_*`` return once the servables are loaded and warm, and the socket listens;
-the server runs in background threads until `stop`.
+the server runs in background threads until `stop`. As with MindSpore Serving, a
+start script may simply end after ``start_restful_server``: the process keeps
+serving until SIGINT or SIGTERM, then stops gracefully and exits 0 (`mserve.lifetime`).
+
+`ServableStartConfig` takes MindSpore Serving's parameters, in its order, with its
+defaults and checks (``RuntimeError`` with ``Parameter '...'`` messages).
 
 mserve additions (operability):
 
@@ -35,10 +40,12 @@ tests and the device and front-end processes themselves do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -46,40 +53,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import lifetime
 from .ops import metrics
 from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
 from .transport.wsgi import create_app
 from .transport.inline import InlinePolicy
-from .serving.dataplane import PredictHandler
+from .serving.dataplane import DEFAULT_MAX_INSTANCES, PredictHandler
 from .serving.compile_cache import enable_compile_cache
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
 )
-from .transport.http import WaitressTransport, bind_socket, parse_address
+from .transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
+from .transport.memory import limit_arenas
 
 log = logging.getLogger("mserve.server")
 
 
+DEVICE_TYPES = ("ascend", "gpu", "cpu")
+
+
 @dataclass
 class ServableStartConfig:
-    """Which servable to load, and where.
+    """Which servable to load, and where: MindSpore Serving's ``ServableStartConfig``.
 
-    ``version_number=0`` loads the newest version folder; a number loads that one; a
-    list loads several. ``device_ids`` picks devices of ``device_type`` (``"cpu"``,
-    ``"gpu"``, ``"ascend"``: any type an installed backend runs on; ``None``: each
-    model's backend picks its default). A model that declares a sharding is one
-    instance spanning all of them.
+    ``servable_directory`` holds the folder ``servable_name``; a relative directory is
+    taken from the start script's own folder (``sys.argv[0]``), as MindSpore does.
+    ``version_number=0`` loads the newest version folder, a number that one (mserve:
+    a list loads several). ``device_ids``: an int or a sequence of them (``None``:
+    the default device, id 0) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
+    (any case; it must be one an installed backend runs on), or ``None``: each
+    model's backend picks its default. A model that declares a sharding is one
+    instance spanning all of them. ``num_parallel_workers`` (0..64) sizes the thread
+    pool of per-instance Python stages. ``dec_key`` (bytes of length 16, 24 or 32)
+    and ``dec_mode`` (``AES-GCM``/``AES-CBC``) are checked here; loading fails unless
+    the model's backend can decrypt.
     """
 
     servable_directory: str | os.PathLike
     servable_name: str
-    device_ids: int | Sequence[int] = 0
+    device_ids: int | Sequence[int] | None = None
     version_number: int | Sequence[int] = 0
     device_type: str | None = None
     num_parallel_workers: int = 0
-    dec_key: Any = None
+    dec_key: bytes | None = None
     dec_mode: str = "AES-GCM"
     # mserve additions: batching of models with a batch dimension (see BatchSettings).
     max_batch_size: int = 32
@@ -92,11 +110,96 @@ class ServableStartConfig:
     # a model's whole call). 0: never. Never for accelerators. See mserve.devices.
     frontend_copy_max_kb: float = 256.0
 
+    def __post_init__(self) -> None:
+        self.check()
+        self.servable_directory = script_relative(self.servable_directory)
+        self.device_ids = _int_tuple("device_ids", self.device_ids, 0) if self.device_ids is not None else None
+
+    def check(self) -> None:
+        """MindSpore Serving's checks and messages (``RuntimeError``); called again by
+        `start_servables`, so a field changed after construction is checked too."""
+        directory = self.servable_directory
+        if not isinstance(directory, os.PathLike):  # mserve also takes a pathlib.Path
+            _check_str("servable_directory", directory)
+        _check_str("servable_name", self.servable_name)
+        if isinstance(self.version_number, (list, tuple)):  # mserve: several versions
+            if not self.version_number:
+                raise RuntimeError("Parameter 'version_number' should not be an empty list")
+            _int_tuple("version_number", self.version_number, 0)
+        else:
+            _check_int("version_number", self.version_number, 0)
+        _check_int("num_parallel_workers", self.num_parallel_workers, 0, 64)
+        if self.dec_key is not None:
+            if not isinstance(self.dec_key, bytes):
+                raise RuntimeError(f"Parameter 'dec_key' should be bytes, but actually {type(self.dec_key)}")
+            if not self.dec_key:
+                raise RuntimeError("Parameter 'dec_key' should not be empty bytes")
+            if len(self.dec_key) not in (16, 24, 32):
+                raise RuntimeError(f"Parameter 'dec_key' length {len(self.dec_key)} expected to be 16, 24 or 32")
+        _check_str("dec_mode", self.dec_mode)
+        if self.dec_mode not in ("AES-GCM", "AES-CBC"):
+            raise RuntimeError("Parameter 'dec_mode' expected to be 'AES-GCM' or 'AES-CBC'")
+        if self.device_ids is not None:
+            _int_tuple("device_ids", self.device_ids, 0)
+        validate_device_type(self.device_type)
+
     def versions(self) -> list[int]:
         return [self.version_number] if isinstance(self.version_number, int) else list(self.version_number)
 
     def device_list(self) -> list[int]:
+        if self.device_ids is None:
+            return [0]
         return [self.device_ids] if isinstance(self.device_ids, int) else list(self.device_ids)
+
+
+def validate_device_type(device_type: str | None) -> None:
+    """``None``, or one of MindSpore Serving's device types in any case."""
+    if device_type is None:
+        return
+    _check_str("device_type", device_type)
+    if device_type.lower() not in DEVICE_TYPES + ("none",):
+        raise RuntimeError(
+            f"Unsupported device type '{device_type}', only support 'Ascend', 'GPU', 'CPU' and None, case ignored"
+        )
+
+
+def script_relative(directory: str | os.PathLike) -> str:
+    """An absolute servable directory: a relative one is taken from the start
+    script's folder, as MindSpore Serving does (not from the current directory)."""
+    script_dir = os.path.dirname(os.path.realpath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
+    return os.path.realpath(os.path.join(script_dir, os.fspath(directory)))
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise RuntimeError(f"Parameter '{name}' should be str, but actually {type(value)}")
+    if not value:
+        raise RuntimeError(f"Parameter '{name}' should not be empty str")
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, item: bool = False) -> None:
+    prefix = f"The item value '{value}' in parameter '{name}'" if item else f"Parameter '{name}'"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RuntimeError(f"{prefix} should be int, but actually {type(value)}")
+    if minimum is not None and value < minimum:
+        raise RuntimeError(f"{prefix} should be in range [{minimum},{maximum}]" if maximum is not None else f"{prefix} should be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise RuntimeError(f"{prefix} should be in range [{minimum},{maximum}]" if minimum is not None else f"{prefix} should be <= {maximum}")
+
+
+def _int_tuple(name: str, values: Any, minimum: int | None = None) -> tuple[int, ...]:
+    """An int, or a list/tuple of distinct ints, as a tuple (MindSpore's check)."""
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, (tuple, list)):
+        raise RuntimeError(f"Parameter '{name}' should be int or tuple/list of int, but actually {type(values)}")
+    seen: list[int] = []
+    for value in values:
+        if value in seen:
+            raise RuntimeError(f"The item value '{value}' in parameter '{name}' should not be repeated")
+        _check_int(name, value, minimum, item=True)
+        seen.append(value)
+    return tuple(seen)
 
 
 @dataclass
@@ -258,6 +361,7 @@ def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[
     model's backend pick its default type; ids are checked by the backend at load."""
     from .backends import BackendError, Device, check_device_type
 
+    validate_device_type(device_type)  # MindSpore's types and text first
     try:
         kind = check_device_type(device_type)
     except BackendError as exc:
@@ -267,17 +371,37 @@ def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[
 
 def start_servables(
     servable_configs: ServableStartConfig | Sequence[ServableStartConfig],
+    enable_lite: bool = False,
     poll_interval: float | None = None,
-    **ignored: Any,
 ) -> None:
     """Load and warm up the servables; raises `ServableLoadError` on any problem.
 
+    ``servable_configs``: one `ServableStartConfig` or a list/tuple of them. Several
+    configs of one servable are merged as MindSpore Serving merges them: their
+    versions and device ids are united (they must agree on the directory, the
+    device type, the decryption and mserve's batching settings).
+    ``enable_lite`` (MindSpore's choice of its Lite inference package) is checked
+    and has no effect: mserve's backends are chosen by each model's format.
     ``poll_interval`` (seconds, mserve addition): watch the servables' version
     folders and hot-reload versions that appear or disappear (see `mserve.serving.reload`);
-    ``None`` (the default) or 0 leaves them alone. Extra MindSpore arguments
-    (``enable_lite``) are accepted and ignored.
+    ``None`` (the default) or 0 leaves them alone.
     """
-    configs = [servable_configs] if isinstance(servable_configs, ServableStartConfig) else list(servable_configs)
+    if isinstance(servable_configs, ServableStartConfig):
+        servable_configs = [servable_configs]
+    if not isinstance(servable_configs, (tuple, list)):
+        raise RuntimeError(
+            f"Parameter 'servable_configs' should be ServableStartConfig, list or tuple of ServableStartConfig, but "
+            f"actually {type(servable_configs)}"
+        )
+    if not isinstance(enable_lite, bool):
+        raise RuntimeError(f"Parameter 'enable_lite' should be bool, but actually {type(enable_lite)}")
+    for config in servable_configs:
+        if not isinstance(config, ServableStartConfig):
+            raise RuntimeError(
+                f"The item of parameter 'servable_configs' should be ServableStartConfig, but actually {type(config)}"
+            )
+        config.check()
+    configs = merge_configs(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     if processes() == "devices":
@@ -319,10 +443,6 @@ def _start_devices(configs: list[ServableStartConfig], poll_interval: float | No
                 "start_servables was already called: with device processes, pass every servable in one call "
                 "(or call stop() first)"
             )
-        names = [c.servable_name for c in configs]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ServableLoadError(f"servable {', '.join(twice)} is configured twice")
         supervisor = DeviceSupervisor(
             configs, _run_dir(), log_level=logging.getLogger("mserve").getEffectiveLevel(),
             poll_interval=poll_interval or None, env=_child_env(),
@@ -349,6 +469,47 @@ def _follow_devices(supervisor: Any) -> None:
     follower.poll()
     follower.start()
     _state.follower = follower
+
+
+_MERGED_ALIKE = ("device_type", "dec_key", "dec_mode", "max_batch_size", "batch_sizes", "max_batch_delay_ms", "batching")
+
+
+def _alike(key: str, value: Any) -> Any:
+    return (value or "none").lower() if key == "device_type" else value
+
+
+def merge_configs(configs: Sequence[ServableStartConfig]) -> list[ServableStartConfig]:
+    """One config per servable: configs of the same servable (the same version or
+    not) unite their versions and device ids, and take the most parallel workers,
+    as MindSpore Serving's ``merge_config`` does."""
+    merged: dict[str, ServableStartConfig] = {}
+    for config in configs:
+        name = config.servable_name
+        first = merged.get(name)
+        if first is None:
+            merged[name] = dataclasses.replace(config)
+            continue
+        if Path(first.servable_directory) != Path(config.servable_directory):
+            raise RuntimeError(
+                f"The servable directory of servable name {name} is different in multiple configurations, servable "
+                f"directory: {config.servable_directory} and {first.servable_directory}"
+            )
+        if (first.dec_key, first.dec_mode) != (config.dec_key, config.dec_mode):
+            raise RuntimeError(f"The dec key or dec mode of servable name {name} is different in multiple configurations.")
+        for key in _MERGED_ALIKE:
+            if _alike(key, getattr(first, key)) != _alike(key, getattr(config, key)):
+                raise RuntimeError(
+                    f"The {key} of servable name {name} is different in multiple configurations: "
+                    f"{getattr(first, key)!r} and {getattr(config, key)!r}"
+                )
+        versions = list(dict.fromkeys(first.versions() + config.versions()))
+        first.version_number = versions[0] if len(versions) == 1 else versions
+        devices = [] if first.device_ids is None and config.device_ids is None else (
+            list(dict.fromkeys(first.device_list() + config.device_list()))
+        )
+        first.device_ids = tuple(devices) if devices else None
+        first.num_parallel_workers = max(first.num_parallel_workers, config.num_parallel_workers)
+    return list(merged.values())
 
 
 def _load(config: ServableStartConfig) -> None:
@@ -481,6 +642,12 @@ def start_restful_server(
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
     inline_max_ms: float = 1.0,
+    max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
+    max_connections: int | None = None,
+    idle_timeout: float = 60.0,
+    header_timeout: float = 30.0,
+    handshake_timeout: float = 10.0,
+    max_header_kb: int = 64,
     workers: int | None = None,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
@@ -493,10 +660,20 @@ def start_restful_server(
     processes share one this way, evened out by ``balance``; plain HTTP only), and
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
-    each (see `mserve.transport.inline`; plain HTTP only; 0 turns it off).
+    each (see `mserve.transport.inline`; 0 turns it off).
+
+    Limits on what clients may hold (README, "Limits and hostile clients"):
+    ``max_instances_per_request`` (413 beyond), ``max_connections`` (the longest-idle
+    connections are closed to make room; None: 10,000 or what the descriptor limit
+    allows), ``idle_timeout``, ``header_timeout``, ``handshake_timeout`` (seconds),
+    ``max_header_kb`` (request line and headers; 431 beyond).
 
     ``workers``: front-end processes serving the port in devices mode (the default,
-    see the module docstring); ``None`` is `default_workers`.
+    see the module docstring); ``None`` is `default_workers`. Each front-end applies
+    these limits to its own connections.
+
+    From here on the process keeps serving after the calling script ends, until
+    `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
@@ -506,16 +683,25 @@ def start_restful_server(
         restful = {
             "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
             "request_timeout": request_timeout, "inline_max_ms": inline_max_ms,
+            "max_instances_per_request": max_instances_per_request, "max_connections": max_connections,
+            "idle_timeout": idle_timeout, "header_timeout": header_timeout, "handshake_timeout": handshake_timeout,
+            "max_header_kb": max_header_kb,
         }
         return _start_frontends(address, ssl_config, restful, workers)
     if workers is not None and workers != 1:
         raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
+    if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
+        raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    limits = ConnectionLimits(max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb * 1024)
+    limits.check()
     handler = PredictHandler(
-        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0
+        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
+        max_instances=max_instances_per_request,
     )
-    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms and ssl_config is None else None
+    inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
+    limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, _state, inline)
     if ssl_config is not None:
         from .transport.https import build_ssl_context
@@ -528,10 +714,14 @@ def start_restful_server(
             if ssl_config is not None:
                 from .transport.https import TlsTransport
 
-                transport: Any = TlsTransport(app, sock, ssl_config, threads=threads, max_body_bytes=max_body)
+                transport: Any = TlsTransport(
+                    app, sock, ssl_config, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
+                )
             else:
                 transport = WaitressTransport(
-                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline
+                    app, sock, threads=threads, max_body_bytes=max_body, balance=balance, inline=inline,
+                    limits=limits, shed=handler.should_shed,
                 )
             transport.start()
         except BaseException:
@@ -539,6 +729,7 @@ def start_restful_server(
             raise
         _state.handlers.append(handler)
         _state.transports.append(transport)
+        lifetime.keep_serving(stop)
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
     return server
@@ -583,6 +774,7 @@ def _start_frontends(
         frontends = _Frontends(pool, "https" if ssl_config is not None else "http")
         _state.frontends.append(pool)
         _state.transports.append(frontends)
+        lifetime.keep_serving(stop)
     server = RestfulServer(frontends, host)
     log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
     return server
@@ -656,3 +848,4 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
         _state.processes = None  # use_processes holds for one server's lifetime
         _state.stopping = False
         _refresh_ready()
+    lifetime.release()

@@ -1,7 +1,7 @@
 """HTTPS against HTTP on the bundled add servable, one process, same run.
 
 Starts the add servable once, serves it over plain HTTP (Waitress) and HTTPS
-(cheroot, `mserve.transport.https`, one-way, trustme certificates) in this process, and drives
+(Waitress with TLS in its event loop, `mserve.transport.https`, one-way, trustme certificates) in this process, and drives
 each with keep-alive connections from a separate load-generator process: Debian's
 ``wrk`` when it is installed (``apt-get install -y wrk``), otherwise a Python
 http.client load generator (threads in a subprocess; slower, so it understates both
@@ -170,7 +170,6 @@ def main() -> None:
 
     import logging
 
-    import cheroot
     import trustme
     import waitress  # noqa: F401 - version below
 
@@ -210,8 +209,8 @@ def main() -> None:
             )
 
         print(f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}")
-        print(f"python {platform.python_version()}, {ssl.OPENSSL_VERSION}, waitress {version('waitress')}, "
-              f"cheroot {cheroot.__version__}; server threads {args.threads}; load generator: {client} "
+        print(f"python {platform.python_version()}, {ssl.OPENSSL_VERSION}, waitress {version('waitress')}; "
+              f"server threads {args.threads}; load generator: {client} "
               f"(separate process, same machine); {args.passes} x {args.duration:g} s passes, medians")
         print("(the load generator shares the CPUs with the server: compare the rows, not absolutes)\n")
 

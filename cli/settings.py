@@ -52,6 +52,13 @@ class StartSettings:
     frontend_copy_max_kb: float = 256.0  # small unbatched CPU models also live in each front-end; 0: never
     health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
     health_host: str = "127.0.0.1"
+    # What clients may hold (README, "Limits and hostile clients").
+    max_instances: int = 10000  # instances per request; more: 413
+    max_connections: int | None = None  # None: 10,000 or what the descriptor limit allows
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_header_kb: int = 64
 
     # ------------------------------------------------------------------ building
 
@@ -96,6 +103,15 @@ class StartSettings:
             fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
             fail(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_instances < 1:
+            fail(f"max_instances must be at least 1, got {self.max_instances}")
+        if self.max_connections is not None and self.max_connections < 1:
+            fail(f"max_connections must be at least 1, got {self.max_connections}")
+        for name in ("idle_timeout", "header_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_kb < 1:
+            fail(f"max_header_kb must be at least 1, got {self.max_header_kb}")
         if self.drain_timeout < 0:
             fail(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -104,6 +120,8 @@ class StartSettings:
             fail("--ssl-ca and --verify-client need HTTPS (--ssl-certfile and --ssl-keyfile)")
         if self.verify_client and not self.ssl_ca:
             fail("--verify-client needs --ssl-ca (the CA that signs client certificates)")
+        if self.device_type is not None and self.device_type.lower() not in ("cpu", "gpu", "ascend"):
+            fail(f"device_type must be cpu, gpu or ascend (any case; MindSpore Serving's types), got {self.device_type!r}")
         if self.health_port is not None:
             if not 0 <= self.health_port <= 65535:
                 fail(f"health_port {self.health_port} is out of range (0-65535)")
@@ -124,9 +142,16 @@ class StartSettings:
             "max_enqueued_requests": self.max_enqueued_requests,
             "request_timeout": self.request_timeout,
             "inline_max_ms": self.inline_max_ms,
+            "max_instances_per_request": self.max_instances,
+            "idle_timeout": self.idle_timeout,
+            "header_timeout": self.header_timeout,
+            "handshake_timeout": self.handshake_timeout,
+            "max_header_kb": self.max_header_kb,
         }
         if self.threads is not None:
             options["threads"] = self.threads
+        if self.max_connections is not None:
+            options["max_connections"] = self.max_connections
         return options
 
     def ssl_config(self) -> Any:
@@ -143,7 +168,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "workers", "health_port"}
+_OPTIONAL_INTS = {"threads", "workers", "health_port", "max_connections"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 
@@ -329,7 +354,7 @@ def start_configs(
         }
     return [
         server.ServableStartConfig(
-            str(root),
+            str(Path(root).resolve()),  # a relative one would be taken from the script's folder
             name,
             device_ids=list(device_ids or [0]),
             version_number=versions[0] if len(versions) == 1 else versions,

@@ -46,7 +46,7 @@ START_EPILOG = """\
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -213,6 +213,28 @@ def start(
         None, help="Address of --health-port (0.0.0.0 for a kubelet's httpGet probes).  \\[default: 127.0.0.1]",
         show_default=False,
     ),
+    max_instances: Optional[int] = typer.Option(
+        None, help="Most instances in one request; more get 413.  \\[default: 10000]", show_default=False
+    ),
+    max_connections: Optional[int] = typer.Option(
+        None,
+        help="Open connections per process; at the limit the longest-idle are closed to make room."
+        "  \\[default: 10000, or what `ulimit -n` allows]",
+        show_default=False,
+    ),
+    idle_timeout: Optional[float] = typer.Option(
+        None, help="Seconds a connection may sit idle between requests.  \\[default: 60]", show_default=False
+    ),
+    header_timeout: Optional[float] = typer.Option(
+        None, help="Seconds to receive a request's line and headers once they start.  \\[default: 30]",
+        show_default=False,
+    ),
+    handshake_timeout: Optional[float] = typer.Option(
+        None, help="Seconds for a TLS handshake, from connect.  \\[default: 10]", show_default=False
+    ),
+    max_header_kb: Optional[int] = typer.Option(
+        None, help="Largest request line + headers in KiB; more get 431.  \\[default: 64]", show_default=False
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -250,6 +272,12 @@ def start(
             "frontend_copy_max_kb": frontend_copy_max_kb,
             "health_port": health_port,
             "health_host": health_host,
+            "max_instances": max_instances,
+            "max_connections": max_connections,
+            "idle_timeout": idle_timeout,
+            "header_timeout": header_timeout,
+            "handshake_timeout": handshake_timeout,
+            "max_header_kb": max_header_kb,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)

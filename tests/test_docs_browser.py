@@ -3,8 +3,8 @@ loads the page, runs Swagger UI, which fetches /openapi.json, and the rendered D
 must list the served methods.
 
 Skipped, with the reason in pytest's summary, where no Chromium is installed
-(``apt-get install -y chromium``: about 3 minutes and 350 MB here, so CI's
-``.ci/run`` does not install it). The browser runs with networking features off and
+(``apt-get install -y chromium``: about 3 minutes and 350 MB on a new machine;
+CI's ``.ci/run`` installs it, best effort, before the test command). The browser runs with networking features off and
 a fresh profile; the server is the only thing it can load from.
 """
 

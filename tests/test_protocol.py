@@ -157,8 +157,8 @@ def call_one(x):
 
 
 def call_many(instances):
-    outs = model.call([(x,) for (x,) in instances])
-    return [o + 1 for o in outs]
+    outs = model.call([(x,) for (x,) in instances])  # one tuple of outputs per instance
+    return [inst[0] + 1 for inst in outs]
 
 
 @register.register_method(output_names=["y"])
@@ -457,7 +457,12 @@ def test_body_not_json(url, body):
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"instances"', b"3", b"null"])
 def test_body_not_an_object(url, body):
-    expect_error(post(url, "/model/add:add_common", body), 400)
+    # what the real server answers (MindSpore's JSON library finds no key in a non-object)
+    expect_error(
+        post(url, "/model/add:add_common", body),
+        400,
+        "Parser request failed, key 'instances' expects to exist once, but actually 0 times",
+    )
 
 
 def test_instances_absent(url):
@@ -480,13 +485,26 @@ def test_instances_single_object_is_one_instance(url):
     assert r.json() == {"instances": [{"y": ADD_Y}]}
 
 
-@pytest.mark.parametrize("value", [5, "x", None, True])
-def test_instances_not_a_list(url, value):
-    expect_error(post(url, "/model/add:add_common", {"instances": value}), 400)
+@pytest.mark.parametrize("value", [5, "x", None, True, [1], [[1, 2]], ["x", {"x": 1}]])
+def test_instances_not_a_list_of_objects(url, value):
+    expect_error(
+        post(url, "/model/add:add_common", {"instances": value}),
+        400,
+        "Parser request failed, instances no key mode is not supported",
+    )
 
 
-def test_instance_not_an_object(url):
-    expect_error(post(url, "/model/add:add_common", {"instances": [[1, 2]]}), 400)
+@pytest.mark.parametrize(
+    "instances, text",
+    [
+        ([ADD_BODY["instances"][0], 1], "Parser request failed, json array, instance is not object type"),
+        ([ADD_BODY["instances"][0], {}], "Parser request failed, json array, instance is object type, but no value"),
+        ({}, "Parser request failed, json object, value is empty"),
+        ([dict(ADD_BODY["instances"][0], **{"": 1})], "Parser request failed, string key is empty"),
+    ],
+)
+def test_instance_not_an_object_empty_or_with_an_empty_key(url, instances, text):
+    expect_error(post(url, "/model/add:add_common", {"instances": instances}), 400, text)
 
 
 def test_input_missing_names_input_servable_and_method(url):
@@ -561,8 +579,10 @@ def test_int_out_of_int32_range(url, value):
 
 
 def test_empty_array(url):
-    value_error(url, [], "json array, shape is empty")
-    value_error(url, [[]], "json array, shape is empty")
+    value_error(url, [], "Parser request failed, json array, shape is empty")
+    # the shape stops at the empty list, and the element type is never found (the real server's text)
+    value_error(url, [[]], "Parser request failed, json array, data type is unknown")
+    value_error(url, [[1, 2], []], "invalid json array: json size is 0, the dim 1 expected to be 2")
 
 
 @pytest.mark.parametrize(
@@ -579,13 +599,18 @@ def test_ragged_array_names_sizes_and_dim(url, value, text):
     value_error(url, value, text)
 
 
-@pytest.mark.parametrize("value", [[1, [2]], [[1], 2], [[1, 2], 3], [1, [2, 3]]])
-def test_array_mixing_scalars_and_arrays(url, value):
-    msg = value_error(url, value)
-    assert (
-        "invalid json array: json type is not array" in msg
-        or "json array, data should be number, bool, string or bytes" in msg
-    ), msg
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ([1, [2]], "json array, data should be number, bool, string or bytes"),
+        ([1, [2, 3]], "json array, data should be number, bool, string or bytes"),
+        ([[1], 2], "invalid json array: json type is not array"),
+        ([[1, 2], 3], "invalid json array: json type is not array"),
+        ([True, {"b64": "AAAA"}], "json array, data should be number, bool, string or bytes"),
+    ],
+)
+def test_array_mixing_scalars_and_arrays(url, value, text):
+    value_error(url, value, "Parser request failed, " + text)
 
 
 @pytest.mark.parametrize(
@@ -596,25 +621,46 @@ def test_array_leaves_of_different_kinds(url, value):
 
 
 def test_array_with_null(url):
-    value_error(url, [1, None])
-    value_error(url, None)
+    value_error(url, [1, None], "json array, data should be number, bool, string or bytes")
+    value_error(url, [None], "json array, data type is unknown")
+    value_error(url, None, "Parser request failed, json value is null, it is not supported")
 
 
-@pytest.mark.parametrize("value", [["a", "b"], [{"b64": b64("a")}, {"b64": b64("b")}]])
+@pytest.mark.parametrize(
+    "value", [["a", "b"], [{"b64": b64("a")}, {"b64": b64("b")}], ["a", 1.0], [{"b64": b64("a")}, 1]]
+)
 def test_strings_or_bytes_in_arrays_only_one_item(url, value):
-    value_error(url, value, "json array, string or bytes type only support one item")
+    # checked before any other leaf: ["a", 1.0] fails here, not as "elements type is not equal"
+    value_error(url, value, "Parser request failed, json array, string or bytes type only support one item")
 
 
-def test_nested_single_string(url):
-    value_error(url, [["s"]], "bytes or string type input  shape can only be (1,) or empty")
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ([{"b64": b64(b"\0" * 4), "type": "int32"}], "json array, item is object type, object only support string or bytes type"),
+        ([{"b64": "AAAA", "type": "foo"}], "json array, data type is unknown"),
+    ],
+)
+def test_b64_objects_in_arrays(url, value, text):
+    value_error(url, value, "Parser request failed, " + text)
+    assert described(url, [{"b64": b64("h\u00e9"), "type": "str"}]) == "str"
 
 
-def test_decode_errors_name_instance_and_input(url):
+@pytest.mark.parametrize("value", [[["s"]], [[{"b64": b64("s")}]], {"b64": b64("s"), "type": "bytes", "shape": [1, 1]}])
+def test_str_or_bytes_shaped_other_than_1_fails_the_input_check(url, value):
+    """Parsed fine, then refused by the method's input check (a whole-request error)."""
+    value_error(
+        url,
+        value,
+        "Instances input x check failed, detail: Instance tensor check failed: bytes or string type input  shape can"
+        " only be (1,) or empty, but given shape is [1, 1]",
+    )
+
+
+def test_parse_errors_name_instance_and_input_after_mindspores_text(url):
     r = post(url, "/model/codec:two_inputs", {"instances": [{"a": 1, "b": 1}, {"a": 1, "b": [[1], [2, 3]]}]})
-    assert r.status_code == 200
-    msg = r.json()["instances"][1]["error_msg"]
-    assert "json size is 2, the dim 1 expected to be 1" in msg
-    assert "'b'" in msg and "1" in msg
+    msg = expect_error(r, 400)
+    assert msg == "Parser request failed, invalid json array: json size is 2, the dim 1 expected to be 1 (instance 1, input 'b')"
 
 
 # --------------------------------------------------------------------------- 2.2 base64 objects
@@ -671,16 +717,20 @@ def test_b64_str_not_utf8(url):
 def test_b64_default_type_is_bytes(url):
     obj = {"b64": b64(b"\x00\x01\xff")}
     assert described(url, obj) == "ndarray uint8 [3]"
-    assert echoed(url, obj) == [0, 1, 255]
+    # passed straight through, bytes stay bytes (MindSpore keeps the type)
+    assert echoed(url, obj) == {"b64": b64(b"\x00\x01\xff")}
+    assert echoed(url, [dict(obj, type="bytes", shape=[1])]) == {"b64": b64(b"\x00\x01\xff")}
     assert described(url, dict(obj, type="bytes")) == "ndarray uint8 [3]"
     assert described(url, dict(obj, type="bytes", shape=[1])) == "ndarray uint8 [3]"
     assert described(url, [obj]) == "ndarray uint8 [3]"
 
 
-def test_b64_shape_default_is_1(url):
+def test_b64_without_shape_is_a_scalar(url):
     obj = {"b64": b64(np.int32(7).tobytes()), "type": "int32"}
-    assert described(url, obj) == "ndarray int32 [1]"
-    assert echoed(url, obj) == [7]
+    assert described(url, obj) == "ndarray int32 []"
+    assert echoed(url, obj) == 7
+    value_error(url, dict(obj, b64=b64(b"\0" * 8)), "size is not matched, decode base64 size:8; Given info: "
+                "type:int32; type size:4; element nums:1")
 
 
 def test_b64_shape_empty_is_0d(url):
@@ -689,7 +739,7 @@ def test_b64_shape_empty_is_0d(url):
     assert echoed(url, obj) == 7
 
 
-@pytest.mark.parametrize("shape, expected", [([0], []), ([1, 0], [[]]), ([2, 0], [[], []]), ([0, 3], [])])
+@pytest.mark.parametrize("shape, expected", [([0], []), ([1, 0], [[]]), ([2, 0], [[], []])])
 def test_b64_zero_size_shapes(url, shape, expected):
     obj = {"b64": "", "type": "float32", "shape": shape}
     assert described(url, obj) == f"ndarray float32 {shape}"
@@ -733,13 +783,49 @@ def test_b64_type_unknown(url, type_name):
     value_error(url, {"b64": "AA==", "type": type_name}, f"json object, specified type:'{type_name}' is illegal")
 
 
-@pytest.mark.parametrize("shape", [[-1], [1.5], "2", 2, [True], [[2]], ["1"], None])
+@pytest.mark.parametrize("shape", [[-1], [1.5], [True], [[2]], ["1"]])
 def test_b64_shape_not_unsigned_ints(url, shape):
     value_error(
         url,
         {"b64": "AA==", "type": "int8", "shape": shape},
         "json object, key is 'shape', array value should be unsigned integer",
     )
+
+
+@pytest.mark.parametrize("shape", ["2", 2, None, {"a": 1}])
+def test_b64_shape_not_a_list(url, shape):
+    value_error(url, {"b64": "AA==", "type": "int8", "shape": shape}, "json object, key is 'shape', value should be array type")
+
+
+@pytest.mark.parametrize("shape", [[0, 1], [1, 2, 0, 1], [2, 0, 0]])
+def test_b64_shape_with_dims_after_a_zero(url, shape):
+    text = "Parser request failed, json object, key is 'shape', invalid shape value " + orjson.dumps(shape).decode()
+    value_error(url, {"b64": "", "type": "int8", "shape": shape}, text)
+
+
+def test_b64_shape_dim_beyond_int32_reads_as_negative(url):
+    """MindSpore reads each dimension as an int32 (the real server's answer)."""
+    value_error(
+        url,
+        {"b64": "AAAA", "type": "int32", "shape": [4294967295]},
+        "json object, key is 'shape', number value should not be negative number, shape value: [4294967295]",
+    )
+
+
+@pytest.mark.parametrize(
+    "obj, text",
+    [
+        ({}, "json object, value is empty"),
+        ({"b64": "AAAA", "type": "int32", "shape": [1], "z": 1}, "json object, items size is more than 3, only support specified ['b64', 'type', 'shape']"),
+        ({"b64": "AAAA", "a": 1}, "json object, key is not ['b64', 'type', 'shape'], fail key:a"),
+        # keys are checked in sorted order: shape before type
+        ({"b64": "AAAA", "type": "foo", "shape": [0, 1]}, "json object, key is 'shape', invalid shape value [0,1]"),
+        ({"type": "foo", "z": 1}, "json object, specified type:'foo' is illegal"),
+        ({"b64": "AAAA", "type": "fp32", "shape": [2]}, "size is not matched, decode base64 size:3; Given info: type:float32; type size:4; element nums:2"),
+    ],
+)
+def test_b64_object_checks_in_mindspores_order(url, obj, text):
+    value_error(url, obj, "Parser request failed, " + text)
 
 
 @pytest.mark.parametrize("type_name", ["str", "bytes"])
@@ -755,22 +841,86 @@ def test_b64_str_bytes_more_than_one_element(url, type_name, shape):
 @pytest.mark.parametrize(
     "obj",
     [
-        {"b64": b64(b"\x00" * 4), "type": "int32", "shape": [0]},
-        {"b64": b64(b"\x00" * 4), "type": "float32", "shape": [1, 0]},
-        # shapes no tensor can have: a 0-size total that numpy still cannot build,
-        # and a product that overflows 64 bits
+        # shapes no tensor can have: dims after a 0, and 2**32 read as 0 by MindSpore
         {"b64": "", "type": "int8", "shape": [0, 2**63]},
         {"b64": "", "type": "int8", "shape": [2**32, 2**32]},
     ],
 )
 def test_b64_invalid_shape_value(url, obj):
-    msg = value_error(url, obj)
-    assert "json object, key is 'shape', invalid shape value" in msg or "size is not matched" in msg, msg
-
-
-def test_b64_zero_size_with_data_is_invalid_shape(url):
-    obj = {"b64": b64(b"\x00" * 4), "type": "int32", "shape": [0]}
     value_error(url, obj, "json object, key is 'shape', invalid shape value")
+
+
+def test_b64_zero_size_with_data_is_a_size_mismatch(url):
+    """The real server's answer (PROTOCOL.md 2.2 had ``invalid shape value``)."""
+    obj = {"b64": b64(b"\x00" * 4), "type": "int32", "shape": [0]}
+    value_error(url, obj, "size is not matched, decode base64 size:4; Given info: type:int32; type size:4; element nums:0")
+
+
+# --------------------------------------------------------------------------- 2.3 order and scope
+
+
+X = [[1.0, 2.0], [3.0, 4.0]]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, text",
+    [
+        # the JSON syntax first, then the URL, then the body
+        ("/foo/add:add_common", b"hello", 400, "Illegal JSON format"),
+        ("/foo/add:add_common", b"{}", 400, "please check url, the keyword:[model] must contain."),
+        # the whole body is parsed before the servable and method are looked up
+        ("/model/nosuch:add_common", {"instances": [{"x1": None, "x2": X}]}, 400,
+         "Parser request failed, json value is null, it is not supported"),
+        ("/model/add:nosuch", {"instances": [{"x1": [], "x2": X}]}, 400, "Parser request failed, json array, shape is empty"),
+        ("/model/nosuch:add_common", {"instances": []}, 400, "Parser request failed, instances value is array type, but no value"),
+        ("/model/nosuch:add_common", ADD_BODY, 404, "servable is not available"),
+    ],
+)
+def test_json_then_url_then_body_then_lookup(url, path, body, status, text):
+    expect_error(post(url, path, body), status, text)
+
+
+def test_an_instance_is_parsed_in_sorted_key_order(url):
+    # MindSpore's JSON objects keep their keys sorted: x1 fails first
+    r = post(url, "/model/add:add_common", {"instances": [{"x2": None, "x1": []}]})
+    expect_error(r, 400, "Parser request failed, json array, shape is empty (instance 0, input 'x1')")
+
+
+def test_keys_that_are_not_inputs_are_parsed_too(url):
+    r = post(url, "/model/add:add_common", {"instances": [dict(ADD_BODY["instances"][0], x3=None)]})
+    expect_error(r, 400, "Parser request failed, json value is null, it is not supported (instance 0, input 'x3')")
+    # ... but not checked against the method
+    shaped = {"b64": "AAAA", "type": "bytes", "shape": [1, 1]}
+    r = post(url, "/model/add:add_common", {"instances": [dict(ADD_BODY["instances"][0], x3=shaped)]})
+    assert r.json() == {"instances": [{"y": ADD_Y}]}
+
+
+def test_parse_error_in_a_later_instance_wins_over_a_missing_input(url):
+    body = {"instances": [{"x1": X}, {"x1": None, "x2": X}]}
+    expect_error(post(url, "/model/add:add_common", body), 400, "Parser request failed, json value is null")
+
+
+@pytest.mark.parametrize("depth", [65, 100, 1000])
+def test_nesting_deeper_than_a_tensor_can_have_is_a_clean_400(url, depth):
+    body = b'{"instances":[{"x":' + b"[" * depth + b"1.0" + b"]" * depth + b"}]}"
+    msg = expect_error(post(url, "/model/codec:echo_value", body), 400, "Parser request failed, json array, shape has")
+    assert f"{depth} dimensions" in msg
+    # as many dims in a b64 shape
+    obj = {"b64": b64(b"\0" * 4), "type": "int32", "shape": [1] * depth}
+    value_error(url, obj, f"{depth} dimensions")
+    # a str nested as deep parses, then fails the input check
+    body = b'{"instances":[{"x":' + b"[" * depth + b'"s"' + b"]" * depth + b"}]}"
+    expect_error(post(url, "/model/codec:echo_value", body), 400, "bytes or string type input  shape can only be (1,) or empty")
+    assert echoed(url, 1) == 1  # the server keeps serving
+
+
+def test_nesting_as_deep_as_a_tensor_can_have_round_trips(url):
+    from mserve.protocol.codec import MAX_DIMS
+
+    value = 1.0
+    for _ in range(MAX_DIMS):
+        value = [value]
+    assert echoed(url, value) == value
 
 
 # --------------------------------------------------------------------------- 3. response encoding
@@ -879,14 +1029,20 @@ def test_stage_raising_for_one_instance_of_three(url):
     assert "negative input" in body["instances"][1]["error_msg"]
 
 
-def test_bad_value_in_one_instance_of_three(url):
+def test_bad_value_in_one_instance_of_three_fails_the_whole_request(url):
     good = ADD_BODY["instances"][0]
     body = {"instances": [good, {"x1": [[1, 2], [3]], "x2": good["x2"]}, good]}
-    r = post(url, "/model/add:add_common", body)
-    assert r.status_code == 200
-    got = r.json()["instances"]
-    assert got[0] == got[2] == {"y": ADD_Y}
-    assert "invalid json array: json size is 1, the dim 1 expected to be 2" in got[1]["error_msg"]
+    msg = expect_error(post(url, "/model/add:add_common", body), 400)
+    assert msg == (
+        "Parser request failed, invalid json array: json size is 1, the dim 1 expected to be 2 (instance 1, input 'x1')"
+    )
+
+
+def test_missing_input_in_one_instance_fails_the_whole_request(url):
+    good = ADD_BODY["instances"][0]
+    body = {"instances": [good, {"x1": good["x1"]}]}
+    msg = expect_error(post(url, "/model/add:add_common", body), 400)
+    assert msg.startswith("Cannot find input x2 in instance input , servable add, method add_common")
 
 
 def test_all_fail_same_cause_gives_one_error(url):
@@ -911,14 +1067,13 @@ def test_all_fail_same_model_mismatch_gives_one_error(url):
 
 
 def test_all_fail_different_causes_each_instance_reports(url):
-    body = {"instances": [{"x": -1.0}, {"x": 13.0}, {"z": 1.0}]}
-    r = post(url, "/model/stages:pre_post", body)
+    r = post(url, "/model/stages:pre_post", instances(-1.0, 13.0, "abc"))
     assert r.status_code == 400
     got = r.json()["instances"]
     assert len(got) == 3 and all(list(g) == ["error_msg"] for g in got)
     assert "Preprocess Failed: negative input" in got[0]["error_msg"]
     assert "Preprocess Failed: unlucky 13.0" in got[1]["error_msg"]
-    assert "Cannot find input x in instance input" in got[2]["error_msg"]
+    assert "Preprocess Failed: could not convert string to float" in got[2]["error_msg"]
 
 
 def test_postprocess_tag(url):

@@ -1,20 +1,25 @@
 """The wire codec: request JSON values to Python/numpy values and results back.
 
 Shared by the server and the client side (CLI ``invoke``/``encode``) so the format
-is written once. Rules and error texts follow PROTOCOL.md sections 2 and 3:
+is written once. Rules, order of checks and error texts follow PROTOCOL.md
+sections 2 (2.3: MindSpore Serving's parse order) and 3:
 
 * JSON int -> int32, float -> float32, bool -> bool, string -> ``str``; rectangular
   nested arrays of one leaf kind -> numpy tensors.
-* ``{"b64": ..., "type": ..., "shape": ...}`` -> typed tensor, ``str`` or ``bytes``
-  (bytes arrive in stages as a 1-D uint8 array).
+* ``{"b64": ..., "type": ..., "shape": ...}`` -> typed tensor (a scalar without
+  ``shape``), ``str`` or bytes (a `BytesArray`: a 1-D uint8 array in stages).
 * Results: numpy arrays -> nested lists / scalars, float32 and float16 printed as the
-  shortest decimal that round-trips in their own precision, ``bytes`` -> ``{"b64"}``.
+  shortest decimal that round-trips in their own precision, ``bytes`` and
+  `BytesArray` -> ``{"b64"}``.
+  NaN and infinities have no JSON form (orjson, like MindSpore Serving's JSON library,
+  would print ``null``, which a client cannot tell from a missing value): an output
+  holding one is an `OutputError` naming where, so that instance fails visibly.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -48,20 +53,66 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # value plus half a unit in its last place (ties round to even, here to infinity).
 _FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 _LEAF_DTYPES = {float: np.float32, int: np.int32, bool: np.bool_}
+# The wire type of a JSON leaf (MindSpore Serving: int -> int32, float -> float32).
+_LEAF_TYPES = {int: "int32", float: "float32", bool: "bool", str: "str"}
+# MindSpore names a type by its first name in sorted order: fp32 -> float32.
+_CANONICAL = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
+_TEXT_TYPES = ("str", "bytes")
+_B64_KEY_SET = frozenset(("b64", "type", "shape"))
+
+
+def _numpy_max_dims() -> int:
+    """The most dimensions a numpy array may have (64 from numpy 2, 32 before)."""
+    for dims in (64, 32):
+        try:
+            np.empty((1,) * dims)
+            return dims
+        except ValueError:
+            continue
+    return 32
+
+
+MAX_DIMS = _numpy_max_dims()
 
 
 class ValueError_(BadRequest):
-    """A request value that cannot be decoded; the pipeline adds instance and input."""
+    """A request value that cannot be decoded; the parser adds instance and input."""
+
+
+class BytesArray(np.ndarray):
+    """A bytes value from the wire as stages see it: a 1-D uint8 array (``.tobytes()``
+    gives the bytes) that remembers it is bytes, so a stage passing it straight
+    through to an output sends ``{"b64": ...}`` back, as MindSpore Serving does.
+    Arithmetic on it gives plain arrays."""
+
+    def __array_wrap__(self, array: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        plain = array.view(np.ndarray) if isinstance(array, np.ndarray) else array
+        return plain[()] if return_scalar else plain
+
+
+def bytes_value(raw: bytes) -> BytesArray:
+    return np.frombuffer(raw, dtype=np.uint8).view(BytesArray)
+
+
+class ShapedText(NamedTuple):
+    """A str or bytes value whose wire shape is neither ``()`` nor ``(1,)`` (``[["s"]]``,
+    or a b64 object with ``"shape": [1, 1]``). Parsing accepts it, as MindSpore
+    Serving does; the method's input check refuses it (PROTOCOL.md 2.3 step 3), and
+    it is ignored where it is not an input of the method."""
+
+    value: Any
+    shape: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- decode
 
 
 def decode_value(value: Any) -> Any:
-    """Turn one JSON instance value into what stages receive.
+    """Turn one JSON instance value into what stages receive, checking it in
+    MindSpore Serving's order (PROTOCOL.md 2.3 step 2).
 
-    Raises `ValueError_` with MindSpore Serving's wording; the caller prefixes the
-    instance index and input name.
+    Raises `ValueError_` with MindSpore Serving's wording (without the ``Parser
+    request failed, `` prefix); the caller adds the instance index and input name.
     """
     kind = type(value)
     if kind is list:
@@ -78,10 +129,11 @@ def decode_value(value: Any) -> Any:
     if kind is str:
         return value
     # JSON null is the only other possibility.
-    raise ValueError_("json value null is not supported, data should be number, bool, string or bytes")
+    raise ValueError_("json value is null, it is not supported")
 
 
 def _check_int32(value: int) -> None:
+    # mserve refuses what MindSpore Serving would silently wrap around.
     if not _INT32_MIN <= value <= _INT32_MAX:
         raise ValueError_(f"json integer {value} is out of int32 range")
 
@@ -89,7 +141,8 @@ def _check_int32(value: int) -> None:
 def _decode_array(value: list) -> Any:
     # Fast path: numpy builds an object array in C; one pass over the leaf types
     # tells whether the array is a clean rectangular tensor of one JSON kind. Anything
-    # else takes the slow walk below, which finds the exact MindSpore error.
+    # else takes the slow walk below, which finds the exact MindSpore error. (Nesting
+    # deeper than numpy's dimension limit gives an object array of lists: slow path.)
     if value:
         try:
             obj = np.array(value, dtype=object)
@@ -116,58 +169,82 @@ def _decode_array(value: list) -> Any:
     return _decode_array_slow(value)
 
 
-def _array_shape(value: list) -> list[int]:
-    shape = []
-    node: Any = value
-    while type(node) is list:
-        if not node:
-            raise ValueError_("json array, shape is empty")
-        shape.append(len(node))
-        node = node[0]
-    return shape
+def _object_type(node: Any) -> str | None:
+    """The wire type of a b64 object in an array (``bytes`` without ``type``), or
+    None when it is not one MindSpore knows."""
+    if type(node) is not dict:
+        return None
+    name = node.get("type", "bytes")
+    if type(name) is not str or name not in B64_TYPES:
+        return None
+    return _CANONICAL.get(name, name)
 
 
 def _decode_array_slow(value: list) -> Any:
-    shape = _array_shape(value)
-    leaves: list = []
-    first_kind: list = []
+    """MindSpore Serving's array parse, check by check: the shape and the element
+    type come from the first item at each level; then the array is walked against
+    them, depth first. Iterative, so no nesting depth can exhaust the stack."""
+    shape: list[int] = []
+    node: Any = value
+    while type(node) is list and node:
+        shape.append(len(node))
+        node = node[0]
+    if not shape:
+        raise ValueError_("json array, shape is empty")
+    leaf = type(node)
+    is_object = leaf is dict
+    wire_type = _object_type(node) if is_object else _LEAF_TYPES.get(leaf)
+    if wire_type is None:  # the first leaf is [], null, or an object of unknown type
+        raise ValueError_("json array, data type is unknown")
+    is_text = wire_type in _TEXT_TYPES
+    if is_text and math.prod(shape) != 1:
+        raise ValueError_("json array, string or bytes type only support one item")
+    if is_object and not is_text:
+        raise ValueError_("json array, item is object type, object only support string or bytes type")
+    if not is_text and len(shape) > MAX_DIMS:
+        raise ValueError_(
+            f"json array, shape has {len(shape)} dimensions, more than the {MAX_DIMS} a tensor can have"
+        )
 
-    def walk(node: Any, dim: int) -> None:
-        if type(node) is list:
-            if dim >= len(shape):
-                raise ValueError_("json array, data should be number, bool, string or bytes")
-            if len(node) != shape[dim]:
-                raise ValueError_(
-                    f"invalid json array: json size is {len(node)}, the dim {dim} expected to be {shape[dim]}"
-                )
-            for item in node:
-                walk(item, dim + 1)
-            return
-        if dim < len(shape):
+    leaves: list[Any] = []
+    last = len(shape) - 1
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) is not list:
             raise ValueError_("invalid json array: json type is not array")
-        kind = type(node)
-        if kind not in (int, float, bool, str, dict):
-            raise ValueError_("json array, data should be number, bool, string or bytes")
-        if not first_kind:
-            first_kind.append(kind)
-        elif first_kind[0] is not kind:
-            raise ValueError_("json array, elements type is not equal")
-        leaves.append(node)
+        if len(node) != shape[depth]:
+            raise ValueError_(
+                f"invalid json array: json size is {len(node)}, the dim {depth} expected to be {shape[depth]}"
+            )
+        if depth < last:
+            stack.extend((child, depth + 1) for child in reversed(node))
+            continue
+        for item in node:
+            if is_object:
+                item_type = _object_type(item)
+                if item_type not in _TEXT_TYPES:
+                    raise ValueError_("json array, object type only support string or bytes type")
+                if item_type != wire_type:
+                    raise ValueError_("json array, elements type is not equal")
+                if "b64" not in item:
+                    raise ValueError_("json object, 'b64' should be specified only one time")
+                leaves.append(_decode_text(item["b64"], wire_type))
+                continue
+            kind = type(item)
+            if kind not in _LEAF_TYPES:
+                raise ValueError_("json array, data should be number, bool, string or bytes")
+            if _LEAF_TYPES[kind] != wire_type:
+                raise ValueError_("json array, elements type is not equal")
+            if kind is int:
+                _check_int32(item)
+            leaves.append(item)
 
-    walk(value, 0)
-    kind = first_kind[0]
-    if kind in (str, dict):
-        if len(leaves) > 1:
-            raise ValueError_("json array, string or bytes type only support one item")
-        if len(shape) != 1:
-            raise ValueError_("bytes or string type input  shape can only be (1,) or empty")
-        return leaves[0] if kind is str else decode_b64_object(leaves[0])
-    if kind is int:
-        for leaf in leaves:
-            _check_int32(leaf)
-    if kind is float:
+    if is_text:
+        return leaves[0] if len(shape) == 1 else ShapedText(leaves[0], tuple(shape))
+    if wire_type == "float32":
         return _float32(np.array(leaves, dtype=np.float64)).reshape(shape)
-    return np.array(leaves, dtype=_LEAF_DTYPES[kind]).reshape(shape)
+    return np.array(leaves, dtype=_LEAF_DTYPES[leaf]).reshape(shape)
 
 
 def _float32(wide: np.ndarray) -> np.ndarray:
@@ -180,60 +257,112 @@ def _float32(wide: np.ndarray) -> np.ndarray:
 
 
 def decode_b64_object(obj: dict) -> Any:
-    """Decode ``{"b64": ..., "type": ..., "shape": ...}`` (PROTOCOL.md 2.2)."""
-    if "b64" not in obj:
-        raise ValueError_("'b64' should be specified only one time")
-    data = obj["b64"]
-    if type(data) is not str:
-        raise ValueError_("get scalar data failed, type is string, but json is not string type")
+    """Decode ``{"b64": ..., "type": ..., "shape": ...}`` (PROTOCOL.md 2.2), checking
+    in MindSpore Serving's order: the keys (in sorted order, as its JSON library
+    keeps them), then the type against the shape, then the base64 text and its size.
+    A missing or empty ``shape`` is a scalar."""
     type_name = obj.get("type", "bytes")
-    if type(type_name) is not str:
-        raise ValueError_("json object, key is 'type', value should be string type")
-    target = B64_TYPES.get(type_name)
-    if target is None:
-        raise ValueError_(f"json object, specified type:'{type_name}' is illegal")
-    shape = _b64_shape(obj)
-    try:
-        raw = pybase64.b64decode(data, validate=True)
-    except ValueError:
-        raise ValueError_("the 'b64' value is illegal b64 encode string") from None
-
-    if target is str or target is bytes:
-        if shape is not None and int(np.prod(shape)) != 1:
+    shape = obj.get("shape", ())
+    # Fast path: only known keys, a known type and a shape of positive dims pass every
+    # check below; anything else is checked in MindSpore's order, to find its error.
+    if (
+        "b64" in obj
+        and obj.keys() <= _B64_KEY_SET
+        and type(type_name) is str
+        and type_name in B64_TYPES
+        and (shape == () or (type(shape) is list and all(type(d) is int and 0 < d < 2**31 for d in shape)))
+    ):
+        shape = tuple(shape)
+    else:
+        _check_b64_object(obj)
+        # MindSpore reads each dimension as a uint32 (2**32 wraps to 0).
+        shape = tuple(d & 0xFFFFFFFF for d in shape)
+    type_name = _CANONICAL.get(type_name, type_name)
+    count = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
+    if type_name in _TEXT_TYPES:
+        if count != 1:
             raise ValueError_(
                 "json object, only support scalar when data type is string or bytes, please check 'type' or 'shape'"
             )
-        if target is bytes:
-            return np.frombuffer(raw, dtype=np.uint8)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError_("the 'b64' value of type str is not valid UTF-8") from None
+        text = _decode_text(obj["b64"], type_name)
+        return text if len(shape) <= 1 else ShapedText(text, shape)
 
-    dtype = np.dtype(target).newbyteorder("<")
-    if shape is None:
-        shape = [1]
-    count = math.prod(shape)  # exact: np.prod would wrap around on huge shapes
-    if count == 0 and raw:
-        raise ValueError_("json object, key is 'shape', invalid shape value")
+    raw = _b64decode(obj["b64"])
+    dtype = np.dtype(B64_TYPES[type_name]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
         raise ValueError_(
-            f"size is not matched: type {type_name} and shape {list(shape)} need "
-            f"{count * dtype.itemsize} bytes, got {len(raw)}"
+            f"size is not matched, decode base64 size:{len(raw)}; Given info: type:{type_name}; "
+            f"type size:{dtype.itemsize}; element nums:{count}"
         )
+    if len(shape) > MAX_DIMS:
+        raise ValueError_(f"json object, key is 'shape', {len(shape)} dimensions, more than the {MAX_DIMS} a tensor can have")
     try:
         return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
-    except ValueError:  # a zero-size shape numpy cannot represent, e.g. [0, 2**63]
+    except ValueError:  # a zero-size shape numpy cannot represent
         raise ValueError_(f"json object, key is 'shape', invalid shape value {list(shape)}") from None
 
 
-def _b64_shape(obj: dict) -> list[int] | None:
-    if "shape" not in obj:
-        return None
-    shape = obj["shape"]
-    if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
-        raise ValueError_("json object, key is 'shape', array value should be unsigned integer")
-    return shape
+def _check_b64_object(obj: dict) -> None:
+    """The key checks of a b64 object, in MindSpore Serving's order."""
+    if not obj:
+        raise ValueError_("json object, value is empty")
+    if len(obj) > 3:
+        raise ValueError_("json object, items size is more than 3, only support specified ['b64', 'type', 'shape']")
+    for key in sorted(obj):
+        if key == "shape":
+            _check_shape(obj[key])
+        elif key == "type":
+            name = obj[key]
+            if type(name) is not str:
+                raise ValueError_("json object, key is 'type', value should be string type")
+            if name not in B64_TYPES:
+                raise ValueError_(f"json object, specified type:'{name}' is illegal")
+        elif key != "b64":
+            raise ValueError_(f"json object, key is not ['b64', 'type', 'shape'], fail key:{key}")
+    if "b64" not in obj:
+        raise ValueError_("json object, 'b64' should be specified only one time")
+
+
+def _check_shape(shape: Any) -> None:
+    if type(shape) is not list:
+        raise ValueError_("json object, key is 'shape', value should be array type")
+    zero_before = False
+    for dim in shape:
+        if zero_before:  # nothing may follow a 0: [0] and [2, 0] are empty, [0, 1] is not a shape
+            raise ValueError_(f"json object, key is 'shape', invalid shape value {_dump(shape)}")
+        if type(dim) is not int or dim < 0:
+            raise ValueError_("json object, key is 'shape', array value should be unsigned integer")
+        wrapped = dim & 0xFFFFFFFF  # MindSpore reads each dimension as an int32 here
+        if wrapped >= 2**31:
+            raise ValueError_(
+                f"json object, key is 'shape', number value should not be negative number, shape value: {_dump(shape)}"
+            )
+        zero_before = wrapped == 0
+
+
+def _dump(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _b64decode(data: Any) -> bytes:
+    if type(data) is not str:
+        raise ValueError_("get scalar data failed, type is string, but json is not string type")
+    try:
+        return pybase64.b64decode(data, validate=True)
+    except ValueError:
+        shown = data if len(data) <= 64 else f"{data[:64]}... ({len(data)} characters)"
+        raise ValueError_(f"'{shown}' is illegal b64 encode string") from None
+
+
+def _decode_text(data: Any, type_name: str) -> Any:
+    """The base64 text of a str or bytes value: ``str``, or bytes as a `BytesArray`."""
+    raw = _b64decode(data)
+    if type_name == "bytes":
+        return bytes_value(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError_("the 'b64' value of type str is not valid UTF-8") from None
 
 
 # --------------------------------------------------------------------------- encode
@@ -246,6 +375,8 @@ class OutputError(Exception):
 def encode_value(value: Any) -> Any:
     """Turn one output value into something ``orjson`` (with numpy support) prints."""
     if isinstance(value, np.ndarray):
+        if type(value) is BytesArray:  # a bytes input passed straight through
+            return {"b64": pybase64.b64encode(value.tobytes()).decode("ascii")}
         return _encode_array(value)
     if isinstance(value, np.generic):
         return _encode_array(np.asarray(value))
@@ -253,6 +384,8 @@ def encode_value(value: Any) -> Any:
         return {"b64": pybase64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         raise OutputError(f"output integer {value} does not fit in 64 bits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OutputError(f"output value {value!r} has no JSON form (NaN and infinities cannot be sent)")
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
@@ -269,6 +402,8 @@ def _encode_array(array: np.ndarray) -> Any:
             item = array.reshape(()).item()
             return item if isinstance(item, str) else {"b64": pybase64.b64encode(item).decode("ascii")}
         raise OutputError(f"output dtype {array.dtype} cannot be encoded as JSON")
+    if kind == "f":
+        _check_finite(array)
     if array.dtype == np.float16:
         # orjson prints float16 through float32 (0.1 -> 0.099975586); go through
         # numpy's shortest float16 repr so the client sees what the model meant.
@@ -280,6 +415,16 @@ def _encode_array(array: np.ndarray) -> Any:
     if not array.flags.c_contiguous or array.dtype.byteorder == ">":
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     return array
+
+
+def _check_finite(array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        where = np.argwhere(~finite)[0].tolist() if array.ndim else []
+        value = array[tuple(where)] if array.ndim else array[()]
+        raise OutputError(
+            f"output value {float(value)!r} at index {where} has no JSON form (NaN and infinities cannot be sent)"
+        )
 
 
 def dumps(obj: Any) -> bytes:

@@ -1,61 +1,124 @@
 """The REST request body and reply: MindSpore Serving's JSON in, JSON out.
 
-`parse_instances` reads the body's ``instances``, `decode_instance` turns one
-instance into the method's input values (codec.py), and `build_reply` turns the
-pipeline's per-instance results into the reply object (PROTOCOL.md sections 2 and 3).
+`parse_request` takes a predict request apart in MindSpore Serving's order
+(PROTOCOL.md 2.3): the JSON syntax, the URL, every instance and every value, then
+the servable/method lookup, then each instance's inputs against the method. Any
+failure on the way fails the whole request (one top-level ``error_msg``); only
+running the method fails single instances. `build_reply` turns the pipeline's
+per-instance results into the reply object (PROTOCOL.md section 3).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import orjson
 
 from ..errors import BadRequest, InstanceError
 from ..register import MethodDef
-from .codec import OutputError, decode_value, encode_value
+from .codec import OutputError, ShapedText, decode_value, encode_value
+from .urls import parse_predict_path
+
+PARSE_FAILED = "Parser request failed, "
+
+Version = TypeVar("Version")
 
 
-def parse_instances(body: bytes) -> list[Any]:
+def parse_request(
+    path: str,
+    body: bytes,
+    lookup: Callable[[str, int, str], tuple[Version, MethodDef]],
+    check_count: Callable[[int], None] = lambda count: None,
+) -> tuple[Version, MethodDef, list[list[Any]]]:
+    """The version and method a predict request names, and per instance the method's
+    input values in order. ``lookup(servable, version, method)`` finds the method
+    (raising `NotFound`); ``check_count(n)`` may refuse the number of instances
+    before any is decoded; everything else wrong raises `BadRequest`."""
+    request = _load_json(body)
+    target = parse_predict_path(path)  # MindSpore checks the JSON syntax before the URL
+    instances = parse_instances(request, check_count)
+    version, method = lookup(target.servable, target.version, target.method)
+    return version, method, method_inputs(instances, method, target.servable)
+
+
+def _load_json(body: bytes) -> Any:
     try:
-        request = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"Illegal JSON format. {exc}") from None
-    if not isinstance(request, dict):
-        raise BadRequest("Illegal JSON format. The request body must be a JSON object with the key 'instances'")
-    if "instances" not in request:
-        raise BadRequest("Parser request failed, key 'instances' expects to exist once, but actually 0 times")
+
+
+def _parse_failed(reason: str, where: str = "") -> BadRequest:
+    return BadRequest(f"{PARSE_FAILED}{reason}{f' ({where})' if where else ''}")
+
+
+def parse_instances(request: Any, check_count: Callable[[int], None] = lambda count: None) -> list[dict[str, Any]]:
+    """Every instance of a parsed body, each a dict of decoded values (all of its
+    keys, inputs of the method or not: MindSpore parses them all)."""
+    if type(request) is not dict or "instances" not in request:
+        raise _parse_failed("key 'instances' expects to exist once, but actually 0 times")
     instances = request["instances"]
-    if isinstance(instances, dict):
-        return [instances]
-    if not isinstance(instances, list):
-        raise BadRequest("Parser request failed, instances value should be an array or an object")
+    if type(instances) is dict:
+        if not instances:
+            raise _parse_failed("json object, value is empty")
+        return [_parse_instance(instances, 0)]
+    if type(instances) is not list or (instances and type(instances[0]) is not dict):
+        raise _parse_failed("instances no key mode is not supported")
     if not instances:
-        raise BadRequest("Parser request failed, instances value is array type, but no value")
-    return instances
+        raise _parse_failed("instances value is array type, but no value")
+    check_count(len(instances))
+    parsed = []
+    for index, instance in enumerate(instances):
+        if type(instance) is not dict:
+            raise _parse_failed("json array, instance is not object type", f"instance {index}")
+        if not instance:
+            raise _parse_failed("json array, instance is object type, but no value", f"instance {index}")
+        parsed.append(_parse_instance(instance, index))
+    return parsed
 
 
-def _instance_error(cause: str, where: str) -> InstanceError:
-    """An instance's error: ``cause`` plus where it happened. Instances failing with
-    the same cause count as one cause (a single top-level error_msg)."""
-    return InstanceError(f"{cause} ({where})", cause=cause)
-
-
-def decode_instance(instance: Any, index: int, method: MethodDef, servable: str) -> list[Any] | InstanceError:
-    if not isinstance(instance, dict):
-        return _instance_error("Parser request failed, instance is not a JSON object", f"instance {index}")
-    values = []
-    for name in method.input_names:
-        if name not in instance:
-            return _instance_error(
-                f"Cannot find input {name} in instance input , servable {servable}, method {method.name}",
-                f"instance {index}",
-            )
+def _parse_instance(instance: dict[str, Any], index: int) -> dict[str, Any]:
+    if "" in instance:  # the empty key sorts first, so its error comes first
+        raise _parse_failed("string key is empty", f"instance {index}")
+    try:
+        return {name: decode_value(value) for name, value in instance.items()}
+    except BadRequest:
+        pass
+    # MindSpore reads an instance's keys in sorted order: report the failure of the
+    # first key in that order (found again here, off the hot path).
+    for name in sorted(instance):
         try:
-            values.append(decode_value(instance[name]))
+            decode_value(instance[name])
         except BadRequest as exc:
-            return _instance_error(f"Parser request failed, {exc.message}", f"instance {index}, input '{name}'")
-    return values
+            raise _parse_failed(exc.message, f"instance {index}, input '{name}'") from None
+    raise AssertionError("a value failed to decode once but not twice")  # pragma: no cover
+
+
+def method_inputs(instances: list[dict[str, Any]], method: MethodDef, servable: str) -> list[list[Any]]:
+    """Per instance, the method's inputs in order: the whole-request input checks
+    that MindSpore makes after the lookup (a missing input, a str/bytes input whose
+    shape is neither ``()`` nor ``(1,)``). Keys that are not inputs are left out."""
+    names = method.input_names
+    rows = []
+    for index, instance in enumerate(instances):
+        row = []
+        for name in names:
+            try:
+                value = instance[name]
+            except KeyError:
+                raise BadRequest(
+                    f"Cannot find input {name} in instance input , servable {servable}, method {method.name}"
+                    f" (instance {index})"
+                ) from None
+            if type(value) is ShapedText:
+                raise BadRequest(
+                    f"Instances input {name} check failed, detail: Instance tensor check failed: bytes or string type"
+                    f" input  shape can only be (1,) or empty, but given shape is {list(value.shape)}"
+                    f" (instance {index})"
+                )
+            row.append(value)
+        rows.append(row)
+    return rows
 
 
 def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError]) -> tuple[int, dict]:

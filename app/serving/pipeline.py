@@ -6,17 +6,40 @@ stage runs over the instances still alive; one that fails turns into that instan
 instance or, with ``batch_size``, over lists of instances; model stages hand all live
 rows to their version's model runner (a cross-request batcher or the `ModelStage`
 itself). Between stages, instances past the request's deadline fail with ``Time out``.
+
+A Python stage that raises never takes the request (or the server) down with it,
+whatever it raises, ``SystemExit`` and ``KeyboardInterrupt`` included. The server
+log gets a line with the traceback and the request id; the client gets MindSpore
+Serving's ``{tag} Failed: ...``, and never a traceback or a file path:
+
+* 500, ``{tag} Failed: internal error in the stage (ExcType), see the server log,
+  request id ...``, when the exception cannot come from this instance's data: it is
+  not an `Exception` (``SystemExit``, ``KeyboardInterrupt``), or it says the code or
+  its environment is broken (`_SERVER_FAULTS`: ``NameError``, ``ImportError``,
+  ``SyntaxError``, ``NotImplementedError``, ``OSError`` such as a missing file,
+  ``MemoryError``, ``RecursionError``). Logged at ERROR.
+* 400 for any other exception (``ValueError``, ``TypeError``, ``KeyError``,
+  ``AttributeError``, ...): a stage refusing its input on purpose raises these, and
+  so does a stage that meets input it did not expect (``float("abc")``,
+  ``"abc".astype``). The client reads the exception's first line, with file paths
+  replaced by ``<path>``, as MindSpore Serving shows it. Logged at INFO.
+* A stage that raises `mserve.errors.InstanceError` chooses its message and status.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
+import re
 import time
 from typing import Any, Sequence
 
 from .model_stage import InstanceError
 from ..register import MethodDef, Model, StageDef, _current_version
-from .servable import LoadedVersion
+from .servable import LoadedVersion, ModelCallError
+from ..ops.access_log import current_request_id
+
+log = logging.getLogger("mserve.serving.pipeline")
 
 
 class _StageContext:
@@ -29,8 +52,8 @@ class _StageContext:
         self.version = version
         self.deadline = deadline
 
-    def call_model(self, model: Model, args: tuple) -> Any:
-        return self.version.call_model(model, args, self.deadline)
+    def call_model(self, model: Model, args: tuple, subgraph: int = 0) -> Any:
+        return self.version.call_model(model, args, self.deadline, subgraph)
 
 
 def run_method(
@@ -126,8 +149,8 @@ def _call_function(stage: StageDef, row: tuple) -> tuple | InstanceError:
         return _outputs(stage, stage.target(*row))  # type: ignore[operator]
     except InstanceError as exc:
         return exc
-    except Exception as exc:  # the user's stage failed for this instance
-        return InstanceError(f"{stage.tag} Failed: {_describe(exc)}")
+    except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this instance
+        return stage_failure(stage, exc)
 
 
 def _call_batched_function(stage: StageDef, rows: list[tuple]) -> list[tuple | InstanceError]:
@@ -144,8 +167,8 @@ def _call_batched_function(stage: StageDef, rows: list[tuple]) -> list[tuple | I
             results.extend(_outputs_or_error(stage, v) for v in values)
         except InstanceError as exc:
             results.extend([exc] * len(chunk))
-        except Exception as exc:
-            results.extend([InstanceError(f"{stage.tag} Failed: {_describe(exc)}")] * len(chunk))
+        except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this chunk
+            results.extend([stage_failure(stage, exc)] * len(chunk))
     return results
 
 
@@ -156,6 +179,36 @@ def _outputs_or_error(stage: StageDef, value: Any) -> tuple | InstanceError:
         return exc
 
 
-def _describe(exc: Exception) -> str:
-    text = str(exc)
-    return text if text else type(exc).__name__
+# An absolute path, POSIX or Windows, as exception texts quote them.
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.~+-]+){2,}[\\/]?")
+_MAX_MESSAGE = 512
+
+
+# Exceptions that say the stage's code or environment is broken, whatever the input.
+_SERVER_FAULTS = (NameError, ImportError, SyntaxError, NotImplementedError, OSError, MemoryError, RecursionError)
+
+
+def stage_failure(stage: StageDef, exc: BaseException) -> InstanceError:
+    """The error a client sees when a Python stage raised ``exc`` (see the module
+    doc for the 400/500 split), logged with its traceback and the request id."""
+    if isinstance(exc, ModelCallError):
+        return InstanceError(f"{stage.tag} Failed: {exc.message}", status=exc.status)
+    rid = current_request_id.get() or "-"
+    if isinstance(exc, Exception) and not isinstance(exc, _SERVER_FAULTS):
+        log.info("stage %s refused an instance: %s (request id %s)", stage.tag, type(exc).__name__, rid,
+                 exc_info=exc)
+        return InstanceError(f"{stage.tag} Failed: {client_text(exc)}")
+    log.error("stage %s raised %s (request id %s)", stage.tag, type(exc).__name__, rid, exc_info=exc)
+    return InstanceError(
+        f"{stage.tag} Failed: internal error in the stage ({type(exc).__name__}), "
+        f"see the server log, request id {rid}",
+        status=500,
+    )
+
+
+def client_text(exc: BaseException) -> str:
+    """An exception's message as a client may read it: its first line, file paths
+    replaced, bounded in length."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _PATH.sub("<path>", text)
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."

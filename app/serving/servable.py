@@ -8,6 +8,7 @@ the stage wiring against the models, and warms them up. Every failure here is a
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import logging
 import sys
@@ -35,7 +36,16 @@ def list_versions(servable_dir: Path) -> list[int]:
 
 
 def load_definition(servable_directory: str | Path, name: str) -> ServableDefinition:
-    """Run ``servable_directory/name/servable_config.py`` and return what it declared."""
+    """Run ``servable_directory/name/servable_config.py`` and return what it declared.
+
+    As MindSpore Serving does, the servable directory is on ``sys.path`` and the
+    config is imported as ``name.servable_config``, a module of the package ``name``
+    (the servable's folder), so helpers beside it import either way:
+    ``from .helper import f`` or ``from name.helper import f``. The package is made
+    afresh on every load, so loading a servable again (another directory with a
+    servable of the same name, or a restart in the same process) never reuses the
+    helpers of an earlier load.
+    """
     root = Path(servable_directory)
     if not root.is_dir():
         raise ServableLoadError(f"servable directory {root} does not exist")
@@ -43,11 +53,14 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
     if not config.is_file():
         raise ServableLoadError(f"servable '{name}': {config} not found")
     definition = ServableDefinition(name)
-    module_name = f"mserve_servable_config_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, config)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    module_name = f"{name}.servable_config"
     with register.defining(definition):
+        _fresh_package(root, name)
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
+        spec = importlib.util.spec_from_file_location(module_name, config)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
@@ -61,6 +74,46 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
     if not definition.methods:
         raise ServableLoadError(f"servable '{name}': {config} registers no method (use @register.register_method)")
     return definition
+
+
+_SERVABLE_PACKAGE = "__mserve_servable__"  # marks the packages made here
+
+
+def _fresh_package(root: Path, name: str) -> None:
+    """Make ``sys.modules[name]`` the package of the folder ``root/name`` (running
+    its ``__init__.py`` if it has one), dropping an earlier load's package and its
+    modules; refuse a name that another module already has."""
+    if not name.isidentifier():
+        raise ServableLoadError(
+            f"servable '{name}': servable_config.py is imported as {name}.servable_config (as MindSpore Serving does), "
+            f"so the servable name must be a Python identifier"
+        )
+    existing = sys.modules.get(name)
+    if existing is not None and not getattr(existing, _SERVABLE_PACKAGE, False):
+        raise ServableLoadError(
+            f"servable '{name}': the module name {name!r} is already taken by {getattr(existing, '__file__', None) or existing!r}; "
+            f"servable_config.py is imported as {name}.servable_config (as MindSpore Serving does): rename the servable"
+        )
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+    folder = root / name
+    init = folder / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+    else:  # a namespace package, as Python makes for a folder without __init__.py
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+    assert spec is not None
+    package = importlib.util.module_from_spec(spec)
+    setattr(package, _SERVABLE_PACKAGE, True)
+    sys.modules[name] = package
+    if init.is_file():
+        assert spec.loader is not None
+        try:
+            spec.loader.exec_module(package)
+        except BaseException as exc:
+            del sys.modules[name]
+            raise ServableLoadError(f"servable '{name}': {init} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _where(exc: BaseException, config: Path) -> str:
@@ -86,6 +139,16 @@ class BatchSettings:
     max_batch_delay_ms: float = 2.0
     cross_request: bool = True
     observer: BatchObserver | None = None
+
+
+class ModelCallError(RuntimeError):
+    """`Model.call` inside a Python stage failed on a row the model refused; the
+    stage's error keeps the model's message and status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 @dataclass
@@ -126,17 +189,39 @@ class LoadedVersion:
             return stage.call(rows, deadline, 0, batched=False)  # type: ignore[attr-defined]
         return stage.run(rows)
 
-    def call_model(self, model: Model, args: tuple, deadline: float) -> Any:
-        """Model.call from inside a Python stage: one instance, or a list of them."""
-        many = len(args) == 1 and isinstance(args[0], list)
-        rows = args[0] if many else [args]
-        results = self.run_model(model, [tuple(r) for r in rows], deadline)
-        out = []
+    def call_model(self, model: Model, args: tuple, deadline: float, subgraph: int = 0) -> Any:
+        """``Model.call`` from inside a Python stage, with MindSpore Serving's results:
+        ``call(x1, x2)`` gives one instance's outputs (the array itself when the
+        model has one output, else a tuple); ``call([[x1, x2], ...])`` (a list or
+        tuple of instances) gives a tuple with one tuple of outputs per instance.
+        ``subgraph`` > 0 runs that graph of a model of several files (unbatched
+        across requests: only the first graph serves add_stage and has a batcher)."""
+        many = len(args) == 1 and isinstance(args[0], (tuple, list))
+        rows = [tuple(instance) for instance in args[0]] if many else [tuple(args)]
+        name = f"Model({model.model_key}{f', subgraph={subgraph}' if subgraph else ''}).call()"
+        stage = self.stages[model.index] if not subgraph else self.subgraph_stages.get((model.index, subgraph))
+        if stage is None:
+            raise RuntimeError(
+                f"{name} failed: The model does not have subgraph of index {subgraph}, the subgraph count of the "
+                f"model is {self.subgraph_count(model)}"
+            )
+        if not rows:
+            raise RuntimeError(f"{name} failed: no instance given")
+        expected = len(stage.inputs)
+        for i, row in enumerate(rows):
+            if len(row) != expected:
+                raise RuntimeError(
+                    f"{name} failed: The inputs count {len(row)} of instance {i} is not equal to the inputs count "
+                    f"{expected} of the model"
+                )
+        results = self.run_model(model, rows, deadline) if not subgraph else stage.run(rows)
         for r in results:
             if isinstance(r, InstanceError):
-                raise RuntimeError(r.message)
-            out.append(r[0] if len(r) == 1 else r)
-        return out if many else out[0]
+                raise ModelCallError(f"{name} failed: {r.message}", r.status)
+        if many:
+            return tuple(tuple(r) for r in results)
+        outputs = results[0]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @property
     def compile_count(self) -> int:

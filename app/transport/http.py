@@ -5,22 +5,41 @@ What Waitress does not do out of the box, done here:
 * Its own early refusals (body over the limit, malformed HTTP) answer with JSON
   ``{"error_msg"}`` like the rest of the protocol. Waitress checks Content-Length
   against ``max_request_body_size`` before reading the body, so an over-limit body
-  is refused unread.
+  is refused unread; a chunked body is limited by its payload, not its framing.
+* Connections cost memory, not availability (`ConnectionLimits`): idle connections
+  close after ``idle_timeout``, a request head that is not complete ``header_timeout``
+  after its first byte is cut, heads are bounded by ``max_header_bytes``; and once
+  ``max_connections`` are open, the longest-idle connections without a request in
+  progress are closed to make room, so a flood of idle or slow connections cannot
+  lock new clients out (Waitress alone stops accepting at its limit).
+* A TLS ClientHello sent to this plain-HTTP port is answered at once, in plain text,
+  and the connection closed (it would otherwise wait for a header end that never comes).
 * Requests an `InlinePolicy` knows to be quick run on the I/O thread that read them,
-  skipping the two thread hand-offs of Waitress's worker pool (inline.py).
+  skipping the two thread hand-offs of Waitress's worker pool (inline.py). Should one
+  of them stall anyway, a watchdog hands the event loop to a fresh thread after
+  ``_STALL_SECONDS``, so the other connections keep being served.
+* Load shedding: a predict that arrives while ``shed(queued)`` says the server is full
+  is answered 503 at once on the I/O thread, not queued behind the others.
 * Worker processes sharing the socket take turns accepting (balance.py).
 * A reply goes out in one ``send``.
 * `WaitressTransport.stop` stops accepting, lets in-flight requests finish (up to a
   drain timeout), then closes every connection.
+
+The HTTPS transport (https.py) is this one with a TLS layer in the channel, so both
+share every limit and the same parser.
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
 import logging
+import resource
+import select
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from waitress import wasyncore
@@ -29,13 +48,76 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import RequestEntityTooLarge
+from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from .balance import ConnectionBalance
 from ..protocol.codec import dumps
 from .inline import InlinePolicy
 
 log = logging.getLogger("mserve.transport.http")
+
+_DEFAULT_MAX_CONNECTIONS = 10000
+_FD_HEADROOM = 256  # descriptors kept for everything else (model files, pipes, logs)
+_STALL_SECONDS = 0.1  # an inline request running longer than this gets the loop handed off
+_MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions; real ones are a few bytes
+_LINGER_SECONDS = 1.0  # after a closing reply: how long to drain what the client still sends
+_TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as a ClientHello starts
+_TLS_ON_PLAIN_MESSAGE = "this port speaks plain HTTP: the client started a TLS handshake, use http://"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one server process lets clients hold (per transport).
+
+    ``max_connections``: open connections; beyond it the longest-idle ones without a
+    request in progress are closed to make room (``None``: 10,000, or fewer when
+    the process's descriptor limit cannot fit them). ``idle_timeout``: seconds a
+    connection may sit between requests. ``header_timeout``: seconds from the first
+    byte of a request head to its blank line. ``handshake_timeout``: seconds from
+    connect to a finished TLS handshake (HTTPS). ``max_header_bytes``: request line
+    plus headers (431 beyond).
+    """
+
+    max_connections: int | None = None
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_header_bytes: int = 64 * 1024
+
+    def check(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise RuntimeError(f"max_connections must be at least 1, got {self.max_connections}")
+        for name in ("idle_timeout", "header_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                raise RuntimeError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise RuntimeError(f"max_header_bytes must be at least 1024, got {self.max_header_bytes}")
+
+
+def connection_capacity(wanted: int | None) -> int:
+    """How many connections this process can hold: raises the soft descriptor limit
+    as far as needed (and allowed). An explicit ``wanted`` that does not fit is an
+    error; the default shrinks to fit, with a log line."""
+    need = (wanted or _DEFAULT_MAX_CONNECTIONS) + _FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    room = need if soft == resource.RLIM_INFINITY else soft - _FD_HEADROOM
+    if wanted is not None:
+        if room < wanted:
+            raise RuntimeError(
+                f"max_connections={wanted} needs {need} file descriptors, but this process may open {soft} "
+                f"(hard limit {hard}): raise `ulimit -n` or lower max_connections"
+            )
+        return wanted
+    if room < _DEFAULT_MAX_CONNECTIONS:
+        log.info("holding at most %d connections (descriptor limit %d; raise `ulimit -n` for more)", room, soft)
+    return max(room, 16) if room < _DEFAULT_MAX_CONNECTIONS else _DEFAULT_MAX_CONNECTIONS
 
 
 def parse_address(address: str, default_port: int = 5500) -> tuple[str, int]:
@@ -77,12 +159,22 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     return sock
 
 
+def json_error_reply(status: str, message: str) -> bytes:
+    """A complete ``Connection: close`` reply with a JSON ``{"error_msg"}`` body,
+    for answers given below the WSGI app (no request object to speak of)."""
+    body = dumps({"error_msg": message})
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
 class _JsonErrorTask(ErrorTask):
     def execute(self) -> None:
         error = self.request.error
         if isinstance(error, RequestEntityTooLarge):
-            limit = self.channel.server.adj.max_request_body_size - 1
-            message = f"http message is bigger than {limit}"
+            message = f"http message is bigger than {self.channel.server.max_body_bytes}"
         else:
             message = f"{error.reason}: {error.body}"
         body = dumps({"error_msg": message})
@@ -94,15 +186,35 @@ class _JsonErrorTask(ErrorTask):
 
 
 class _Parser(HTTPRequestParser):
-    """Waitress counts chunk framing (size lines, CRLFs) against the body limit, so
-    a chunked body gets headroom for it here; the app's `read_body` then enforces the
-    exact limit on the payload. Content-Length bodies keep the exact, unread check."""
+    """Waitress counts chunk framing (size lines, CRLFs) against the body limit, so a
+    body sent in small chunks was refused while its payload was well within it. A
+    chunked body is limited here by its payload (what Waitress stores); the raw limit
+    only stops framing that is pure overhead. Content-Length bodies keep the exact,
+    unread check."""
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         if self.chunked:
             limit = self.adj.max_request_body_size
-            self.adj = _with_body_limit(self.adj, limit + limit // 8 + (1 << 16))
+            self.payload_limit = limit
+            self.adj = _with_body_limit(self.adj, 8 * limit + (1 << 16))
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        limit = getattr(self, "payload_limit", None)
+        chunks = self.body_rcv
+        if limit is not None and not self.error and chunks is not None:
+            # The payload so far plus what the current chunk announces (refused
+            # before it is sent, like an over-limit Content-Length).
+            if len(chunks) + chunks.chunk_remainder >= limit:
+                self.error = RequestEntityTooLarge(f"exceeds max_body of {limit}")
+                self.completed = True
+            elif len(chunks.control_line) > _MAX_CHUNK_LINE or len(chunks.trailer) > self.adj.max_request_header_size:
+                # Waitress keeps (and re-copies) a chunk-size line or trailer until it
+                # ends: bound them like a header.
+                self.error = BadRequest("chunk size line or trailer too long")
+                self.completed = True
+        return consumed
 
 
 def _with_body_limit(adj: Adjustments, limit: int) -> Adjustments:
@@ -116,29 +228,67 @@ def _with_body_limit(adj: Adjustments, limit: int) -> Adjustments:
 
 
 class _Task(WSGITask):
-    """One request: tells the app whether it runs inline (on the I/O thread), and
-    sends the status line, headers and body of a one-piece reply in one write.
+    """One request: tells the app whether it runs inline (on the I/O thread) or is to
+    be shed, and sends the status line, headers and body of a one-piece reply in
+    one write.
 
     Waitress writes the header block and the body separately, and (with its default
     ``send_bytes=1``) each write is a ``send`` of its own: two syscalls and two TCP
     segments per small JSON reply. Joined, a reply is one ``send`` from the thread
     that ran the request."""
 
+    abandoned = False  # answered by reply_early: what the app writes now is dropped
+
+    def __init__(self, channel: Any, request: Any):
+        super().__init__(channel, request)
+        self._reply_lock = threading.Lock()
+
     def get_environment(self) -> dict:
         environ = super().get_environment()
         # The app times inline requests by the wall clock, others by thread CPU.
         environ["mserve.inline"] = threading.current_thread() is self.channel.server.loop_thread
+        environ["mserve.reply_early"] = self.reply_early
+        if self.channel.shed_next:
+            environ["mserve.shed"] = True
+        extra = self.channel.environ_extra
+        if extra:
+            environ.update(extra)
         return environ
 
+    def reply_early(self, status: str, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """From another thread, while the app still runs: send this reply now and
+        close the connection once the app is done (its own reply is dropped). False
+        when the app's reply has already begun (then that one goes out)."""
+        if not self._reply_lock.acquire(blocking=False):
+            return False  # the app is writing its reply right now
+        try:
+            if self.wrote_header or self.abandoned:
+                return False
+            lines = [f"HTTP/{self.version} {status}", *(f"{k}: {v}" for k, v in headers),
+                     f"Content-Length: {len(body)}", "Connection: close", "Server: mserve"]
+            self.abandoned = self.wrote_header = True
+            self.close_on_finish = True
+            try:
+                self.channel.write_soon(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            except Exception:  # noqa: BLE001 - the client is gone
+                return False
+            return True
+        finally:
+            self._reply_lock.release()
+
     def write(self, data: bytes) -> None:
-        if not self.wrote_header and data and self.complete and self.has_body and self.request.command != "HEAD":
-            cl = self.content_length
-            if cl is not None and len(data) <= cl:
-                self.wrote_header = True
-                self.content_bytes_written += len(data)
-                self.channel.write_soon(self.build_response_header() + data)
+        with self._reply_lock:
+            if self.abandoned:
+                self.content_bytes_written += len(data)  # as if sent: no "too few bytes" warning
                 return
-        super().write(data)
+            if not self.wrote_header and data and self.complete and self.has_body and self.request.command != "HEAD":
+                cl = self.content_length
+                if cl is not None and len(data) <= cl:
+                    self.wrote_header = True
+                    self.content_bytes_written += len(data)
+                    self.channel.write_soon(self.build_response_header() + data)
+                    return
+            super().write(data)
 
 
 class _Channel(HTTPChannel):
@@ -146,13 +296,109 @@ class _Channel(HTTPChannel):
     error_task_class = _JsonErrorTask
     parser_class = _Parser
     inline_pending = False  # set by _Server.add_task: serve on this thread once the read is done
+    shed_next = False  # set by _Server.add_task: answer the pending request with a fast 503
+    head_started = 0.0  # when the first byte of the request head now being read arrived
+    fresh = True  # nothing received yet on this connection
+    environ_extra: dict | None = None  # per-connection WSGI environ entries (TLS)
+    detect_tls = True  # answer a ClientHello with a hint (off where TLS is spoken)
+
+    linger_after = False  # closing after a reply: half-close and drain first (see _half_close)
+    half_closed = False
+    linger_until = 0.0
+
+    def readable(self) -> bool:
+        return True if self.half_closed else super().readable()
 
     def handle_read(self) -> None:
+        if self.half_closed:
+            self.drain()
+            return
         super().handle_read()
+        self.serve_inline()
+
+    def drain(self) -> None:
+        """Half-closed: read and drop what the client still sends, until it closes."""
+        try:
+            data = self.socket.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.handle_close()
+
+    def handle_write(self) -> None:
+        # Waitress's handle_write, except for how the connection closes after a
+        # reply: gently (_half_close), and only once everything has left.
+        if not self.requests:
+            flush = self._flush_some
+        elif self.total_outbufs_len >= self.adj.send_bytes:
+            flush = self._flush_some_if_lockable
+        else:
+            flush = None
+        self._flush_exception(flush)
+        if self.close_when_flushed and not self.total_outbufs_len:
+            self.close_when_flushed = False
+            self.will_close = True
+            self.linger_after = True
+        if self.will_close and self.all_sent():
+            if self.linger_after and not self.half_closed:
+                self._half_close()
+            else:
+                self.handle_close()
+
+    def all_sent(self) -> bool:
+        return True
+
+    def _half_close(self) -> None:
+        """Stop sending but read (and drop) what the client still sends, for up to
+        `_LINGER_SECONDS`: closing with unread input makes the kernel send a reset,
+        which can destroy the reply (a 431 or 413 the client is still sending into)
+        before the client reads it."""
+        self.will_close = False
+        self.half_closed = True
+        self.linger_until = time.monotonic() + _LINGER_SECONDS
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.handle_close()
+
+    def serve_inline(self) -> None:
         # Not from inside received(): it holds requests_lock, which service() takes.
         while self.inline_pending:
             self.inline_pending = False
-            self.service()
+            server = self.server
+            if threading.current_thread() is not server.loop_thread:
+                # The loop moved to another thread while we served (a stall): what
+                # is left goes to the worker threads like any request.
+                server.add_task(self)
+                return
+            server.inline_since = time.monotonic()
+            try:
+                self.service()
+            finally:
+                self.shed_next = False
+                if server.loop_thread is threading.current_thread():
+                    server.inline_since = 0.0
+
+    def received(self, data: bytes) -> bool:
+        if self.fresh and data:
+            self.fresh = False
+            if self.detect_tls and data.startswith(_TLS_RECORD):
+                log.info("client %s started a TLS handshake on the plain-HTTP port", self.addr)
+                self.reply_and_close(json_error_reply("400 Bad Request", _TLS_ON_PLAIN_MESSAGE))
+                return False
+        if self.request is None:
+            self.head_started = time.monotonic()
+        return super().received(data)
+
+    def reply_and_close(self, payload: bytes) -> None:
+        """Queue ``payload`` (a complete reply) and close once it is sent."""
+        with self.outbuf_lock:
+            self.outbufs[-1].append(payload)
+            self.current_outbuf_count += len(payload)
+            self.total_outbufs_len += len(payload)
+        self.close_when_flushed = True
 
     def _flush_outbufs_below_high_watermark(self) -> None:
         # A worker thread waits here for the I/O thread to drain a huge reply; the
@@ -160,18 +406,45 @@ class _Channel(HTTPChannel):
         if threading.current_thread() is not self.server.loop_thread:
             super()._flush_outbufs_below_high_watermark()
 
+    def expired(self, now: float, wall: float, limits: ConnectionLimits) -> str | None:
+        """Why the maintenance pass should close this connection now, if it should."""
+        if self.half_closed:
+            return "closed after its reply" if now > self.linger_until else None
+        if self.requests:
+            return None  # a request is being served: the request timeout governs it
+        request = self.request
+        if request is not None and not request.headers_finished and now - self.head_started > limits.header_timeout:
+            return "request head not complete within header_timeout"
+        if wall - self.last_activity > limits.idle_timeout:
+            return "idle"
+        return None
+
+    def evictable(self) -> bool:
+        return not self.requests and not self.total_outbufs_len and not self.will_close
+
 
 class _Server(TcpWSGIServer):
     channel_class = _Channel
     balance: ConnectionBalance | None = None
     inline: InlinePolicy | None = None
+    shed: Callable[[int], bool] | None = None
     loop_thread: threading.Thread | None = None
+    limits: ConnectionLimits = ConnectionLimits()
+    max_connections = _DEFAULT_MAX_CONNECTIONS
+    max_body_bytes = 0
+    inline_since = 0.0  # monotonic start of the inline request running now, else 0
+    evicted = 0  # connections closed to make room for new ones
 
     def add_task(self, task: Any) -> None:
         # ``task`` is the channel with a complete request at requests[0].
-        if self.inline is not None and threading.current_thread() is self.loop_thread:
-            request = task.requests[0]
-            if self.inline.allows(request.command, request.path, request.content_length):
+        request = task.requests[0]
+        on_loop = threading.current_thread() is self.loop_thread
+        if on_loop and not request.error and request.command == "POST":
+            if self.shed is not None and self.shed(len(self.task_dispatcher.queue)):
+                task.shed_next = True  # answered at once, on this thread
+                task.inline_pending = True
+                return
+            if self.inline is not None and self.inline.allows(request.command, request.path, request.content_length):
                 task.inline_pending = True
                 return
         super().add_task(task)
@@ -191,6 +464,61 @@ class _Server(TcpWSGIServer):
             return False
         self.declined = self.balance is not None and not self.balance.may_accept(len(self.active_channels))
         return not self.declined
+
+    def make_room(self) -> None:
+        """At the connection limit, close the longest-idle connections that serve
+        nothing right now, a batch at a time (1% of the limit), so a full server
+        still takes new clients. Called between turns of the loop: a descriptor
+        closed while a turn's poll set is being built could be reused by an accept
+        in the same turn and be mistaken for the closed one."""
+        if not self.accepting or len(self.active_channels) < self.max_connections:
+            return
+        excess = len(self.active_channels) - self.max_connections + max(1, self.max_connections // 100)
+        candidates = [ch for ch in self.active_channels.values() if ch.evictable()]
+        for channel in heapq.nsmallest(excess, candidates, key=lambda ch: ch.last_activity):
+            self.evicted += 1
+            channel.handle_close()
+        if candidates:
+            log.info("connection limit %d reached: closed %d idle connection(s)", self.max_connections,
+                     min(excess, len(candidates)))
+
+    def maintenance(self, now: float) -> None:
+        """Every second: close connections idle past ``idle_timeout``, heads not
+        complete within ``header_timeout`` (and, over TLS, handshakes not done within
+        ``handshake_timeout``)."""
+        monotonic = time.monotonic()
+        for channel in list(self.active_channels.values()):
+            why = channel.expired(monotonic, now, self.limits)
+            if why is not None:
+                log.debug("closing connection %s: %s", channel.addr, why)
+                channel.will_close = True
+
+
+def _poll_once(server: _Server, map: dict, me: threading.Thread) -> None:
+    """One turn of the event loop (Waitress's ``poll2``, with two differences): the
+    timeout is chosen after every dispatcher said whether it is readable, so a worker
+    whose turn at accepting has just come does not sleep a whole second first; and
+    the turn stops as soon as the loop has been handed to another thread."""
+    server.make_room()
+    pollster = select.poll()
+    for fd, obj in list(map.items()):
+        flags = 0
+        if obj.readable():
+            flags |= select.POLLIN | select.POLLPRI
+        if obj.writable() and not obj.accepting:
+            flags |= select.POLLOUT
+        if flags:
+            pollster.register(fd, flags)
+    try:
+        ready = pollster.poll(50 if server.declined else 1000)
+    except InterruptedError:
+        return
+    for fd, flags in ready:
+        if server.loop_thread is not me:
+            return
+        obj = map.get(fd)
+        if obj is not None:
+            wasyncore.readwrite(obj, flags)
 
 
 class InFlight:
@@ -221,6 +549,7 @@ class WaitressTransport:
     """A WSGI app on a listening socket, served by Waitress in a background thread."""
 
     scheme = "http"
+    server_class: type[_Server] = _Server
 
     def __init__(
         self,
@@ -231,45 +560,90 @@ class WaitressTransport:
         max_body_bytes: int,
         balance: ConnectionBalance | None = None,
         inline: InlinePolicy | None = None,
+        limits: ConnectionLimits | None = None,
+        shed: Callable[[int], bool] | None = None,
     ):
+        limits = limits or ConnectionLimits()
+        limits.check()
+        max_connections = connection_capacity(limits.max_connections)
         self.socket = sock
         self.app = InFlight(app)
         adj = Adjustments(
             threads=threads,
             # Waitress refuses a Content-Length >= this before reading the body.
             max_request_body_size=max_body_bytes + 1,
+            max_request_header_size=limits.max_header_bytes,
             ident="mserve",
-            channel_timeout=120,
-            connection_limit=1000,
+            url_scheme=self.scheme,
+            channel_timeout=int(max(1, limits.idle_timeout)),
+            cleanup_interval=1,
+            # The map also holds the listener and the wake-up pipe.
+            connection_limit=max_connections + 2,
             outbuf_overflow=1 << 22,
         )
         self._map: dict = {}
         self._dispatcher = ThreadedTaskDispatcher()
         self._dispatcher.set_thread_count(threads)
         sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
-        self._server = _Server(
+        self._server = self.server_class(
             self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
         )
         self._server.balance = balance
         self._server.inline = inline
+        self._server.shed = shed
+        self._server.limits = limits
+        self._server.max_connections = max_connections
+        self._server.max_body_bytes = max_body_bytes
         # Waitress wraps the app in a middleware that deletes X-Forwarded-* headers
         # from every request's environ; mserve never reads them, so skip its cost.
         self._server.application = self.app
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="mserve-http", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = self._loop_thread()
+        self._watchdog = threading.Thread(target=self._watch, name="mserve-http-watchdog", daemon=True)
 
     @property
     def port(self) -> int:
         return self.socket.getsockname()[1]
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._server.active_channels)
+
+    @property
+    def evicted(self) -> int:
+        """Idle connections closed so far to make room under ``max_connections``."""
+        return self._server.evicted
+
+    def _loop_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name=f"mserve-{self.scheme}", daemon=True)
+
     def _run(self) -> None:
-        self._server.loop_thread = threading.current_thread()
-        try:
-            while self._map and not self._closed:
-                # Not listening by turn: look again soon, the turn may have come.
-                wasyncore.poll2(0.05 if self._server.declined else 1.0, self._map)
-        except Exception:  # pragma: no cover - waitress's loop is not expected to raise
-            log.exception("HTTP loop stopped")
+        me = threading.current_thread()
+        self._server.loop_thread = me
+        while self._map and not self._closed and self._server.loop_thread is me:
+            try:
+                _poll_once(self._server, self._map, me)
+            except BaseException:  # noqa: BLE001 - nothing a request does may end the loop
+                log.exception("%s loop: unexpected error (the loop goes on)", self.scheme.upper())
+
+    def _watch(self) -> None:
+        """Hand the event loop to a fresh thread when an inline request has held it
+        for ``_STALL_SECONDS``: the stalled thread finishes that request, then exits."""
+        server = self._server
+        while not self._stopping.wait(_STALL_SECONDS / 2):
+            started = server.inline_since
+            if started and time.monotonic() - started > _STALL_SECONDS and not self._closed:
+                stalled = server.loop_thread
+                fresh = self._loop_thread()
+                server.loop_thread = fresh  # from now on the stalled thread is a worker
+                server.inline_since = 0.0
+                self._thread = fresh
+                fresh.start()
+                log.warning("a request held the %s I/O thread over %.0f ms; the loop moved to a new thread",
+                            self.scheme.upper(), _STALL_SECONDS * 1000)
+                del stalled
 
     def _close_connections(self) -> None:
         """Runs on the loop thread: close the listener and every connection, but
@@ -286,6 +660,7 @@ class WaitressTransport:
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish, then close all connections."""
@@ -300,6 +675,7 @@ class WaitressTransport:
             getattr(ch, "total_outbufs_len", 0) for ch in list(self._map.values())
         ):
             time.sleep(0.01)
+        self._stopping.set()
         self._dispatcher.shutdown(cancel_pending=True, timeout=5)
         trigger = self._server.trigger
         trigger.pull_trigger(self._close_connections)

@@ -1,63 +1,47 @@
 """HTTPS: the RESTful server over TLS, one-way or mutual (``SSLConfig``).
 
-Waitress has no TLS, so the HTTPS path is served by cheroot (CherryPy's threaded WSGI
-server) with the standard library's `ssl` module. Used as shipped, cheroot performs
-the TLS handshake inside its accept loop, so one client that connects and never
-sends a ClientHello blocks every new connection until the socket timeout (cheroot
-issue #748). Here the handshake is moved off that loop:
+The HTTPS transport is the HTTP one (`mserve.transport.http`, Waitress) with TLS
+spoken inside its event loop: each connection's channel runs an `ssl.SSLObject` over
+memory buffers (``SSLContext.wrap_bio``), feeding it what the socket delivers and
+sending what it produces, all without blocking. So HTTPS holds up exactly as plain
+HTTP does, with the same code:
 
-* `_Adapter.wrap` only wraps the accepted socket (``do_handshake_on_connect=False``);
-  it never reads from it.
-* A new connection first waits in cheroot's selector, like an idle keep-alive one,
-  until the client has sent something (its ClientHello). Idle clients cost no
-  thread and are closed after ``idle_timeout``.
-* A worker thread then runs the handshake (blocking, bounded by ``io_timeout``), and
-  serves the connection's requests. A failed handshake (no client certificate, one
-  from another CA, a client that does not trust us, plain HTTP) closes the
-  connection before any request is read; plain HTTP gets a plain-text ``400`` with
-  a JSON ``{"error_msg"}`` body, like nginx's answer.
+* a client that connects and sends nothing, or half a ClientHello, or half a
+  request, costs one idle channel (memory), never a thread: the handshake advances
+  whenever bytes arrive, and is cut after ``handshake_timeout``;
+* the same limits (``max_connections`` with eviction of the longest-idle, idle and
+  header timeouts, ``max_header_bytes``), the same request parser (conflicting
+  Content-Length, NUL/CR in header values, a bad request line: 400 on both), the
+  same JSON refusals (413 from Content-Length before the body is read), the same
+  fast 503 load shedding and quick predicts on the I/O thread;
+* a failed handshake (no client certificate, one from another CA, a client that
+  does not trust us) closes the connection before any request is read; plain HTTP
+  sent here gets a plain-text ``400`` with a JSON ``{"error_msg"}`` body.
 
-Behaviour matches the HTTP path (`mserve.transport.http.WaitressTransport`): the server's
-own refusals are JSON ``{"error_msg"}``, a body over the limit is refused from its
-Content-Length before it is read (413, ``http message is bigger than {limit}``),
-in-flight requests are counted and drained on `TlsTransport.stop`.
-
-This leans on cheroot's extension points (``ssl_adapter``, ``ConnectionClass``,
-``RequestHandlerClass``, ``bind``/``prepare``/``process_conn``/``simple_response``)
-and on its makefile classes; the dependency is pinned below the next major version,
-and tests/test_tls.py covers each of these behaviours.
+Until this, HTTPS was cheroot with its handshake moved to worker threads; it could
+not hold: 16 clients sending half a ClientHello (or half a request after the
+handshake) held all 16 threads for the 30 s I/O timeout, and a 200 MB header was
+read whole (README, "Why Waitress for HTTPS too").
 """
 
 from __future__ import annotations
 
-import _pyio
 import logging
 import os
-import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
-from cheroot import errors as cheroot_errors
-from cheroot import wsgi
-from cheroot.makefile import StreamReader, StreamWriter
-from cheroot.server import ChunkedRFile, HTTPConnection, HTTPRequest
-from cheroot.ssl import Adapter
-
-from ..protocol.codec import dumps
-from ..errors import PayloadTooLarge
-from .http import InFlight
+from .balance import ConnectionBalance
+from .http import ConnectionLimits, WaitressTransport, _Channel, _Server, json_error_reply
+from .inline import InlinePolicy
 
 log = logging.getLogger("mserve.transport.https")
 
 _PLAIN_HTTP_MESSAGE = "this port speaks HTTPS only: the client sent plain HTTP, use https://"
-# A worker stays with a keep-alive connection while its next request comes within
-# _STAY seconds (a client sending back to back), up to _MAX_STAY_REQUESTS in a row.
-_STAY = 0.002
-_MAX_STAY_REQUESTS = 100
+_RECV_BYTES = 1 << 16
 
 
 # --------------------------------------------------------------------------- context
@@ -154,339 +138,214 @@ def build_ssl_context(ssl_config: Any) -> ssl.SSLContext:
     return context
 
 
-# ------------------------------------------------------------------------- cheroot glue
+# ------------------------------------------------------------------------ the channel
 
 
-class _TlsIO(socket.SocketIO):
-    """Raw socket I/O that reports a broken TLS session as cheroot's `FatalSSLAlert`
-    (cheroot then closes the connection quietly, as it does for a reset)."""
+class _TlsChannel(_Channel):
+    """A Waitress channel that speaks TLS through an `ssl.SSLObject` on memory BIOs.
 
-    def readinto(self, b: Any) -> int | None:
-        try:
-            return super().readinto(b)
-        except ssl.SSLError as exc:
-            raise cheroot_errors.FatalSSLAlert(str(exc)) from exc
+    Reads: raw bytes from the socket go into the incoming BIO; the handshake, then
+    the plaintext, come out of the SSL object. Writes (`send`, which Waitress's
+    flushing calls with plaintext) are encrypted into the outgoing BIO and sent; what
+    the socket does not take at once waits in ``_raw_out`` and keeps the channel
+    writable. One lock guards the SSL object: the I/O thread reads while a worker
+    thread may be sending a reply."""
 
-    def write(self, b: Any) -> int | None:
-        try:
-            return super().write(b)
-        except ssl.SSLError as exc:
-            raise cheroot_errors.FatalSSLAlert(str(exc)) from exc
+    detect_tls = False
+    fresh = False
 
-
-class _Reader(StreamReader):
-    def __init__(self, sock: ssl.SSLSocket, mode: str = "rb", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE):
-        _pyio.BufferedReader.__init__(self, _TlsIO(sock, mode), bufsize)
-        self.bytes_read = 0
-        self._tls = sock
-
-    def has_data(self) -> bool:
-        """Buffered bytes here or decrypted ones inside OpenSSL: the selector would
-        not wake up for the latter, so the connection must go straight to a worker."""
-        if super().has_data():
-            return True
-        try:
-            return self._tls.pending() > 0
-        except (OSError, ValueError):
-            return False
-
-
-class _Writer(StreamWriter):
-    def __init__(self, sock: ssl.SSLSocket, mode: str = "wb", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE):
-        _pyio.BufferedWriter.__init__(self, _TlsIO(sock, mode), bufsize)
-        self.bytes_written = 0
-
-
-class _Adapter(Adapter):
-    """cheroot's SSL adapter interface, wrapping without handshaking (see module doc)."""
-
-    def __init__(self, context: ssl.SSLContext):  # the base wants files; we have a context
-        self.certificate = self.private_key = self.certificate_chain = None
-        self.ciphers = self.private_key_password = None
-        self.context = context
-        self.verify_client = context.verify_mode == ssl.CERT_REQUIRED
-
-    def bind(self, sock: socket.socket) -> socket.socket:
-        return sock
-
-    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except OSError as exc:  # the client is already gone
-            sock.close()
-            raise cheroot_errors.FatalSSLAlert(str(exc)) from exc
-        return wrapped, {}
-
-    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override]
-        """WSGI environ entries for a connection whose handshake is done."""
-        cipher = sock.cipher() or ("", "", 0)
-        env: dict[str, Any] = {"HTTPS": "on", "SSL_PROTOCOL": sock.version() or "", "SSL_CIPHER": cipher[0]}
-        env["SSL_CLIENT_VERIFY"] = "NONE"
-        if self.verify_client:
-            cert = sock.getpeercert() or {}
-            if cert:
-                env["SSL_CLIENT_VERIFY"] = "SUCCESS"
-                subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
-                if "commonName" in subject:
-                    env["SSL_CLIENT_S_DN_CN"] = subject["commonName"]
-        return env
-
-    def makefile(self, sock: ssl.SSLSocket, mode: str = "r", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> Any:
-        return _Reader(sock, mode, bufsize) if "r" in mode else _Writer(sock, mode, bufsize)
-
-
-class _Request(HTTPRequest):
-    """cheroot's request, with the server's own refusals answered in JSON."""
-
-    def simple_response(self, status: Any, msg: Any = "") -> None:
-        status = str(status)
-        code, _, reason = status.partition(" ")
-        if code == "413":
-            message = f"http message is bigger than {self.server.max_request_body_size}"
-        else:
-            text = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg or "")
-            message = f"{reason}: {text}" if text else reason
-        body = dumps({"error_msg": message})
-        head = [
-            f"{self.server.protocol} {status}\r\n",
-            f"Content-Length: {len(body)}\r\n",
-            "Content-Type: application/json\r\n",
-        ]
-        if code in ("413", "414"):
-            self.close_connection = True
-            if self.response_protocol == "HTTP/1.1":
-                head.append("Connection: close\r\n")
-            else:  # HTTP/1.0 has no 413/414 (cheroot does the same)
-                head[0] = f"{self.server.protocol} 400 Bad Request\r\n"
-        head.append("\r\n")
-        try:
-            self.conn.wfile.write("".join(head).encode("latin-1") + body)
-        except OSError as exc:
-            if exc.args[0] not in cheroot_errors.socket_errors_to_ignore:
-                raise
-
-
-class _Connection(HTTPConnection):
-    """A TLS connection: waits for the client's first bytes in the selector, then
-    handshakes in the worker thread that serves its first request."""
-
-    RequestHandlerClass = _Request
-
-    def __init__(self, server: Any, sock: ssl.SSLSocket, makefile: Any):
-        super().__init__(server, sock, makefile)
-        self.fresh = True  # not yet seen readable: wait in the selector first
+    def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None):
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = server.ssl_context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._tls_lock = threading.Lock()
+        self._raw_out = bytearray()
         self.handshaken = False
-        sock.settimeout(server.io_timeout)
+        self.connected_at = time.monotonic()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(server, sock, addr, adj, map)
 
-    def communicate(self) -> bool:
-        """Serve the connection's next request, and the ones after it while they come
-        within `_STAY` seconds and no other connection waits for a worker: handing an
-        active keep-alive connection back to cheroot's selector after each request
-        costs two thread wake-ups per request."""
-        if not self.handshaken and not self._handshake():
-            return False
-        keep = super().communicate()
-        served = 1
-        while keep and served < _MAX_STAY_REQUESTS and self._next_request_soon():
-            keep = super().communicate()
-            served += 1
-        return keep
+    # ---- reading
 
-    def _next_request_soon(self) -> bool:
-        if not self.server.ready or self.server.requests.qsize:
-            return False
-        if self.rfile.has_data():
-            return True
+    def handle_read(self) -> None:
+        if self.half_closed:
+            self.drain()
+            return
         try:
-            readable, _, _ = select.select([self.socket], [], [], _STAY)
-        except (OSError, ValueError):  # closed meanwhile
-            return False
-        return bool(readable)
+            raw = self.socket.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.handle_close()
+            return
+        if not raw:
+            self.handle_close()
+            return
+        if self.will_close:
+            return  # refused: what comes now is discarded
+        plain = b""
+        with self._tls_lock:
+            self._incoming.write(raw)
+            if not self.handshaken and not self._handshake():
+                self._move_out()
+            else:
+                plain = self._read_plain()
+                self._move_out()
+        self._send_raw()
+        if plain:
+            self.last_activity = time.time()
+            self.received(plain)
+            self.serve_inline()
 
     def _handshake(self) -> bool:
-        sock = self.socket
-        peer = f"{self.remote_addr}:{self.remote_port}"
-        handshaking = self.server.handshaking
-        handshaking.add(self)
+        """Advance the handshake with what has arrived; True once it is done."""
         try:
-            sock.do_handshake()
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
         except ssl.SSLError as exc:
-            reason = _reason(exc)
-            if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST") or "http request" in str(exc).lower():
-                log.info("client %s sent plain HTTP to the HTTPS port", peer)
-                self._answer_plain_http()
-            else:
-                log.info("TLS handshake with %s failed: %s", peer, reason)
-                # OpenSSL has sent its alert; a TLS 1.3 client may already have sent
-                # its request too. Close gently so it reads the alert, not a reset.
-                self._linger()
-            self.server.handshake_failures += 1
+            self._refuse(exc)
             return False
-        except (OSError, ValueError) as exc:  # timeout, reset, closed
-            log.debug("TLS handshake with %s failed: %r", peer, exc)
-            self.server.handshake_failures += 1
-            return False
-        finally:
-            handshaking.discard(self)
         self.handshaken = True
-        self.ssl_env = self.server.ssl_adapter.get_environ(sock)
+        self.environ_extra = _tls_environ(self._tls, self.server.ssl_context.verify_mode == ssl.CERT_REQUIRED)
         return True
 
-    def _answer_plain_http(self) -> None:
-        """Answer in plain text (nothing was encrypted yet), then close gently so the
-        client reads the answer rather than a reset."""
-        body = dumps({"error_msg": _PLAIN_HTTP_MESSAGE})
-        head = (
-            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode("latin-1")
-        try:
-            # The base class's methods work on the file descriptor, below TLS.
-            socket.socket.sendall(self.socket, head + body)
-        except OSError:
-            return
-        self._linger()
+    def _refuse(self, exc: ssl.SSLError) -> None:
+        peer = self.addr
+        reason = _reason(exc)
+        if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST") or "http request" in str(exc).lower():
+            log.info("client %s sent plain HTTP to the HTTPS port", peer)
+            # Nothing was encrypted yet: answer in plain text.
+            self._outgoing.read()
+            self._raw_out += json_error_reply("400 Bad Request", _PLAIN_HTTP_MESSAGE)
+        else:
+            log.info("TLS handshake with %s failed: %s", peer, reason)
+        self.server.handshake_failures += 1
+        # OpenSSL's alert (or our answer) goes out, then a gentle close.
+        self.linger_after = True
+        self.will_close = True
 
-    def _linger(self, seconds: float = 0.5) -> None:
-        """Half-close and read what the client still sends (bounded), so that the
-        close does not turn into a reset that discards our last words."""
-        raw = self.socket
-        try:
-            socket.socket.shutdown(raw, socket.SHUT_WR)
-            raw.settimeout(seconds / 2)
-            deadline, drained = time.monotonic() + seconds, 0
-            while time.monotonic() < deadline and drained < (1 << 20):
-                chunk = socket.socket.recv(raw, 65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
-
-
-class _LimitedInput:
-    """``wsgi.input`` of a chunked request: cheroot's size limit surfaces as the same
-    `PayloadTooLarge` (413 JSON) that `mserve.transport.wsgi.read_body` raises itself."""
-
-    def __init__(self, stream: Any, limit: int):
-        self._stream = stream
-        self._limit = limit
-
-    def _guard(self, method: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return method(*args)
-        except cheroot_errors.MaxSizeExceeded:
-            raise PayloadTooLarge(f"http message is bigger than {self._limit}") from None
-        except OSError as exc:
-            # cheroot checks each chunk's announced size before reading it, and says so
-            # with a bare IOError (no errno, unlike a socket's).
-            if exc.errno is None and "too large" in str(exc).lower():
-                raise PayloadTooLarge(f"http message is bigger than {self._limit}") from None
-            raise
-
-    def read(self, size: int | None = None) -> bytes:
-        return self._guard(self._stream.read, size)
-
-    def readline(self, size: int | None = None) -> bytes:
-        return self._guard(self._stream.readline, size)
-
-    def readlines(self, hint: int | None = None) -> list[bytes]:
-        return self._guard(self._stream.readlines, hint)
-
-    def __iter__(self) -> Any:
+    def _read_plain(self) -> bytes:
+        parts = []
         while True:
-            line = self.readline()
-            if not line:
-                return
-            yield line
-
-
-class _Server(wsgi.Server):
-    """cheroot's WSGI server on an already listening socket, with TLS handshakes in
-    worker threads (see the module doc)."""
-
-    ConnectionClass = _Connection
-
-    def __init__(self, app: Any, sock: socket.socket, adapter: _Adapter, *, threads: int, max_body_bytes: int,
-                 idle_timeout: float, io_timeout: float):
-        super().__init__(
-            sock.getsockname()[:2],
-            app,
-            numthreads=threads,
-            max=threads,
-            server_name="mserve",
-            request_queue_size=1024,
-            timeout=idle_timeout,  # idle keep-alive (and not-yet-talking) connections close after this
-        )
-        self._adopted = sock
-        self.ssl_adapter = adapter
-        self.max_request_body_size = max_body_bytes  # cheroot refuses Content-Length > this, unread
-        self.keep_alive_conn_limit = 1000  # cheroot's default of 10 closes the 11th keep-alive connection
-        self.io_timeout = io_timeout
-        self.handshake_failures = 0
-        self.handshaking: set[_Connection] = set()  # connections handshaking in a worker now
-
-    def abort_handshakes(self) -> None:
-        """Cut the connections still handshaking (they carry no request yet), so a
-        client stalled half-way through its ClientHello does not hold a stop up."""
-        for conn in list(self.handshaking):
             try:
-                # The base class's shutdown works on the descriptor, below TLS: the
-                # worker's blocked handshake returns at once.
-                socket.socket.shutdown(conn.socket, socket.SHUT_RDWR)
-            except OSError:
-                pass
+                chunk = self._tls.read(_RECV_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                if not self.requests:
+                    self.will_close = True
+                break
+            except ssl.SSLError as exc:
+                log.info("TLS error from %s: %s", self.addr, _reason(exc))
+                self.will_close = True
+                break
+            if not chunk:
+                break
+            parts.append(chunk)
+        return b"".join(parts)
 
-    def bind(self, family: int, type: int, proto: int = 0) -> socket.socket:
-        """Serve the socket we were given instead of binding one."""
-        self.socket = self._adopted
-        self.bind_addr = self.resolve_real_bind_addr(self._adopted)
-        return self._adopted
+    # ---- writing
 
-    def prepare(self) -> None:
-        super().prepare()
-        if self.socket is not self._adopted:  # cheroot took systemd's LISTEN_PID socket instead
-            self.stop()
-            raise RuntimeError("cheroot did not adopt the listening socket (is LISTEN_PID set?)")
-        # Non-blocking accept: with worker processes sharing the socket, another one may
-        # take the connection between select and accept (cheroot then skips it).
-        self.socket.setblocking(False)
+    def _move_out(self) -> None:
+        pending = self._outgoing.pending
+        if pending:
+            self._raw_out += self._outgoing.read(pending)
 
-    def process_conn(self, conn: Any) -> None:
-        if getattr(conn, "fresh", False):
-            conn.fresh = False
-            self.put_conn(conn)  # into the selector until the client sends its ClientHello
-            return
-        super().process_conn(conn)
+    def _send_raw(self) -> None:
+        """Send what is waiting, as far as the socket takes it now."""
+        with self._tls_lock:
+            while self._raw_out:
+                try:
+                    sent = self.socket.send(self._raw_out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self._raw_out.clear()
+                    self.will_close = True
+                    return
+                del self._raw_out[:sent]
 
-    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
-        log.log(level, "%s", msg, exc_info=traceback)
+    def send(self, data: Any, do_close: bool = True) -> int:
+        """Waitress's send: encrypt ``data`` (plaintext) and send it. Returns the
+        plaintext bytes taken; 0 while earlier ciphertext still waits for the socket."""
+        if self._raw_out:
+            self._send_raw()
+            if self._raw_out:
+                return 0
+        with self._tls_lock:
+            try:
+                taken = self._tls.write(data)
+            except ssl.SSLError as exc:
+                raise OSError(f"TLS write failed: {_reason(exc)}") from None
+            self._move_out()
+        self._send_raw()
+        if taken:
+            self.last_activity = time.time()
+        return taken
+
+    def writable(self) -> bool:
+        return bool(self._raw_out) or bool(super().writable())
+
+    def handle_write(self) -> None:
+        if self._raw_out:
+            self._send_raw()
+            if self._raw_out:
+                return
+        super().handle_write()
+
+    def all_sent(self) -> bool:
+        return not self._raw_out
+
+    def expired(self, now: float, wall: float, limits: ConnectionLimits) -> str | None:
+        if not self.handshaken and not self.half_closed and now - self.connected_at > limits.handshake_timeout:
+            return "TLS handshake not complete within handshake_timeout"
+        return super().expired(now, wall, limits)
+
+    def evictable(self) -> bool:
+        return super().evictable() and not self._raw_out
+
+
+def _tls_environ(tls: ssl.SSLObject, verify_client: bool) -> dict[str, Any]:
+    """WSGI environ entries for a connection whose handshake is done."""
+    cipher = tls.cipher() or ("", "", 0)
+    env: dict[str, Any] = {"HTTPS": "on", "SSL_PROTOCOL": tls.version() or "", "SSL_CIPHER": cipher[0]}
+    env["SSL_CLIENT_VERIFY"] = "NONE"
+    if verify_client:
+        cert = tls.getpeercert() or {}
+        if cert:
+            env["SSL_CLIENT_VERIFY"] = "SUCCESS"
+            subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
+            if "commonName" in subject:
+                env["SSL_CLIENT_S_DN_CN"] = subject["commonName"]
+    return env
+
+
+class _TlsServer(_Server):
+    channel_class = _TlsChannel
+    ssl_context: ssl.SSLContext
+    handshake_failures = 0
 
 
 class _Counted:
-    """The app as cheroot calls it: counts requests, guards chunked input."""
+    """The app, counting the requests that reach it (a refused handshake reaches none)."""
 
-    def __init__(self, app: InFlight, limit: int):
+    def __init__(self, app: Callable[..., Any]):
         self.app = app
-        self.limit = limit
         self.served = 0
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         with self._lock:
             self.served += 1
-        stream = environ.get("wsgi.input")
-        if isinstance(stream, ChunkedRFile):
-            environ["wsgi.input"] = _LimitedInput(stream, self.limit)
         return self.app(environ, start_response)
 
 
-class TlsTransport:
-    """A WSGI app on a listening socket over HTTPS, served by cheroot in background
-    threads; the same interface as `mserve.transport.http.WaitressTransport`."""
+class TlsTransport(WaitressTransport):
+    """A WSGI app on a listening socket over HTTPS; the HTTP transport with TLS."""
 
     scheme = "https"
+    server_class = _TlsServer
 
     def __init__(
         self,
@@ -496,28 +355,18 @@ class TlsTransport:
         *,
         threads: int,
         max_body_bytes: int,
-        idle_timeout: float = 120.0,
-        io_timeout: float = 30.0,
+        balance: ConnectionBalance | None = None,
+        inline: InlinePolicy | None = None,
+        limits: ConnectionLimits | None = None,
+        shed: Callable[[int], bool] | None = None,
     ):
         self.context = build_ssl_context(ssl_config)
-        self.socket = sock
-        self._port = sock.getsockname()[1]
-        self.app = InFlight(app)
-        self._counted = _Counted(self.app, max_body_bytes)
-        self._server = _Server(
-            self._counted,
-            sock,
-            _Adapter(self.context),
-            threads=threads,
-            max_body_bytes=max_body_bytes,
-            idle_timeout=idle_timeout,
-            io_timeout=io_timeout,
+        self._counted = _Counted(app)
+        super().__init__(
+            self._counted, sock, threads=threads, max_body_bytes=max_body_bytes, balance=balance, inline=inline,
+            limits=limits, shed=shed,
         )
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._port
+        self._server.ssl_context = self.context
 
     @property
     def requests_started(self) -> int:
@@ -527,46 +376,3 @@ class TlsTransport:
     @property
     def handshake_failures(self) -> int:
         return self._server.handshake_failures
-
-    def start(self) -> None:
-        """Start serving; returns once the worker threads run."""
-        ready = threading.Event()
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            # Threads started from this daemon thread (cheroot's workers) are daemons too.
-            try:
-                self._server.prepare()
-            except BaseException as exc:  # noqa: BLE001 - handed to start()
-                failed.append(exc)
-                ready.set()
-                return
-            ready.set()
-            try:
-                self._server.serve()
-            except Exception:  # pragma: no cover - cheroot's loop is not expected to raise
-                log.exception("HTTPS loop stopped")
-
-        self._thread = threading.Thread(target=run, name="mserve-https", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failed:
-            raise RuntimeError(f"cannot start the HTTPS server: {failed[0]}") from failed[0]
-
-    def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop accepting and close idle connections, let in-flight requests finish
-        (up to ``drain_timeout``), then close everything."""
-        if self._thread is None or not self._thread.is_alive():
-            return
-        self._server.shutdown_timeout = drain_timeout
-        # cheroot's stop closes the listener and idle connections at once, then waits
-        # for its workers; a worker stuck past the timeout must not hang us.
-        stopper = threading.Thread(target=self._server.stop, name="mserve-https-stop", daemon=True)
-        stopper.start()
-        while stopper.is_alive() and self._server.ready:
-            time.sleep(0.005)  # cheroot's stop has begun: no new connections from now on
-        self._server.abort_handshakes()
-        if not self.app.wait_idle(drain_timeout):
-            log.warning("drain timeout: %d request(s) still running", self.app.count)
-        stopper.join(timeout=5)
-        self._thread.join(timeout=5)

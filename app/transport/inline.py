@@ -20,7 +20,10 @@ connections one request at a time, like an event-loop server.
   the path back to the worker threads for a while (5 s, doubling on each repeat up to
   10 minutes): CPU time does not show waiting (on a device, on I/O, in a sleep),
   which wall time on the I/O thread reveals. One slow request alone is taken for
-  preemption.
+  preemption, unless it took 100 ms or more: then the path goes back at once. (A
+  request that holds the I/O thread over 100 ms gets the event loop moved to a new
+  thread meanwhile, `mserve.transport.http`, so the other connections are not held
+  up behind it.)
 
 While a request runs inline the other connections of that process wait, so the limit
 bounds their extra latency. A client can still make one request of a cheap path
@@ -43,6 +46,7 @@ _MIN_SAMPLES = 4
 _WEIGHT = 0.2  # of the newest request in the running average
 _MAX_PATHS = 4096  # paths are client-chosen: bound the table
 _FIRST_BACKOFF, _MAX_BACKOFF = 5.0, 600.0
+_STALL_SECONDS = 0.1  # one inline request this slow (preemption does not explain it) is enough
 
 
 @dataclass
@@ -92,7 +96,7 @@ class InlinePolicy:
             cost.slow_in_a_row = 0
             return
         cost.slow_in_a_row += 1
-        if cost.slow_in_a_row >= 2:
+        if cost.slow_in_a_row >= 2 or inline_wall_seconds >= _STALL_SECONDS:
             cost.slow_in_a_row = 0
             cost.backoff = min(max(cost.backoff * 2, _FIRST_BACKOFF), _MAX_BACKOFF)
             cost.banned_until = time.monotonic() + cost.backoff

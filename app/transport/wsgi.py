@@ -15,9 +15,11 @@ an epoch in `RequestEpochs` (so hot reload knows when a retired version is idle)
 
 from __future__ import annotations
 
+import itertools
 import logging
-from http import HTTPStatus
+import threading
 import time
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, request
@@ -30,8 +32,21 @@ from .inline import InlinePolicy
 from ..ops.metrics import RequestMetrics
 from ..serving.dataplane import PredictHandler
 from ..serving.reload import RequestEpochs
+from .memory import RELEASE_AFTER_BYTES, release_memory
 
 _CHUNK = 1 << 16
+log = logging.getLogger("mserve.transport.wsgi")
+
+
+def request_path(environ: dict[str, Any]) -> str:
+    """The request's path as text. WSGI hands it over as latin-1 decoded bytes
+    (PEP 3333); URLs carry UTF-8, so a servable named ``数字`` arrives as mojibake
+    unless decoded again. Bytes that are not UTF-8 stay as they came."""
+    raw = environ.get("PATH_INFO") or "/"
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return raw
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
@@ -66,6 +81,58 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response(status, dumps({"error_msg": message}), headers)
 
 
+class DeadlineWatch:
+    """Fires a request's deadline action when the request outlives its deadline.
+
+    Python cannot stop a stage that is still running; what the client is owed is a
+    reply at the deadline. A request arms its deadline before the handler runs and
+    disarms it after (a dict insert and delete); a watcher thread, started on first
+    use, fires those past their deadline: the transport then sends the 504 at once
+    and drops the late reply (`mserve.transport.http._Task.reply_early`).
+
+    Every request gets the same timeout (``horizon``), so insertion order is
+    deadline order, and no deadline armed later can come sooner than ``horizon``
+    from now: the watcher sleeps until the oldest armed deadline, or ``horizon``
+    when none is armed, and wakes no more often than that (a thread that woke
+    every few milliseconds would take the GIL from the I/O thread as often).
+    """
+
+    def __init__(self, horizon: float):
+        self.horizon = horizon
+        self._armed: dict[int, tuple[float, Any]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def arm(self, deadline: float, fire: Any) -> int:
+        token = next(self._tokens)
+        self._armed[token] = (deadline, fire)
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="mserve-deadlines", daemon=True)
+                    self._thread.start()
+        return token
+
+    def disarm(self, token: int) -> None:
+        self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            wake = now + self.horizon
+            for token, (deadline, fire) in list(self._armed.items()):
+                if deadline > now:
+                    wake = deadline
+                    break
+                if self._armed.pop(token, None) is not None:
+                    try:
+                        fire()
+                    except Exception:  # noqa: BLE001 - the watcher must go on
+                        log.exception("sending a deadline reply failed")
+            time.sleep(max(wake - time.monotonic(), 0.001))
+
+
 # WSGI status lines, built once from the standard library's table.
 _STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 
@@ -92,6 +159,24 @@ class MserveApp:
         self.inline = inline
         self.epochs: RequestEpochs = state.epochs if state is not None else RequestEpochs()
         self.metrics = RequestMetrics(handler.registry.servables)
+        self.deadlines = DeadlineWatch(handler.request_timeout)
+
+    def _arm_deadline(self, environ: dict[str, Any], rid: str) -> int | None:
+        """Have the deadline reply sent when the handler is still busy at the
+        deadline (transports that can send one: ``mserve.reply_early``)."""
+        reply_early = environ.get("mserve.reply_early")
+        if reply_early is None:
+            return None
+        handler = self.handler
+
+        def fire() -> None:
+            status, body, extra = handler.deadline_reply()
+            headers = [("Content-Type", "application/json"), ("X-Request-ID", rid), *extra.items()]
+            if reply_early(_STATUS_LINES.get(status) or f"{status} Error", headers, body):
+                log.warning("request %s still running at its deadline (%gs): answered %d", rid,
+                            handler.request_timeout, status)
+
+        return self.deadlines.arm(time.monotonic() + handler.request_timeout, fire)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         started = time.perf_counter()
@@ -105,33 +190,47 @@ class MserveApp:
             current_request_id.reset(token)
 
     def _predict(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
-        path = environ.get("PATH_INFO") or "/"
+        path = request_path(environ)
+        inline = environ.get("mserve.inline", False)
         cpu_started = time.thread_time() if self.inline is not None else 0.0
         headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
-        try:
-            body = read_body(environ, self.max_body_bytes)
-        except PayloadTooLarge as exc:
-            # No "Connection: close" here: Waitress refuses hop-by-hop headers from
-            # the app (a 500); the body was read, so the connection stays usable.
-            status, reply = exc.status, dumps({"error_msg": exc.message})
-        except Exception:  # the client went away mid-body, or the stream broke
-            logging.getLogger("mserve.transport.wsgi").warning("reading the request body failed", exc_info=True)
-            status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
-        else:
-            epoch = self.epochs.enter()
-            try:
-                status, reply, extra = self.handler.handle(path, body)
-            finally:
-                self.epochs.leave(epoch)
+        body = b""
+        if environ.get("mserve.shed"):
+            # Over capacity (the transport counted the queue): answer at once.
+            status, reply, extra = self.handler.shed_reply()
             headers.extend(extra.items())
+        else:
+            try:
+                body = read_body(environ, self.max_body_bytes)
+            except PayloadTooLarge as exc:
+                # No "Connection: close" here: Waitress refuses hop-by-hop headers from
+                # the app (a 500); the body was read, so the connection stays usable.
+                status, reply = exc.status, dumps({"error_msg": exc.message})
+            except Exception:  # the client went away mid-body, or the stream broke
+                log.warning("reading the request body failed", exc_info=True)
+                status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
+            else:
+                watch = self._arm_deadline(environ, rid)
+                epoch = self.epochs.enter()
+                try:
+                    status, reply, extra = self.handler.handle(path, body)
+                except BaseException:  # noqa: BLE001 - the handler never raises; if it does, still reply
+                    log.exception("predict %s failed", path)
+                    status, reply, extra = 500, dumps({"error_msg": "internal server error, see the server log"}), {}
+                finally:
+                    self.epochs.leave(epoch)
+                    if watch is not None:
+                        self.deadlines.disarm(watch)
+                headers.extend(extra.items())
         headers.append(("Content-Length", str(len(reply))))
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
-        inline = environ.get("mserve.inline", False)
-        if self.inline is not None and status != 404:  # 404s would let clients fill its table
+        if self.inline is not None and status not in (404, 503):  # 404s would let clients fill its table
             self.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None)
         self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
+        if len(body) >= RELEASE_AFTER_BYTES:
+            release_memory()
         return [reply]
 
     def _other(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
@@ -188,7 +287,7 @@ def create_flask_app(state: Any = None) -> Flask:
             if exc.code == 405 and getattr(exc, "valid_methods", None):
                 response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
             return response
-        logging.getLogger("mserve.transport.wsgi").exception("unhandled error")
+        log.exception("unhandled error")
         return error_response(500, "internal server error, see the server log")
 
     return app
