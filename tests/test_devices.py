@@ -561,7 +561,7 @@ def test_device_groups_and_their_environment():
     assert {g.key: [c.servable_name for c in cs] for g, cs in groups.items()} == {
         "gpu:0": ["a"], "gpu:1": ["a", "b"], "cpu:0": ["c"],
     }
-    assert all(c.device_ids == [1] for c in groups[DeviceGroup("gpu", (1,))])
+    assert all(list(c.device_ids) == [1] for c in groups[DeviceGroup("gpu", (1,))])
     env, remapped = device_env(DeviceGroup("gpu", (1,)), {})
     assert remapped and env["CUDA_VISIBLE_DEVICES"] == "1" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     env, _ = device_env(DeviceGroup("gpu", (1,)), {"CUDA_VISIBLE_DEVICES": "4,6", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".4"})
