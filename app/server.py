@@ -809,6 +809,8 @@ def begin_shutdown() -> None:
     load balancers a head start."""
     _state.stopping = True
     _refresh_ready()
+    for pool in _state.frontends:  # devices mode: the front-ends answer /ready
+        pool.begin_shutdown()
     watcher = _state.watcher
     if watcher is not None:
         watcher.stop()

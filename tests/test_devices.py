@@ -492,6 +492,9 @@ from mserve import server
 server.start_servables(server.ServableStartConfig(sys.argv[1], "mixer"))
 started = server.start_restful_server("127.0.0.1:" + sys.argv[2])
 print("STARTED", flush=True)
+sys.stdin.readline()
+server.begin_shutdown()
+print("SHUTTING DOWN", flush=True)
 sys.stdin.read()  # until the test closes stdin
 server.stop()
 print("STOPPED", flush=True)
@@ -514,6 +517,17 @@ def test_a_start_script_gets_frontends_and_a_device_process(tmp_path):
         reply = post(f"http://127.0.0.1:{port}", "/model/mixer:fast", {"instances": [{"x": [0.5] * 4}]})
         assert reply.json()["instances"][0]["y"] == [2.0] * 4
         assert reply.json()["instances"][0]["frontend"] in roles["frontend"]
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(base + "/ready", timeout=10).status_code == 200
+        proc.stdin.write("begin shutdown\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "SHUTTING DOWN"
+        deadline = time.monotonic() + 10  # the front-ends hear it (a signal each) a moment later
+        while time.monotonic() < deadline and requests.get(base + "/ready", timeout=10).status_code == 200:
+            time.sleep(0.05)
+        for _ in range(4):  # every front-end: not ready, still serving
+            assert requests.get(base + "/ready", headers={"Connection": "close"}, timeout=10).status_code == 503
+            assert post(base, "/model/mixer:fast", {"instances": [{"x": [0.5] * 4}]}).status_code == 200
         proc.stdin.close()
         assert proc.stdout.readline().strip() == "STOPPED"
         assert proc.wait(60) == 0

@@ -169,6 +169,12 @@ class WorkerPool:
                 except Exception as exc:
                     log.error("restarting worker %d failed: %s", i, exc)
 
+    def begin_shutdown(self) -> None:
+        """Front-ends answer ``/ready`` with 503 from now on (SIGUSR1), still serving."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None and self.manifest is not None:
+                proc.send_signal(signal.SIGUSR1)
+
     def stop(self, drain_timeout: float = 30.0) -> None:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
@@ -199,7 +205,8 @@ def frontend_env() -> dict[str, str]:
 def _worker_main() -> int:
     # Block the stop signals first, so one that comes while loading is held until
     # the worker serves and then drains like any other stop.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
     from ..devices.process import die_with_parent
 
     die_with_parent()  # a pool's process killed outright leaves no worker behind
@@ -285,7 +292,8 @@ def _frontend(settings: dict[str, Any], sock: socket.socket, balance: Connection
     follower.start()
     described = [describe_servable(s) for s in server.registry().servables().values()]
     print("READY " + json.dumps(described), flush=True)
-    signal.sigwait(stop_signals)
+    while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
+        server.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
     follower.stop()
     server.stop()
     return 0
