@@ -29,6 +29,15 @@ mserve additions (operability):
   requests are still served for ``grace`` seconds (so load balancers notice), then
   the listener closes and in-flight requests finish, up to ``drain_timeout``.
 * Metrics: batch and model hooks go to `mserve.ops.metrics` (``GET /metrics``).
+
+Processes (see `mserve.devices` and README "Processes: front-ends and device
+processes"): by default `start_servables` starts one device process per device,
+which alone loads and runs the models, and `start_restful_server` starts
+``workers`` front-end processes on the port (default `default_workers`: one per
+CPU core, at most 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
+Python stages and send model calls to the device processes. ``use_processes("single")``
+(or ``MSERVE_PROCESSES=single``) keeps everything in this process instead, as the
+tests and the device and front-end processes themselves do.
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,6 +106,11 @@ class ServableStartConfig:
     batch_sizes: Sequence[int] | None = None
     max_batch_delay_ms: float = 2.0
     batching: bool = True
+    # With device processes: a model of at most this many KiB of files, on the CPU,
+    # not batched across requests, also gets a copy in each front-end, which runs it
+    # on its HTTP I/O thread (a round trip to the device process costs more than such
+    # a model's whole call). 0: never. Never for accelerators. See mserve.devices.
+    frontend_copy_max_kb: float = 256.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -223,6 +239,13 @@ class _State:
     watcher: VersionWatcher | None = None
     observers: dict[int, Any] = field(default_factory=dict)  # id(LoadedVersion) -> its VersionObserver
     ready_listeners: list[Callable[[], None]] = field(default_factory=list)  # told when readiness may have changed
+    processes: str | None = None  # "devices" or "single"; None: MSERVE_PROCESSES, else "devices"
+    devices: Any = None  # the DeviceSupervisor (devices mode)
+    frontends: list[Any] = field(default_factory=list)  # front-end WorkerPools (devices mode)
+    run_dir: str | None = None  # sockets, manifest and metrics of this server's processes
+    # How hot reload retires a version (a device process first lets its front-ends switch).
+    retire: Any = None  # (name, version) -> None; None: _retire_version
+    follower: Any = None  # devices mode: keeps the registry following the device processes
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -230,6 +253,13 @@ class _State:
             return False, "stopping"
         if self.loading:
             return False, "loading servables"
+        if self.processes_started():  # devices mode: this process supervises, front-ends serve
+            if self.devices is None:
+                return False, "no servable loaded"
+            down = self.devices.down()
+            if down:
+                return False, f"device process {', '.join(down)} is restarting"
+            return True, "ready"
         if not self.configured:
             return False, "no servable loaded"
         served = self.registry.servables()
@@ -237,6 +267,9 @@ class _State:
         if missing:
             return False, f"no version of servable {', '.join(missing)} is loaded"
         return True, "ready"
+
+    def processes_started(self) -> bool:
+        return self.devices is not None or bool(self.frontends)
 
     def failed_versions(self, name: str) -> list[dict[str, Any]]:
         """Versions hot reload could not load (they are skipped until they change)."""
@@ -258,6 +291,67 @@ def registry() -> ServableRegistry:
 def readiness() -> tuple[bool, str]:
     """(ready, reason): what ``GET /ready`` answers (200 when ready, else 503)."""
     return _state.readiness()
+
+
+PROCESS_MODES = ("devices", "single")
+
+
+def use_processes(mode: str) -> None:
+    """``"devices"``: models in device processes, HTTP in front-end processes (the
+    default); ``"single"``: everything in this process. Call before `start_servables`."""
+    if mode not in PROCESS_MODES:
+        raise ValueError(f"processes must be one of {', '.join(PROCESS_MODES)}, got {mode!r}")
+    _state.processes = mode
+
+
+def processes() -> str:
+    """The process mode `start_servables` and `start_restful_server` use now."""
+    if _state.processes is not None:
+        return _state.processes
+    mode = os.environ.get("MSERVE_PROCESSES", "devices").strip().lower() or "devices"
+    if mode not in PROCESS_MODES:
+        raise RuntimeError(f"MSERVE_PROCESSES must be one of {', '.join(PROCESS_MODES)}, got {mode!r}")
+    return mode
+
+
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Front-end processes when none is asked for: ``MSERVE_WORKERS``, else one per
+    CPU core this process may use, at most 8 (past that, HTTP is rarely the limit
+    and each front-end costs memory)."""
+    raw = os.environ.get("MSERVE_WORKERS")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise RuntimeError(f"MSERVE_WORKERS must be a whole number, got {raw!r}") from None
+        if value < 1:
+            raise RuntimeError(f"MSERVE_WORKERS must be at least 1, got {value}")
+        return value
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _run_dir() -> str:
+    if _state.run_dir is None:
+        _state.run_dir = tempfile.mkdtemp(prefix="mserve-")
+    return _state.run_dir
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of device and front-end processes: one metrics directory
+    for the whole server (any front-end's /metrics sums every process)."""
+    env = dict(os.environ)
+    if not metrics.multiprocess_dir():
+        folder = os.path.join(_run_dir(), "metrics")
+        os.makedirs(folder, exist_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return env
 
 
 def _refresh_ready() -> None:
@@ -315,6 +409,9 @@ def start_servables(
     configs = merge_configs(servable_configs)
     if poll_interval is not None and poll_interval < 0:
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
+    if processes() == "devices":
+        _start_devices(configs, poll_interval)
+        return
     # "Loading" from the first moment: importing JAX alone takes seconds, and a server
     # already listening must answer 503 (not 404) meanwhile.
     with _state.lock:
@@ -338,6 +435,45 @@ def start_servables(
         finally:
             _state.loading -= 1
             _refresh_ready()
+
+
+def _start_devices(configs: list[ServableStartConfig], poll_interval: float | None) -> None:
+    """Devices mode: a device process per device loads the servables; front-ends
+    already started pick them up from the manifest."""
+    from .devices.supervisor import DeviceSupervisor
+
+    with _state.lock:
+        if _state.devices is not None:
+            raise RuntimeError(
+                "start_servables was already called: with device processes, pass every servable in one call "
+                "(or call stop() first)"
+            )
+        supervisor = DeviceSupervisor(
+            configs, _run_dir(), log_level=logging.getLogger("mserve").getEffectiveLevel(),
+            poll_interval=poll_interval or None, env=_child_env(),
+        )
+        _state.loading += 1
+        try:
+            supervisor.start()
+            _state.devices = supervisor
+            _follow_devices(supervisor)
+            for pool in _state.frontends:  # ready once every front-end serves them
+                pool.wait_loaded()
+        finally:
+            _state.loading -= 1
+
+
+def _follow_devices(supervisor: Any) -> None:
+    """This process's registry mirrors what the device processes serve (as each
+    front-end's does), so `registry`, the health port's ``/ready`` and tools see the
+    servables, and Model calls from here would reach the device processes too."""
+    from .devices.frontend import FrontendModels
+    from .devices.manifest import Follower
+
+    follower = Follower(supervisor.manifest_path, FrontendModels(_state, "supervisor", copies=False).apply, interval=0.5)
+    follower.poll()
+    follower.start()
+    _state.follower = follower
 
 
 _MERGED_ALIKE = ("device_type", "dec_key", "dec_mode", "max_batch_size", "batch_sizes", "max_batch_delay_ms", "batching")
@@ -474,8 +610,11 @@ def _watch(entries: list[_Loaded], poll_interval: float) -> None:
     def add(name: str, loaded: LoadedVersion) -> None:
         _state.registry.add(_state.configured[name].servable, loaded)
 
+    def retire(name: str, version: int) -> None:
+        (_state.retire or _retire_version)(name, version)
+
     _state.watcher = VersionWatcher(
-        list(targets.values()), _state.registry, load, add, _retire_version, poll_interval, _refresh_ready
+        list(targets.values()), _state.registry, load, add, retire, poll_interval, _refresh_ready
     )
     _state.watcher.start()
     log.info("hot reload: watching %s every %gs", ", ".join(sorted(targets)), poll_interval)
@@ -514,6 +653,7 @@ def start_restful_server(
     header_timeout: float = 30.0,
     handshake_timeout: float = 10.0,
     max_header_kb: int = 64,
+    workers: int | None = None,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -533,11 +673,28 @@ def start_restful_server(
     allows), ``idle_timeout``, ``header_timeout``, ``handshake_timeout`` (seconds),
     ``max_header_kb`` (request line and headers; 431 beyond).
 
+    ``workers``: front-end processes serving the port in devices mode (the default,
+    see the module docstring); ``None`` is `default_workers`. Each front-end applies
+    these limits to its own connections.
+
     From here on the process keeps serving after the calling script ends, until
     `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
     """
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
+    if inline_max_ms < 0:
+        raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
+    if sock is None and processes() == "devices":
+        restful = {
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "request_timeout": request_timeout, "inline_max_ms": inline_max_ms,
+            "max_instances_per_request": max_instances_per_request, "max_connections": max_connections,
+            "idle_timeout": idle_timeout, "header_timeout": header_timeout, "handshake_timeout": handshake_timeout,
+            "max_header_kb": max_header_kb,
+        }
+        return _start_frontends(address, ssl_config, restful, workers)
+    if workers is not None and workers != 1:
+        raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
     host, port = parse_address(address)
     max_body = max_msg_mb_size * 1024 * 1024
     if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
@@ -548,8 +705,6 @@ def start_restful_server(
         _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
         max_instances=max_instances_per_request,
     )
-    if inline_max_ms < 0:
-        raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
     inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
     limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, _state, inline)
@@ -633,6 +788,51 @@ def start_grpc_server(
     return transport
 
 
+class _Frontends:
+    """The front-end processes of one RESTful server, as `RestfulServer` sees them."""
+
+    def __init__(self, pool: Any, scheme: str):
+        self.pool = pool
+        self.scheme = scheme
+        self.port = pool.sock.getsockname()[1]
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        self.pool.stop(drain_timeout)
+
+
+def _start_frontends(
+    address: str, ssl_config: SSLConfig | None, restful: dict[str, Any], workers: int | None
+) -> RestfulServer:
+    """Devices mode: bind ``address`` here, serve it from ``workers`` front-end processes."""
+    from .transport.workers import WorkerPool
+    from .devices.manifest import FILE_NAME
+
+    count = default_workers() if workers is None else workers
+    if not isinstance(count, int) or count < 1:
+        raise RuntimeError(f"workers must be a whole number >= 1, got {workers!r}")
+    host, port = parse_address(address)
+    if ssl_config is not None:
+        from .transport.https import build_ssl_context
+
+        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+    with _state.lock:
+        sock = bind_socket(host, port)
+        pool = WorkerPool(
+            [], sock, count, restful=restful, ssl_config=ssl_config,
+            log_level=logging.getLogger("mserve").getEffectiveLevel(),
+            manifest=os.path.join(_run_dir(), FILE_NAME), env=_child_env(),
+            access_log=logging.getLogger("mserve.access").isEnabledFor(logging.INFO),
+        )
+        pool.start(loaded=_state.devices is not None)
+        frontends = _Frontends(pool, "https" if ssl_config is not None else "http")
+        _state.frontends.append(pool)
+        _state.transports.append(frontends)
+        lifetime.keep_serving(stop)
+    server = RestfulServer(frontends, host)
+    log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
+    return server
+
+
 def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:
     """Serve ``GET /health`` and ``GET /ready`` alone over plain HTTP at ``address``
     (mserve addition): probes that need no client certificate when the RESTful server
@@ -662,6 +862,8 @@ def begin_shutdown() -> None:
     load balancers a head start."""
     _state.stopping = True
     _refresh_ready()
+    for pool in _state.frontends:  # devices mode: the front-ends answer /ready
+        pool.begin_shutdown()
     watcher = _state.watcher
     if watcher is not None:
         watcher.stop()
@@ -682,12 +884,24 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
         for transport in transports:
             transport.stop(drain_timeout)
         _state.ready_listeners.clear()
+        _state.frontends.clear()
+        # Device processes after the front-ends: their calls in flight are done by now.
+        if _state.follower is not None:
+            _state.follower.stop()
+            _state.follower = None
+        if _state.devices is not None:
+            _state.devices.stop(drain_timeout)
+            _state.devices = None
+        if _state.run_dir is not None:
+            shutil.rmtree(_state.run_dir, ignore_errors=True)
+            _state.run_dir = None
         _state.watcher = None
         _state.registry.clear()
         for observer in _state.observers.values():
             observer.detach()
         _state.observers.clear()
         _state.configured.clear()
+        _state.processes = None  # use_processes holds for one server's lifetime
         _state.stopping = False
         _refresh_ready()
     lifetime.release()

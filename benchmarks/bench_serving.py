@@ -1,14 +1,23 @@
-"""Serving throughput and latency: add, LeNet and a weight-heavy MLP (batching on/off), the raw jitted LeNet.
+"""Serving throughput, latency, batch sizes and memory: mserve's process architecture
+against MindSpore Serving and against mserve before device processes.
 
-    .venv/bin/python benchmarks/bench_serving.py [--seconds 5] [--workers 2] [--mindspore]
+    .venv/bin/python benchmarks/bench_serving.py [--seconds 5] [--mindspore] [--only add|lenet|mlp|memory]
 
-Starts real mserve servers (worker processes on one port, as `mserve start
---workers` does), drives them with `wrk` (Debian's `wrk`; keep-alive POSTs) and prints
-one table: requests/s, p50, p99 per scenario, plus the machine it ran on. With
-``--mindspore`` it also starts MindSpore Serving's add example from
-../shared/anchors/mindspore_serving (after its setup.sh) on the same machine in the
-same run, so the two are compared under the same noise. The load generator shares
-the CPU with the server: compare rows of one run, not runs of different days.
+Rows (one run, so they share the machine's noise; compare rows, not runs):
+
+* add: MindSpore Serving 2.0.2's add example (``--mindspore``, from
+  ../shared/anchors/mindspore_serving after its setup.sh) and the default
+  ``mserve start`` (no flags but the port: front-ends, a device process, the
+  bundled servables, access log on) at 1, 4 and 16 connections, then the ratio.
+* lenet (PNG Python stage) and mlp (weight-heavy, batching on) at 32 connections:
+  device processes with 1 and 2 front-ends (``server.start_servables`` +
+  ``start_restful_server(workers=N)``, what a start script gets) against "legacy":
+  N complete servers, each loading the models (``--workers N`` before device
+  processes), with the average batch size of each (from ``/metrics``).
+* memory: RSS and PSS of the whole process tree with 1 and 4 front-ends, serving a
+  servable with 256 MiB of weights, against legacy (which copies them N times).
+
+Load comes from ``wrk`` (Debian's; keep-alive POSTs, one thread) on the same cores.
 """
 
 from __future__ import annotations
@@ -30,7 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SERVABLES = REPO / "servables"
 ADD_BODY = '{"instances":[{"x1":[[1.0,2.0],[3.0,4.0]],"x2":[[1.0,2.0],[3.0,4.0]]}]}'
-ANCHOR = REPO.parent / "shared" / "anchors" / "mindspore_serving"
+# ../shared beside the checkout (/work/main), or two levels up from a worktree (/work/wt/issueN)
+ANCHOR = next(
+    (p / "shared" / "anchors" / "mindspore_serving" for p in (REPO.parent, REPO.parent.parent)
+     if (p / "shared" / "anchors" / "mindspore_serving").is_dir()),
+    REPO.parent / "shared" / "anchors" / "mindspore_serving",
+)
 
 
 def lenet_body(instances: int = 1) -> str:
@@ -70,26 +84,56 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]
 
 
 class Server:
-    """`mserve` worker processes on a free port (as `mserve start --workers N`)."""
+    """An mserve server on a free port.
+
+    ``mode="devices"``: what `mserve start --workers N` runs now: N front-end
+    processes and one device process holding the models. ``mode="legacy"``: N
+    complete servers on the port, each loading the models (what `--workers N` meant
+    before device processes; the "today" rows of the issue's comparison).
+    """
 
     def __init__(
-        self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES, **config: object
+        self, name: str, workers: int, restful: dict | None = None, root: Path = SERVABLES,
+        mode: str = "devices", env: dict | None = None, **config: object,
     ):
         from mserve import server
+
+        self.mode = mode
+        configs = [server.ServableStartConfig(str(root), name, **config)]
+        if mode == "devices":
+            server.use_processes("devices")
+            started = server.start_restful_server("127.0.0.1:0", workers=workers, **(restful or {}))
+            server.start_servables(configs)
+            self.port = started.port
+            self.pool = started.transport.pool
+            return
         from mserve.transport.http import bind_socket
         from mserve.transport.workers import WorkerPool
 
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
-        configs = [server.ServableStartConfig(str(root), name, **config)]
-        self.pool = WorkerPool(configs, sock, workers, restful=restful, log_level=40)
+        self.pool = WorkerPool(configs, sock, workers, restful=restful, log_level=40, env=env)
         self.pool.start()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def pids(self) -> list[int]:
+        """Every process of this server (the benchmark's own process excluded)."""
+        from mserve import server
+
+        pids = [p.pid for p in self.pool.procs if p is not None]
+        if self.mode == "devices" and server._state.devices is not None:
+            pids += list(server._state.devices.pids().values())
+        return pids
+
     def stop(self) -> None:
-        self.pool.stop(drain_timeout=5)
+        if self.mode == "devices":
+            from mserve import server
+
+            server.stop(drain_timeout=5)
+        else:
+            self.pool.stop(drain_timeout=5)
 
 
 MLP_SIZES = (1024, 2048, 2048, 10)
@@ -162,65 +206,194 @@ def mindspore_add(seconds: float, connections: list[int]) -> list[tuple[str, dic
         subprocess.run(["bash", str(ANCHOR / "stop_add.sh")], env=env, capture_output=True)
 
 
+def metric_sum(url: str, name: str, servable: str) -> float:
+    """The sum of a metric's samples for ``servable`` in a /metrics scrape."""
+    text = requests_get(url + "/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'servable="{servable}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def requests_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return reply.read().decode()
+
+
+def batched_run(server: "Server", path: str, body: str, servable: str, connections: int, seconds: int) -> dict:
+    """A wrk run plus the average batch size of the device calls it caused."""
+    before = [metric_sum(server.url(""), f"mserve_batch_size_{k}", servable) for k in ("sum", "count")]
+    result = wrk(server.url(path), body, connections, seconds)
+    after = [metric_sum(server.url(""), f"mserve_batch_size_{k}", servable) for k in ("sum", "count")]
+    calls = after[1] - before[1]
+    result["batch"] = (after[0] - before[0]) / calls if calls else float("nan")
+    return result
+
+
+class Started:
+    """``mserve start`` as a subprocess, with nothing but ``--port`` (and ``extra``)."""
+
+    def __init__(self, extra: tuple[str, ...] = ()):
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mserve.cli", "start", "--port", str(self.port), *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if '"ready":true' in requests_get(self.url("/ready")):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("mserve start did not get ready in 120 s")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(__import__("signal").SIGTERM)
+        self.proc.wait(60)
+
+
+def tree_memory(pids: list[int]) -> tuple[float, float]:
+    """(RSS, PSS) in MiB summed over ``pids`` (from /proc/PID/smaps_rollup)."""
+    rss = pss = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
+
+
+HEAVY_CONFIG = """
+import jax.numpy as jnp
+from mserve import register
+
+
+def predict(params, x):
+    return x @ params["w"][:, :16]
+
+
+model = register.declare_model(model_file="weights.npz", model_format="jax_function", with_batch_dim=True,
+                               options={"function": predict, "input_specs": [("b, 4096", "float32")]})
+
+
+@register.register_method(output_names=["y"])
+def run(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def write_heavy_servable(root: Path, mib: int = 256) -> None:
+    """A servable whose model holds ``mib`` MiB of float32 weights."""
+    (root / "heavy" / "1").mkdir(parents=True)
+    (root / "heavy" / "servable_config.py").write_text(HEAVY_CONFIG)
+    w = np.random.default_rng(0).standard_normal((4096, mib * 1024 * 1024 // (4096 * 4)), dtype=np.float32)
+    np.savez(root / "heavy" / "1" / "weights.npz", w=w)
+
+
+def memory_rows() -> list[tuple[str, dict]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_heavy_servable(Path(tmp))
+        for mode in ("devices", "legacy"):
+            for workers in (1, 4):
+                srv = Server("heavy", workers, root=Path(tmp), mode=mode, max_batch_size=4)
+                try:
+                    time.sleep(1.0)
+                    rss, pss = tree_memory(srv.pids())
+                finally:
+                    srv.stop()
+                what = "front-end(s) + 1 device process" if mode == "devices" else "complete server(s), legacy"
+                rows.append((f"memory: 256 MiB weights, {workers} {what}", {"rss": rss, "pss": pss}))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2, help="mserve worker processes")
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving's add (anchor)")
-    parser.add_argument("--only", choices=["add", "lenet", "mlp"], help="run one group")
+    parser.add_argument("--only", choices=["add", "lenet", "mlp", "memory"], help="run one group")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
+    import logging
+
+    logging.getLogger("mserve").setLevel(logging.ERROR)  # the servers started here: no access log
     from mserve.backends.jax_runtime import prefer_sync_cpu_dispatch
 
     prefer_sync_cpu_dispatch()  # the raw loops below run like the server's programs
 
     rows: list[tuple[str, dict]] = []
+    ratios: list[str] = []
     if args.only in (None, "add"):
-        if args.mindspore:
-            rows += mindspore_add(args.seconds, [1, 4, 16])
-        # inline_max_ms=0: every request goes through Waitress's worker threads, as
-        # before requests could run on the I/O thread (see mserve/inline.py).
-        for workers, inline in sorted({(1, 1.0), (args.workers, 1.0), (args.workers, 0.0)}, key=lambda w: (w[0], -w[1])):
-            add = Server("add", workers, restful={"inline_max_ms": inline})
-            label = "" if inline else ", inline off"
-            try:
-                for c in (1, 4, 16):
-                    rows.append((f"mserve add, {workers} worker(s){label}, c{c}",
-                                 wrk(add.url("/model/add:add_common"), ADD_BODY, c, args.seconds)))
-            finally:
-                add.stop()
+        anchor = dict(mindspore_add(args.seconds, [1, 4, 16])) if args.mindspore else {}
+        rows += list(anchor.items())
+        started = Started()
+        try:
+            for c in (1, 4, 16):
+                result = wrk(started.url("/model/add:add_common"), ADD_BODY, c, args.seconds)
+                rows.append((f"default `mserve start` add, c{c}", result))
+                ms = anchor.get(f"MindSpore Serving 2.0.2 add, c{c}")
+                if ms:
+                    ratios.append(f"add c{c}: mserve {result['rps']:.0f} / MindSpore {ms['rps']:.0f} = "
+                                  f"{result['rps'] / ms['rps']:.2f}x")
+        finally:
+            started.stop()
+    groups = []
     if args.only in (None, "lenet"):
-        # Batched versions never run inline; unbatched ones do unless inline is off.
-        for batching, inline in ((True, 1.0), (False, 1.0), (False, 0.0)):
-            lenet = Server("lenet", args.workers, restful={"inline_max_ms": inline}, batching=batching,
-                           max_batch_size=32)
-            label = f"batching {'on' if batching else 'off'}" + ("" if inline else ", inline off")
-            try:
-                for c in (1, 32):
-                    rows.append((f"mserve lenet:predict, {label}, c{c}",
-                                 wrk(lenet.url("/model/lenet:predict"), lenet_body(), c, args.seconds)))
-            finally:
-                lenet.stop()
-        rows.append(("raw jitted LeNet, batch 32, in-process loop (images/s)", raw_lenet(32, args.seconds)))
-        rows.append(("raw jitted LeNet, batch 1, in-process loop (images/s)", raw_lenet(1, args.seconds)))
+        groups.append(("lenet", SERVABLES, "/model/lenet:predict", lenet_body(), None))
     if args.only in (None, "mlp"):
+        groups.append(("mlp", None, "/model/mlp:predict", mlp_body(), write_mlp_servable))
+    for name, root, path, body, write in groups:
         with tempfile.TemporaryDirectory() as tmp:
-            write_mlp_servable(Path(tmp))
-            for batching in (True, False):
-                mlp = Server("mlp", args.workers, root=Path(tmp), batching=batching, max_batch_size=32)
+            if write is not None:
+                write(Path(tmp))
+                root = Path(tmp)
+            for mode, workers in (("legacy", 1), ("legacy", 2), ("devices", 1), ("devices", 2)):
+                srv = Server(name, workers, root=root, mode=mode, max_batch_size=32,
+                             **({"env": _metrics_env(tmp)} if mode == "legacy" else {}))
+                label = (f"{workers} front-end(s) + device process" if mode == "devices"
+                         else f"legacy --workers {workers}")
                 try:
-                    for c in (1, 32):
-                        rows.append((f"mserve mlp:predict (weight-heavy), batching {'on' if batching else 'off'}, c{c}",
-                                     wrk(mlp.url("/model/mlp:predict"), mlp_body(), c, args.seconds)))
+                    rows.append((f"{name} batching on, {label}, c32", batched_run(srv, path, body, name, 32, args.seconds)))
                 finally:
-                    mlp.stop()
+                    srv.stop()
+        if name == "lenet":
+            rows.append(("raw jitted LeNet, batch 32, in-process loop (images/s)", raw_lenet(32, args.seconds)))
+    if args.only in (None, "memory"):
+        rows += memory_rows()
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"python {platform.python_version()}; load generator: wrk -t1, keep-alive, {args.seconds:g}s per row")
-    print(f"{'scenario':<62} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    for name, r in rows:
-        print(f"{name:<62} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
+    print(f"{'scenario':<66} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'err':>4} {'batch':>6}")
+    for label, r in rows:
+        if "rss" in r:
+            print(f"{label:<66} RSS {r['rss']:>7.0f} MiB, PSS {r['pss']:>7.0f} MiB")
+            continue
+        batch = f"{r['batch']:>6.2f}" if "batch" in r else ""
+        print(f"{label:<66} {r['rps']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} {r['errors']:>4} {batch}")
+    for line in ratios:
+        print(line)
+
+
+def _metrics_env(tmp: str) -> dict[str, str]:
+    """Legacy workers share a metrics directory, so /metrics sums their batches."""
+    folder = Path(tmp) / f"metrics-{time.monotonic_ns()}"
+    folder.mkdir()
+    return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class StartSettings:
     drain_timeout: float = 30.0
     access_log: bool = True
     log_level: str = "info"
-    workers: int = 1
+    workers: int | None = None  # front-end processes; None: mserve.server.default_workers(); 0: one process
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
     batching: bool = True
@@ -50,6 +50,7 @@ class StartSettings:
     request_timeout: float = 100.0
     poll_interval: float = 0.0  # seconds between version-folder scans; 0: no hot reload
     inline_max_ms: float = 1.0  # predicts this quick run on the HTTP I/O thread; 0: never
+    frontend_copy_max_kb: float = 256.0  # small unbatched CPU models also live in each front-end; 0: never
     health_port: int | None = None  # plain-HTTP /health and /ready (no client certificate); None: off
     health_host: str = "127.0.0.1"
     # What clients may hold (README, "Limits and hostile clients").
@@ -83,8 +84,6 @@ class StartSettings:
             fail(f"grpc_port {self.grpc_port} is out of range (0-65535)")
         if self.grpc_port and self.grpc_port in (self.port, self.health_port):
             fail(f"--grpc-port {self.grpc_port} is already the REST or health port; pick another one")
-        if self.grpc_port == 0 and self.workers > 1:
-            fail("--grpc-port 0 cannot be shared by worker processes (each would pick its own port); give a port")
         if not 1 <= self.max_msg_mb <= 512:
             fail(f"max_msg_mb must be from 1 to 512, got {self.max_msg_mb}")
         if self.threads is not None and self.threads < 1:
@@ -93,8 +92,8 @@ class StartSettings:
             fail("device_ids is empty")
         if any(d < 0 for d in self.device_ids):
             fail(f"device_ids must be non-negative, got {self.device_ids}")
-        if self.workers < 1:
-            fail(f"workers must be at least 1, got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            fail(f"workers must be 0 (one process) or more front-end processes, got {self.workers}")
         if self.max_batch_size < 1:
             fail(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_batch_delay_ms < 0:
@@ -103,6 +102,8 @@ class StartSettings:
             fail(f"max_enqueued_requests must be at least 1, got {self.max_enqueued_requests}")
         if self.poll_interval < 0:
             fail(f"poll_interval must be >= 0, got {self.poll_interval}")
+        if self.frontend_copy_max_kb < 0:
+            fail(f"frontend_copy_max_kb must be >= 0, got {self.frontend_copy_max_kb}")
         if self.inline_max_ms < 0:
             fail(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
         if self.request_timeout <= 0:
@@ -131,8 +132,6 @@ class StartSettings:
                 fail(f"health_port {self.health_port} is out of range (0-65535)")
             if self.health_port and self.health_port == self.port and self.health_host == self.host:
                 fail(f"--health-port {self.health_port} is the serving port; pick another one")
-            if self.workers > 1:
-                fail("--health-port is not available with --workers yet; probe the serving port instead")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -187,7 +186,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "health_port", "max_connections", "grpc_port"}
+_OPTIONAL_INTS = {"threads", "workers", "health_port", "max_connections", "grpc_port"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 
@@ -369,6 +368,7 @@ def start_configs(
             "max_batch_size": settings.max_batch_size,
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "batching": settings.batching,
+            "frontend_copy_max_kb": settings.frontend_copy_max_kb,
         }
     return [
         server.ServableStartConfig(

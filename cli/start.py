@@ -41,12 +41,14 @@ START_EPILOG = """\
   mserve start --ssl-certfile cert.pem --ssl-keyfile key.pem --ssl-ca ca.pem --verify-client --health-port 5501
   [dim]# MindSpore Serving's gRPC service too (mserve.client / mindspore_serving.client)[/]
   mserve start --port 1500 --grpc-port 5500
-  [dim]# two server processes on one port (more CPU cores for HTTP and JSON)[/]
+  [dim]# two front-end processes on one port (HTTP, JSON, Python stages); models stay in one device process per device[/]
   mserve start --workers 2
+  [dim]# everything in one process (no device processes)[/]
+  mserve start --workers 0
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -170,7 +172,8 @@ def start(
     ),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error.  \\[default: info]", show_default=False),
     workers: Optional[int] = typer.Option(
-        None, help="Server processes sharing the port (each loads the servables; >1 uses more cores).  \\[default: 1]",
+        None, help="Front-end processes sharing the port (HTTP, JSON, Python stages); the models live in one device"
+        " process per device whatever N is. 0: everything in this one process.  \\[default: CPU cores, at most 8]",
         show_default=False,
     ),
     max_batch_size: Optional[int] = typer.Option(
@@ -197,6 +200,13 @@ def start(
         None,
         help="Predicts that take at most this long (and do not batch across requests) run on the HTTP I/O thread,"
         " skipping two thread hand-offs (0: off).  \\[default: 1]",
+        show_default=False,
+    ),
+    frontend_copy_max_kb: Optional[float] = typer.Option(
+        None,
+        help="Models of at most this many KiB, on the CPU and not batched across requests, also get a copy in each"
+        " front-end process, saving the round trip to the device process (0: never; never on accelerators)."
+        "  \\[default: 256]",
         show_default=False,
     ),
     health_port: Optional[int] = typer.Option(
@@ -266,6 +276,7 @@ def start(
             "request_timeout": request_timeout,
             "poll_interval": poll_interval,
             "inline_max_ms": inline_max_ms,
+            "frontend_copy_max_kb": frontend_copy_max_kb,
             "health_port": health_port,
             "health_host": health_host,
             "max_instances": max_instances,
@@ -306,11 +317,12 @@ def _serve(settings: StartSettings) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if settings.workers > 1:
-            _serve_workers(settings, configs, stop_requested, signals_seen)
+        if settings.workers != 0:
+            _serve_processes(settings, configs, stop_requested, signals_seen)
             return
         from mserve import server
 
+        server.use_processes("single")
         # Listen first: a port in use or a bad certificate is reported before any model
         # compiles, and while they load /health answers 200 and /ready 503.
         restful, probes, grpc_target = _listen(settings)
@@ -334,16 +346,19 @@ def _serve(settings: StartSettings) -> None:
             signal.signal(sig, handler)
 
 
-def _listen(settings: StartSettings) -> tuple[Any, Any, str | None]:
-    """Start the RESTful server (and the health port, and gRPC) before loading; exit 1
-    with one line when a port cannot be used or a TLS file is bad. Returns the REST
-    server, the health server and what gRPC clients dial (None without them)."""
+def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, Any, str | None]:
+    """Start the RESTful server (its front-end processes when ``workers`` is given),
+    the health port and gRPC before loading; exit 1 with one line when a port cannot
+    be used or a TLS file is bad. Returns the REST server, the health server and what
+    gRPC clients dial (None without gRPC). gRPC is served by this process: with
+    device processes, its model calls go to them like a front-end's."""
     from mserve import server
 
     probes = grpc_target = None
+    front = {} if workers is None else {"workers": workers}
     try:
         restful = server.start_restful_server(
-            settings.address, ssl_config=settings.ssl_config(), **settings.restful_options()
+            settings.address, ssl_config=settings.ssl_config(), **front, **settings.restful_options()
         )
         if settings.health_port is not None:
             host = settings.health_host
@@ -365,41 +380,33 @@ def _listen(settings: StartSettings) -> tuple[Any, Any, str | None]:
     return restful, probes, grpc_target
 
 
-def _serve_workers(
+def _serve_processes(
     settings: StartSettings, configs: list[Any], stop_requested: threading.Event, signals_seen: list[int]
 ) -> None:
-    """``--workers N``: N server processes on one listening socket (see mserve.transport.workers)."""
-    from mserve.transport.http import bind_socket
-    from mserve.transport.workers import WorkerPool
+    """The default: ``settings.workers`` front-end processes on the port and one device
+    process per device (see mserve.devices). The port is served first, so /health
+    answers 200 and /ready 503 while the device processes load."""
+    from mserve import server
 
-    try:
-        sock = bind_socket(settings.host, settings.port)
-    except (RuntimeError, OSError) as exc:
-        render.fail(str(exc), code=1)
-    scheme = "https" if settings.ssl_certfile else "http"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"{scheme}://{host}:{sock.getsockname()[1]}"
-    grpc = None
-    if settings.grpc_address is not None:
-        try:  # the workers share the port (SO_REUSEPORT): make sure nobody else holds it
-            bind_socket(settings.host, settings.grpc_port).close()  # type: ignore[arg-type]
-        except (RuntimeError, OSError) as exc:
-            render.fail(f"gRPC: {exc}", code=1)
-        grpc = {"address": settings.grpc_address, "reuse_port": True, **settings.grpc_options()}
-    pool = WorkerPool(
-        configs, sock, settings.workers, restful=settings.restful_options(), ssl_config=settings.ssl_config(),
-        log_level=getattr(logging, settings.log_level.upper()),
-        poll_interval=settings.poll_interval or None, grpc=grpc,
+    server.use_processes("devices")
+    workers = settings.workers if settings.workers is not None else server.default_workers()
+    restful, probes, grpc_target = _listen(settings, workers)
+    render.note(
+        f"listening on {escape(restful.url)} ({workers} front-end process{'es' if workers > 1 else ''}): "
+        "/health answers 200, /ready 503 until the device processes have loaded the servables"
     )
+    _load(configs, settings.poll_interval or None, show_progress=True)  # the device processes report progress
+    pool = restful.transport.pool
+    devices = server._state.devices
     try:
-        described = pool.start()
-    except RuntimeError as exc:
-        render.fail(str(exc), code=1)
-    try:
-        workers = f" with {settings.workers} worker processes"
-        _announce_and_wait(described, url, workers, settings, stop_requested, signals_seen, "", settings.grpc_address)
+        how = f" with {workers} front-end process{'es' if workers > 1 else ''} and " \
+              f"{len(devices.devices)} device process{'es' if len(devices.devices) > 1 else ''}"
+        extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
+        _announce_and_wait(
+            pool.description, restful.url, how, settings, stop_requested, signals_seen, extra, grpc_target
+        )
     finally:
-        pool.stop(settings.drain_timeout)
+        server.stop(settings.drain_timeout)
     render.note("stopped")
 
 
@@ -468,6 +475,7 @@ def list_servables(
             configs = start_configs(resolved, device_type)
             from mserve import server
 
+            server.use_processes("single")  # describe only: no device processes needed
             with logging_to_stderr("warning", access_log=False):
                 _load(configs)
                 try:

@@ -3,12 +3,16 @@ compiling is the slow part, requests are cheap."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The tests drive the server API in this process (server.registry() and friends);
+# tests of device and front-end processes ask for them explicitly.
+os.environ.setdefault("MSERVE_PROCESSES", "single")
 
 from support import BUNDLED, serving  # noqa: E402
 

@@ -15,13 +15,13 @@ import numpy as np
 import pybase64
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mserve import server
 from mserve.errors import BadRequest
-from mserve.protocol.codec import B64_TYPES, OutputError, decode_value, dumps, encode_value
+from mserve.protocol.codec import B64_TYPES, OutputError, ShapedText, decode_value, dumps, encode_value
 from support import ADD_BODY, BUNDLED, serving
 
 ADD = "/model/add:add_common"
@@ -57,12 +57,15 @@ json_value = st.recursive(
 
 @budget(400)
 @given(json_value)
+@example([[""]])  # a str shaped (1, 1): parsed, refused later by the input check
 def test_decoding_any_json_value_raises_only_bad_request(value):
     try:
         decoded = decode_value(value)
     except BadRequest:
         return
-    assert isinstance(decoded, (np.ndarray, str))
+    # A str/bytes value shaped other than () or (1,) ([["s"]]) parses, as in MindSpore
+    # Serving, and is refused later by the method's input check (issue 9).
+    assert isinstance(decoded, (np.ndarray, str, ShapedText))
 
 
 @budget(200)

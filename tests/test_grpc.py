@@ -426,31 +426,27 @@ def test_cli_start_grpc_port_from_yaml_and_invoke_over_grpc(tmp_path):
     assert "gRPC /model/add:add_common 200" in err.read_text()
 
 
-def test_cli_workers_all_serve_grpc_on_one_port(tmp_path):
+def test_cli_grpc_beside_frontends_is_served_by_the_server_process(tmp_path):
+    """With front-end processes (the default architecture), REST is served by the
+    front-ends and gRPC by the server's own process, whose model calls go to the same
+    device processes; both answer on their ports."""
     write_servable(tmp_path, "whoami", WHOAMI_CONFIG, {"1/.keep": b""})
-    grpc_port = free_port()
-    proc, out, err = _start(
-        [str(tmp_path), "--port", str(free_port()), "--grpc-port", str(grpc_port), "--workers", "2"], tmp_path
-    )
+    grpc_port, port = free_port(), free_port()
+    proc, out, err = _start([str(tmp_path), "--port", str(port), "--grpc-port", str(grpc_port), "--workers", "2"],
+                            tmp_path)
     try:
-        pids = set()
-        for _ in range(40):  # new connections; the kernel spreads them over the two listeners
-            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = pb_grpc.MSServiceStub(channel).Predict(request("whoami", "who", {"x": X}), timeout=30)
-            pids.add(int(np.frombuffer(reply.instances[0].items["pid"].data, np.int64)[0]))
-            channel.close()
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2, pids
-        assert proc.pid not in pids
+        assert int(np.frombuffer(reply.instances[0].items["pid"].data, np.int64)[0]) == proc.pid
+        rest = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1.0}]}, timeout=30)
+        assert rest.status_code == 200, rest.text
+        assert rest.json()["instances"][0]["pid"] != proc.pid  # a front-end's
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, err.read_text()
 
 
 def test_cli_grpc_port_errors(tmp_path):
-    result = runner.invoke(cli_app, ["start", "--grpc-port", "0", "--workers", "2"])
-    assert result.exit_code == 2 and "--grpc-port 0 cannot be shared by worker processes" in result.stderr
     result = runner.invoke(cli_app, ["start", "--grpc-port", "70000"])
     assert result.exit_code == 2 and "grpc_port 70000 is out of range" in result.stderr
     taken = socket.socket()

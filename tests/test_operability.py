@@ -356,7 +356,9 @@ def test_sigterm_turns_ready_503_then_drains_and_exits_0(tmp_path):
     mserve = Path(sys.executable).with_name("mserve")
     cmd = [str(mserve)] if mserve.exists() else [sys.executable, "-m", "mserve.cli"]
     log = open(tmp_path / "stderr.txt", "wb")
-    proc = subprocess.Popen([*cmd, "start", str(tmp_path), "--servable", "nap", "--port", str(port)],
+    # One front-end process: the session's connection and the slow request share it
+    # (an idle front-end has nothing to drain and closes its connections at once).
+    proc = subprocess.Popen([*cmd, "start", str(tmp_path), "--servable", "nap", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=log)
     try:
         session = requests.Session()  # keeps its connection, which stays served while draining

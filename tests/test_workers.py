@@ -168,3 +168,31 @@ def test_a_dead_worker_does_not_hold_up_new_connections(whoami_pool):
     assert r.json()["instances"][0]["pid"] == survivor
     assert waited < 1.5, f"a new connection waited {waited:.2f}s for the survivor"
     held.close()
+
+
+def test_frontends_serve_health_while_the_device_processes_load(tmp_path):
+    """Front-ends (a pool with a manifest) listen at once: /health 200, /ready 503 and
+    predicts 503 until the device processes publish what they serve."""
+    from mserve.devices.supervisor import DeviceSupervisor
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    pool = WorkerPool([], sock, workers=2, manifest=tmp_path / "manifest.json")
+    supervisor = DeviceSupervisor([server.ServableStartConfig(BUNDLED, "add")], tmp_path)
+    try:
+        assert pool.start(loaded=False) == []
+        assert requests.get(base + "/health", timeout=10).status_code == 200
+        ready = requests.get(base + "/ready", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "loading servables"
+        early = requests.post(base + "/model/add:add_common", json=ADD_BODY, timeout=10)
+        assert early.status_code == 503 and "still loading" in early.json()["error_msg"]
+
+        supervisor.start()
+        described = pool.wait_loaded()
+        assert [s["name"] for s in described] == ["add"]
+        assert requests.get(base + "/ready", timeout=10).status_code == 200
+        assert all(_post(port) == EXPECTED for _ in range(6))
+    finally:
+        pool.stop(drain_timeout=5)
+        supervisor.stop(drain_timeout=5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..register import MethodDef, Slot
+from .metrics import placement
 from ..serving.servable import LoadedVersion, Servable
 
 
@@ -52,6 +53,15 @@ def _devices(runtime: Any) -> list[Any]:
     return list(getattr(runtime, "devices", None) or [getattr(runtime, "device", "?")])
 
 
+def _instances(stage: Any) -> list[list[str]]:
+    """Per model instance, its devices (a stage whose model runs in device processes
+    says it itself)."""
+    remote = getattr(stage, "instances", None)
+    if remote is not None:
+        return remote
+    return [[str(d) for d in _devices(r)] for r in stage.runtimes]
+
+
 def describe_version(version: LoadedVersion) -> dict[str, Any]:
     return {
         "version": version.version,
@@ -64,8 +74,11 @@ def describe_version(version: LoadedVersion) -> dict[str, Any]:
                 "max_batch_size": stage.max_batch_size,
                 "backend": version.backends.get(index, ("?", "?"))[0],
                 "device_type": version.backends.get(index, ("?", "?"))[1],
-                "devices": sum(len(_devices(r)) for r in stage.runtimes),
-                "instances": [[str(d) for d in _devices(r)] for r in stage.runtimes],
+                "devices": sum(len(i) for i in _instances(stage)),
+                "instances": _instances(stage),
+                # Which process holds the model on which device: the device processes
+                # (and front-end copies), or this process when everything runs in one.
+                "placement": placement(stage),
                 "inputs": [s.describe() for s in stage.inputs],
                 "outputs": [s.describe() for s in stage.outputs],
             }

@@ -13,11 +13,18 @@ mserve_queue_duration_seconds               histogram  servable, version, model
 mserve_model_duration_seconds               histogram  servable, version, model
 mserve_batch_size                           histogram  servable, version, model
 mserve_batch_padding_rows_total             counter    servable, version, model
+mserve_batch_frontends                      histogram  servable, version, model
+mserve_model_placement                      gauge      servable, version, model, device, process
 mserve_queue_depth                          gauge      servable, version, model
 mserve_compilations_total                   counter    servable, version, model
 mserve_version_loads_total                  counter    servable, outcome
 mserve_ready                                gauge      (none)
 ==========================================  =========  ===============================
+
+``mserve_batch_frontends``: per device call of a device process, how many
+front-end processes its rows came from (above 1: one batch mixed requests that
+arrived on different front-ends). ``mserve_model_placement`` is 1 for each device
+and process (``process``: its pid) that holds a model of a loaded version.
 
 ``servable``/``method`` of a request are ``_unknown`` unless they name a loaded
 servable and one of its methods (so a client cannot grow the label set). ``model`` is
@@ -116,6 +123,20 @@ PADDING = Counter(
     ["servable", "version", "model"],
     registry=REGISTRY,
 )
+BATCH_FRONTENDS = Histogram(
+    "mserve_batch_frontends",
+    "Front-end processes whose rows shared one device call (device processes only).",
+    ["servable", "version", "model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+    registry=REGISTRY,
+)
+PLACEMENT = Gauge(
+    "mserve_model_placement",
+    "1 for each device and process (pid) that holds a model of a loaded version.",
+    ["servable", "version", "model", "device", "process"],
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "mserve_queue_depth",
     "Instances waiting in a model's batch queue.",
@@ -142,7 +163,7 @@ READY = Gauge(
     registry=REGISTRY,
 )
 
-PER_VERSION = (QUEUE_SECONDS, MODEL_SECONDS, BATCH_SIZE, PADDING, QUEUE_DEPTH, COMPILATIONS)
+PER_VERSION = (QUEUE_SECONDS, MODEL_SECONDS, BATCH_SIZE, PADDING, QUEUE_DEPTH, COMPILATIONS, BATCH_FRONTENDS)
 
 
 def render(accept: str | None) -> tuple[bytes, str]:
@@ -211,7 +232,7 @@ def model_label(stage: Any) -> str:
 class _StageMetrics:
     """The label children of one model stage of one loaded version."""
 
-    __slots__ = ("label", "queue", "model", "size", "padding", "depth", "compilations", "compiled")
+    __slots__ = ("label", "queue", "model", "size", "padding", "depth", "compilations", "compiled", "frontends")
 
     def __init__(self, servable: str, version: str, model: str, batched: bool):
         self.label = model
@@ -224,6 +245,7 @@ class _StageMetrics:
         self.size = BATCH_SIZE.labels(*labels) if batched else None
         self.padding = PADDING.labels(*labels) if batched else None
         self.depth = QUEUE_DEPTH.labels(*labels) if batched else None
+        self.frontends = BATCH_FRONTENDS.labels(*labels) if batched else None
 
     def count_compilations(self, total: int) -> None:
         if total != self.compiled:
@@ -259,12 +281,20 @@ class VersionObserver(BatchObserver):
     def queue_depth(self, stage: Any, depth: int) -> None:
         self.stage(stage).depth.set(depth)
 
+    def sources(self, stage: Any, count: int) -> None:
+        self.stage(stage).frontends.observe(count)
+
     def attach(self, loaded: Any) -> None:
-        """After load: count warm-up compilations, and time the model calls of stages
-        that no cross-request batcher times."""
+        """After load: count warm-up compilations, time the model calls of stages
+        that no cross-request batcher times, and say where each model lives."""
+        self._placements = []
         for index, stage in loaded.stages.items():
             m = self.stage(stage, batched=index in loaded.batchers)
             m.count_compilations(stage.compile_count)
+            for where in placement(stage):
+                labels = (self.servable, self.version, m.label, where["device"], str(where["pid"]))
+                PLACEMENT.labels(*labels).set(1)
+                self._placements.append(labels)
             if index not in loaded.batchers:
                 stage.runtimes = [_TimedRuntime(r, m) for r in stage.runtimes]
 
@@ -275,6 +305,13 @@ class VersionObserver(BatchObserver):
         for m in self._stages.values():
             if m.depth is not None:
                 m.depth.set(0)
+        for labels in getattr(self, "_placements", ()):
+            PLACEMENT.labels(*labels).set(0)
+            if not multiprocess_dir():
+                try:
+                    PLACEMENT.remove(*labels)
+                except KeyError:
+                    pass
         if multiprocess_dir():
             return
         for labels in {(self.servable, self.version, m.label) for m in self._stages.values()}:
@@ -283,6 +320,43 @@ class VersionObserver(BatchObserver):
                     family.remove(*labels)
                 except KeyError:
                     pass
+
+
+def placement(stage: Any) -> list[dict[str, Any]]:
+    """Where a model stage's model lives: ``[{"device": "cpu:0", "pid": 123, "role":
+    ...}]``, one entry per copy. ``role``: ``"device process"`` (the copy that serves
+    the device), ``"front-end copy"`` (a small CPU model each front-end also holds,
+    see mserve.devices.frontend) or ``"this process"`` (everything in one process).
+    Stages of front-ends say it themselves (``stage.placement``)."""
+    remote = getattr(stage, "placement", None)
+    if remote is not None:
+        return list(remote)
+    return [{"device": device_name(r), "pid": os.getpid(), "role": "this process"} for r in stage.runtimes]
+
+
+# Local device name -> the machine's: a device process that sees only GPU 3 (as its
+# gpu:0, through CUDA_VISIBLE_DEVICES) sets {"gpu:0": "gpu:3"} here.
+DEVICE_RENAMES: dict[str, str] = {}
+
+
+def device_name(runtime: Any) -> str:
+    """``platform:id`` of a runtime's device (``cpu:0``, ``gpu:1``, numbered as on the
+    machine, not as ``CUDA_VISIBLE_DEVICES`` renumbers them), or what a plugin gives."""
+    name = _local_device_name(runtime)
+    return DEVICE_RENAMES.get(name, name)
+
+
+def _local_device_name(runtime: Any) -> str:
+    device = getattr(runtime, "device", None)
+    if device is None:
+        inner = getattr(runtime, "_runtime", None)
+        return _local_device_name(inner) if inner is not None else "unknown"
+    platform, number = getattr(device, "platform", None), getattr(device, "id", None)
+    if platform is not None and number is not None:
+        return f"{platform}:{number}"
+    if isinstance(device, tuple) and len(device) == 2:
+        return f"{device[0]}:{device[1]}"
+    return str(device)
 
 
 class _TimedRuntime:

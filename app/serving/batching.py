@@ -29,14 +29,15 @@ log = logging.getLogger("mserve.serving.batching")
 
 
 class _Pending:
-    __slots__ = ("row", "key", "future", "deadline", "enqueued")
+    __slots__ = ("row", "key", "future", "deadline", "enqueued", "source")
 
-    def __init__(self, row: tuple, key: tuple, deadline: float):
+    def __init__(self, row: tuple, key: tuple, deadline: float, source: Any = None):
         self.row = row
         self.key = key
         self.future: Future = Future()
         self.deadline = deadline
         self.enqueued = time.monotonic()
+        self.source = source  # who sent the row (a front-end process), for metrics
 
 
 class BatchObserver:
@@ -47,6 +48,9 @@ class BatchObserver:
 
     def queue_depth(self, stage: ModelStage, depth: int) -> None:
         pass
+
+    def sources(self, stage: ModelStage, count: int) -> None:
+        """How many different senders (front-end processes) one device call served."""
 
 
 class Batcher:
@@ -87,8 +91,9 @@ class Batcher:
             self._coming -= count
             self._cv.notify(len(self._threads))
 
-    def submit(self, rows: Sequence[tuple], deadline: float, announced: int = 0) -> list[Future]:
-        """Queue checked rows; ``announced`` is what this request had `expect`-ed."""
+    def submit(self, rows: Sequence[tuple], deadline: float, announced: int = 0, source: Any = None) -> list[Future]:
+        """Queue checked rows; ``announced`` is what this request had `expect`-ed;
+        ``source`` tags where they came from (see `BatchObserver.sources`)."""
         futures = []
         items = []
         for row in rows:
@@ -99,7 +104,7 @@ class Batcher:
                 done.set_result(exc)
                 futures.append(done)
                 continue
-            item = _Pending(row, self.stage.batch_key(row), deadline)
+            item = _Pending(row, self.stage.batch_key(row), deadline, source)
             items.append(item)
             futures.append(item.future)
         with self._cv:
@@ -111,10 +116,10 @@ class Batcher:
             self.observer.queue_depth(self.stage, depth)
         return futures
 
-    def run(self, rows: Sequence[tuple], deadline: float, announced: int = 0) -> list[Any]:
+    def run(self, rows: Sequence[tuple], deadline: float, announced: int = 0, source: Any = None) -> list[Any]:
         """Submit rows and wait for them: a result tuple or `InstanceError` per row."""
         results = []
-        for future in self.submit(rows, deadline, announced):
+        for future in self.submit(rows, deadline, announced, source):
             remaining = deadline - time.monotonic()
             try:
                 results.append(future.result(timeout=max(remaining, 0)))
@@ -182,6 +187,8 @@ class Batcher:
             self.observer.batch(
                 self.stage, len(live), padded, [started - i.enqueued for i in live], finished - started
             )
+            if live[0].source is not None:
+                self.observer.sources(self.stage, len({i.source for i in live}))
 
     def stop(self) -> None:
         with self._cv:

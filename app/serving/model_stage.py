@@ -43,6 +43,8 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
 class ModelStage:
     """One declared model, loaded on one or more devices."""
 
+    remote = False  # True for a front-end's stand-in whose model runs in a device process
+
     def __init__(
         self,
         model: Model,

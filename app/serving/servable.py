@@ -184,7 +184,10 @@ class LoadedVersion:
         batcher = self.batchers.get(model.index)
         if batcher is not None:
             return batcher.run(rows, deadline, announced)
-        return self.stages[model.index].run(rows)
+        stage = self.stages[model.index]
+        if stage.remote:  # the model lives in a device process (mserve.devices.remote)
+            return stage.call(rows, deadline, 0, batched=False)  # type: ignore[attr-defined]
+        return stage.run(rows)
 
     def call_model(self, model: Model, args: tuple, deadline: float, subgraph: int = 0) -> Any:
         """``Model.call`` from inside a Python stage, with MindSpore Serving's results:

@@ -1,19 +1,28 @@
-"""Several server processes on one listening socket.
+"""Front-end processes: several server processes on one listening socket.
 
 One Python process serves the HTTP front end, the codec and the pipeline on one
 core, whatever its thread count (the GIL). `WorkerPool` binds the port once and
-starts N worker processes that inherit the socket; each loads the servables and
-serves with its own threads. Over plain HTTP the workers take turns accepting
-through a shared table (balance.py), so keep-alive connections spread evenly; over
-HTTPS the kernel hands each new connection to whichever worker accepts it first.
-gRPC (``grpc`` settings) is not inherited: every worker binds the gRPC port itself
-with SO_REUSEPORT and the kernel spreads new connections (a gRPC channel is one
-long-lived connection, so each client channel stays with one worker). The pool
-restarts a worker that dies, and on stop sends SIGTERM to all, which drain their
-in-flight requests.
+starts N worker processes that inherit the socket. With a ``manifest`` (the
+default architecture, see `mserve.devices`) they are front-ends: they run HTTP,
+JSON and the Python stages, and send model calls to the device processes that the
+manifest lists; they never load a model, and they run with ``JAX_PLATFORMS=cpu``
+and no visible GPU, so nothing in them (a servable_config.py that uses jax.numpy,
+say) can create an accelerator client. Without one, each worker loads every
+servable itself (a whole server per process, as before device processes).
+Whole-server workers may also serve gRPC (``grpc`` settings): it is not inherited,
+every worker binds the gRPC port itself with SO_REUSEPORT. (With device processes,
+the server's own process serves gRPC, see `mserve.server.start_grpc_server`.)
 
-Run as ``python -m mserve.transport.workers`` it is one worker: it reads its settings as JSON
-on stdin and reports ``READY <json description>`` on stdout once it serves.
+Over plain HTTP the workers take turns accepting through a shared table
+(balance.py), so keep-alive connections spread evenly; over HTTPS the kernel hands
+each new connection to whichever worker accepts it first. The pool restarts a
+worker that dies, and on stop sends SIGTERM to all, which drain their in-flight
+requests.
+
+Run as ``python -m mserve.transport.workers`` it is one worker: it reads its
+settings as JSON on stdin, reports ``LISTENING`` once the port is served (a
+front-end answers ``/health`` 200 and ``/ready`` 503 while the device processes
+load) and ``READY <json description>`` once it serves the servables.
 """
 
 from __future__ import annotations
@@ -54,9 +63,14 @@ class WorkerPool:
         log_level: int = logging.INFO,
         ready_timeout: float = 600.0,
         poll_interval: float | None = None,
+        manifest: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        access_log: bool | None = None,
         grpc: dict[str, Any] | None = None,
     ):
         self.sock = sock
+        self.manifest = manifest
+        self.env = env
         self.workers = workers
         self.ready_timeout = ready_timeout
         self.settings = {
@@ -65,8 +79,11 @@ class WorkerPool:
             "ssl_config": dataclasses.asdict(ssl_config) if ssl_config is not None else None,
             "fd": sock.fileno(),
             "log_level": log_level,
+            # None: one access line per request when log_level lets INFO through
+            "access_log": access_log if access_log is not None else log_level <= logging.INFO,
             "poll_interval": poll_interval,
             "grpc": grpc,  # start_grpc_server arguments; every worker binds the port with SO_REUSEPORT
+            "manifest": os.fspath(manifest) if manifest is not None else None,
         }
         # HTTPS connections are accepted by cheroot's own loop: no turn-taking there.
         self.balance_fd = ConnectionBalance.create_table(workers) if ssl_config is None and workers > 1 else None
@@ -80,22 +97,29 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> subprocess.Popen:
         fds = [self.sock.fileno()] + ([self.balance_fd] if self.balance_fd is not None else [])
+        env = dict(self.env if self.env is not None else os.environ)
+        if self.manifest is not None:
+            env.update(frontend_env())
         proc = subprocess.Popen(
             [sys.executable, "-m", "mserve.transport.workers"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=fds,
             text=True,
+            env=env,
         )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({**self.settings, "index": index}))
         proc.stdin.close()
         return proc
 
-    def _wait_ready(self, proc: subprocess.Popen) -> Any:
+    def _wait_ready(self, proc: subprocess.Popen, listening: bool = False) -> Any:
+        """Read the worker's reports up to READY (or LISTENING, with ``listening``)."""
         assert proc.stdout is not None
         deadline = time.monotonic() + self.ready_timeout
         for line in proc.stdout:
+            if listening and line.startswith("LISTENING"):
+                return None
             if line.startswith("READY "):
                 return json.loads(line[6:])
             if line.startswith("FAILED "):
@@ -105,16 +129,29 @@ class WorkerPool:
         code = proc.wait()
         raise RuntimeError(f"worker process exited with code {code} before serving")
 
-    def start(self) -> list[Any]:
+    def start(self, loaded: bool = True) -> list[Any]:
         """Start every worker; returns once all serve (the description of worker 0's
-        servables), or raises the first worker's load error after stopping the rest."""
+        servables), or raises the first worker's load error after stopping the rest.
+        ``loaded=False`` (front-ends whose device processes are not started yet):
+        return once all listen; `wait_loaded` waits for the rest."""
         try:
             for i in range(self.workers):
                 self.procs[i] = self._spawn(i)
-            descriptions = [self._wait_ready(p) for p in self.procs if p is not None]
+            if not loaded:
+                for p in self.procs:
+                    self._wait_ready(p, listening=True)  # type: ignore[arg-type]
+                return []
+            self.wait_loaded()
         except BaseException:
             self.stop(drain_timeout=5)
             raise
+        return self.description
+
+    def wait_loaded(self) -> list[Any]:
+        """Wait for every worker to serve the servables (after `start(loaded=False)`)."""
+        if self._watcher is not None:
+            return self.description
+        descriptions = [self._wait_ready(p) for p in self.procs if p is not None]
         self.description = descriptions[0]
         self._watcher = threading.Thread(target=self._watch, name="mserve-workers", daemon=True)
         self._watcher.start()
@@ -137,6 +174,12 @@ class WorkerPool:
                 except Exception as exc:
                     log.error("restarting worker %d failed: %s", i, exc)
 
+    def begin_shutdown(self) -> None:
+        """Front-ends answer ``/ready`` with 503 from now on (SIGUSR1), still serving."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None and self.manifest is not None:
+                proc.send_signal(signal.SIGUSR1)
+
     def stop(self, drain_timeout: float = 30.0) -> None:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
@@ -150,16 +193,28 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2)
         self.sock.close()
         if self.balance_fd is not None:
             os.close(self.balance_fd)
             self.balance_fd = None
 
 
+def frontend_env() -> dict[str, str]:
+    """What a front-end process runs with: JAX (if a servable_config.py imports it)
+    on the CPU only, no GPU visible, and the in-process server mode."""
+    return {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "MSERVE_PROCESSES": "single"}
+
+
 def _worker_main() -> int:
     # Block the stop signals first, so one that comes while loading is held until
     # the worker serves and then drains like any other stop.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    from ..devices.process import die_with_parent
+
+    die_with_parent()  # a pool's process killed outright leaves no worker behind
     settings = json.loads(sys.stdin.read())
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
@@ -170,6 +225,13 @@ def _worker_main() -> int:
     waitress_log.addHandler(handler)
     waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
     waitress_log.propagate = False
+    access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
+    access_handler = logging.StreamHandler()
+    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access.handlers = [access_handler]
+    access.propagate = False
+    # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
+    access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
     from .. import server
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
@@ -177,11 +239,14 @@ def _worker_main() -> int:
     sock = socket.socket(fileno=settings["fd"])
     balance_fd = settings.get("balance_fd")
     balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
+    server.use_processes("single")  # this process is one of the server's front-ends or workers
+    ssl = settings["ssl_config"]
+    if settings.get("manifest"):
+        return _frontend(settings, sock, balance)
     try:
         server.start_servables(
             [server.ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
         )
-        ssl = settings["ssl_config"]
         server.start_restful_server(
             sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
         )
@@ -193,6 +258,50 @@ def _worker_main() -> int:
     described = [describe_servable(s) for s in server.registry().servables().values()]
     print("READY " + json.dumps(described), flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
+    return 0
+
+
+def _frontend(settings: dict[str, Any], sock: socket.socket, balance: ConnectionBalance | None) -> int:
+    """A front-end: serve the port at once (``/ready`` 503 while loading), then the
+    servables of the manifest, following it (device restarts, hot reload)."""
+    from .. import server
+    from ..devices.frontend import FrontendModels
+    from ..devices.manifest import Follower
+    from ..errors import ServableLoadError
+    from ..ops.metadata import describe_servable
+
+    ssl = settings["ssl_config"]
+    state = server._state
+    state.loading += 1  # until the device processes serve
+    server._refresh_ready()
+    try:
+        server.start_restful_server(
+            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
+        )
+    except RuntimeError as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    print("LISTENING", flush=True)
+    models = FrontendModels(state, settings["index"])
+    follower = Follower(settings["manifest"], models.apply)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    try:
+        while not follower.poll():
+            if signal.sigtimedwait(stop_signals, 0.05) is not None:
+                server.stop(drain_timeout=0)
+                return 0
+    except ServableLoadError as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    state.loading -= 1
+    server._refresh_ready()
+    follower.start()
+    described = [describe_servable(s) for s in server.registry().servables().values()]
+    print("READY " + json.dumps(described), flush=True)
+    while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
+        server.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
+    follower.stop()
     server.stop()
     return 0
 
