@@ -85,7 +85,7 @@ class WorkerPool:
             "grpc": grpc,  # start_grpc_server arguments; every worker binds the port with SO_REUSEPORT
             "manifest": os.fspath(manifest) if manifest is not None else None,
         }
-        # HTTPS connections are accepted by cheroot's own loop: no turn-taking there.
+        # Turn-taking is for plain HTTP's Waitress loop; over HTTPS the kernel spreads connections.
         self.balance_fd = ConnectionBalance.create_table(workers) if ssl_config is None and workers > 1 else None
         self.settings["balance_fd"] = self.balance_fd
         self.settings["workers"] = workers
