@@ -31,8 +31,10 @@ from __future__ import annotations
 import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import logging
 import signal
+import subprocess
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("mserve.lifetime")
 
@@ -149,3 +151,18 @@ def _on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(0)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], drain_timeout: float) -> None:
+    """SIGTERM every live process (each drains its work), wait for all of them up to
+    ``drain_timeout`` plus 5 s of grace, and kill whichever outlives that."""
+    live = [p for p in procs if p.poll() is None]
+    for proc in live:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + drain_timeout + 5
+    for proc in live:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

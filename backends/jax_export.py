@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 from jax import export
 
 from .jax_runtime import JaxProgram, resolve_device, specs_from_avals

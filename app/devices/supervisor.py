@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ServableLoadError
+from ..lifetime import stop_processes
 from . import manifest
 
 log = logging.getLogger("mserve.devices.supervisor")
@@ -266,16 +266,7 @@ class DeviceSupervisor:
         """SIGTERM every device process (each finishes its calls in flight), wait,
         kill what outlives the drain."""
         self._stopping = True
-        live = [d.proc for d in self.devices if d.proc is not None and d.proc.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + drain_timeout + 5
-        for proc in live:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([d.proc for d in self.devices if d.proc is not None], drain_timeout)
         for device in self.devices:
             try:
                 os.unlink(device.socket_path)

@@ -635,7 +635,6 @@ class WaitressTransport:
         while not self._stopping.wait(_STALL_SECONDS / 2):
             started = server.inline_since
             if started and time.monotonic() - started > _STALL_SECONDS and not self._closed:
-                stalled = server.loop_thread
                 fresh = self._loop_thread()
                 server.loop_thread = fresh  # from now on the stalled thread is a worker
                 server.inline_since = 0.0
@@ -643,7 +642,6 @@ class WaitressTransport:
                 fresh.start()
                 log.warning("a request held the %s I/O thread over %.0f ms; the loop moved to a new thread",
                             self.scheme.upper(), _STALL_SECONDS * 1000)
-                del stalled
 
     def _close_connections(self) -> None:
         """Runs on the loop thread: close the listener and every connection, but

@@ -39,6 +39,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from ..lifetime import stop_processes
 from .balance import ConnectionBalance
 
 log = logging.getLogger("mserve.transport.workers")
@@ -183,16 +184,7 @@ class WorkerPool:
     def stop(self, drain_timeout: float = 30.0) -> None:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
-        live = [p for p in self.procs if p is not None and p.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + drain_timeout + 5
-        for proc in live:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([p for p in self.procs if p is not None], drain_timeout)
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         self.sock.close()
