@@ -67,3 +67,86 @@ def serving(
         yield started.url
     finally:
         server.stop()
+
+
+# MindSpore's matmul_multi_subgraphs: one model of two graph files, called with
+# ``model.call(..., subgraph=i)``. jax_export loads one file per model, so the
+# servable registers its own backend (in servable_config.py, which every process
+# that loads the servable runs, device processes included) that loads each file as
+# a graph, as the MindIR backend does.
+MATMUL_SUBGRAPHS_CONFIG = """
+import numpy as np
+
+from mserve import register
+from mserve.backends import Backend, TensorSpec, register_backend
+
+
+class MatmulGraph:
+    \"\"\"One graph of the net: ``sum(x @ w, axis=0)`` for a fixed number of rows of ``x``.\"\"\"
+
+    def __init__(self, w, rows):
+        self.inputs = [TensorSpec(np.dtype(np.float32), (rows, w.shape[0]))]
+        self.outputs = [TensorSpec(np.dtype(np.float32), (w.shape[1],))]
+        self.w = w
+
+    def predict(self, arrays):
+        return [(arrays[0] @ self.w).sum(axis=0)]
+
+
+def load_matmul(request):
+    graphs = []
+    for path in request.files:  # one graph per file, in declaration order
+        with np.load(path) as data:
+            graphs.append(MatmulGraph(data["w"], int(data["rows"])))
+    graphs[0].subgraphs = graphs
+    return graphs[0]
+
+
+register_backend(Backend(name="npz_matmul", formats=("npz_matmul",), device_types=("cpu",), load=load_matmul))
+
+model = register.declare_model(model_file=["matmul_0.npz", "matmul_1.npz"], model_format="npz_matmul",
+                               with_batch_dim=False)
+
+
+def process(x, y):
+    z1 = model.call(x, subgraph=0)  # 128,96 matmul 96,16 -> reduce sum axis 0 -> 16
+    z2 = model.call(y, subgraph=1)  # 8,96 matmul 96,16 -> reduce sum axis 0 -> 16
+    return z1 + z2
+
+
+def second(y):
+    return model.call(y, subgraph=1)
+
+
+def bad_subgraph(x, y):
+    return model.call(x, subgraph=2)
+
+
+@register.register_method(output_names=["z"])
+def predict(x, y):
+    z = register.add_stage(process, x, y, outputs_count=1)
+    return z
+
+
+@register.register_method(output_names=["z"])
+def predict_second(y):
+    return register.add_stage(second, y, outputs_count=1)
+
+
+@register.register_method(output_names=["z"])
+def predict_bad(x, y):
+    return register.add_stage(bad_subgraph, x, y, outputs_count=1)
+"""
+
+
+def write_matmul_subgraphs(root: Path) -> Path:
+    """The matmul servable (``MATMUL_SUBGRAPHS_CONFIG``) with version 1: graph 0 takes
+    128 rows of x, graph 1 takes 8 rows of y, both with w = 0.5 (96 x 16)."""
+    import numpy as np
+
+    folder = write_servable(root, "matmul", MATMUL_SUBGRAPHS_CONFIG)
+    (folder / "1").mkdir()
+    w = np.full((96, 16), 0.5, np.float32)
+    np.savez(folder / "1/matmul_0.npz", w=w, rows=128)
+    np.savez(folder / "1/matmul_1.npz", w=w, rows=8)
+    return folder

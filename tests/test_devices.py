@@ -27,7 +27,7 @@ from mserve.devices.channel import Channel, ChannelClosed
 from mserve.devices.shm import Buffer
 from mserve.devices.supervisor import DeviceGroup, device_env, plan_groups
 from mserve import server
-from support import export_to, free_port, spec, write_servable
+from support import export_to, free_port, spec, write_matmul_subgraphs, write_servable
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -645,3 +645,41 @@ def test_the_start_script_process_sees_the_servables_but_holds_no_model(tmp_path
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[1]", "True", "False"]
+
+
+# --------------------------------------------------------------------------- Model.call(subgraph=i)
+
+
+def test_model_call_of_a_subgraph_runs_that_graph_in_the_device_process(tmp_path):
+    """A Python stage in a front-end calls graph 0 and graph 1 of a model of two files
+    (MindSpore's matmul_multi_subgraphs): each runs in the device process, the only one
+    that loaded them; a graph index the model lacks fails with MindSpore's text, as
+    in-process (tests/test_dropin.py::test_matmul_multi_subgraphs_calls_each_graph_by_index)."""
+    write_matmul_subgraphs(tmp_path)  # its servable_config.py registers the npz_matmul backend
+    served = Served([str(tmp_path), "--workers", "2"], cwd=tmp_path)
+    try:
+        served.wait_ready()
+        roles = tree(served.proc.pid)
+        assert len(roles["frontend"]) == 2 and len(roles["device"]) == 1, roles
+        described = requests.get(served.url + "/model/matmul", timeout=10).json()
+        (model,) = described["versions"][0]["models"]
+        assert [p["pid"] for p in model["placement"]] == roles["device"]  # no front-end copy
+        x = np.ones((128, 96), np.float32).tolist()
+        y = np.ones((8, 96), np.float32).tolist()
+        second = post(served.url, "/model/matmul:predict_second", {"instances": [{"y": y}]})
+        assert second.json() == {"instances": [{"z": [8 * 48.0] * 16}]}, second.text  # graph 1 alone
+        both = post(served.url, "/model/matmul:predict", {"instances": [{"x": x, "y": y}]})
+        assert both.json() == {"instances": [{"z": [128 * 48.0 + 8 * 48.0] * 16}]}, both.text  # graph 0 + graph 1
+        # graph 1 takes 8 rows: 128 are refused before anything is sent, in the model's words
+        wrong = post(served.url, "/model/matmul:predict_second", {"instances": [{"y": x}]})
+        assert wrong.status_code == 400 and wrong.json() == {"error_msg": (
+            "second Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=1).call() failed: Given model input 0 size "
+            "(128, 96) not match the size (8, 96) defined in model")}, wrong.text
+        bad = post(served.url, "/model/matmul:predict_bad", {"instances": [{"x": x, "y": y}]})
+        assert bad.status_code == 400 and bad.json() == {"error_msg": (
+            "bad_subgraph Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=2).call() failed: The model does not have "
+            "subgraph of index 2, the subgraph count of the model is 2")}, bad.text
+        # the front-ends keep serving after the failed calls
+        assert post(served.url, "/model/matmul:predict_second", {"instances": [{"y": y}]}).json() == second.json()
+    finally:
+        assert served.stop() == 0, served.output()

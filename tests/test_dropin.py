@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 import requests
 
-from support import BUNDLED, REPO, export_to, free_port, serving, spec, write_servable
+from support import BUNDLED, REPO, export_to, free_port, serving, spec, write_matmul_subgraphs, write_servable
 
 from mserve import server
-from mserve.backends import Backend, TensorSpec, register_backend, unregister_backend
+from mserve.backends import unregister_backend
 from mserve.errors import ServableLoadError
 from mserve.serving.servable import load_definition
 
@@ -586,68 +586,12 @@ def test_model_call_errors(call_url, kind, text):
 
 # --------------------------------------------------------------------------- matmul_multi_subgraphs
 
-MATMUL_CONFIG = """
-from mserve import register
-
-model = register.declare_model(model_file=["matmul_0.npz", "matmul_1.npz"], model_format="npz_matmul",
-                               with_batch_dim=False)
-
-
-def process(x, y):
-    z1 = model.call(x, subgraph=0)  # 128,96 matmul 96,16 -> reduce sum axis 0 -> 16
-    z2 = model.call(y, subgraph=1)  # 8,96 matmul 96,16 -> reduce sum axis 0 -> 16
-    return z1 + z2
-
-
-def bad_subgraph(x, y):
-    return model.call(x, subgraph=2)
-
-
-@register.register_method(output_names=["z"])
-def predict(x, y):
-    z = register.add_stage(process, x, y, outputs_count=1)
-    return z
-
-
-@register.register_method(output_names=["z"])
-def predict_bad(x, y):
-    return register.add_stage(bad_subgraph, x, y, outputs_count=1)
-"""
-
-
-class _MatmulGraph:
-    """One graph of MindSpore's matmul_multi_subgraphs net: ``sum(x @ w, axis=0)``
-    for a fixed number of rows of ``x``."""
-
-    def __init__(self, w: np.ndarray, rows: int):
-        self.inputs = [TensorSpec(np.dtype(np.float32), (rows, w.shape[0]))]
-        self.outputs = [TensorSpec(np.dtype(np.float32), (w.shape[1],))]
-        self.w = w
-
-    def predict(self, arrays):
-        return [(arrays[0] @ self.w).sum(axis=0)]
-
-
-def _load_matmul(request):
-    graphs = []
-    for path in request.files:  # one graph per file, in declaration order
-        with np.load(path) as data:
-            graphs.append(_MatmulGraph(data["w"], int(data["rows"])))
-    graphs[0].subgraphs = graphs
-    return graphs[0]
-
-
 def test_matmul_multi_subgraphs_calls_each_graph_by_index(tmp_path):
     """MindSpore's matmul_multi_subgraphs: one model of two graph files, each called
     with ``model.call(..., subgraph=i)``. jax_export loads one file per model, so the
-    graphs here come from a backend plugin that loads each file as a graph (as the
-    MindIR backend does)."""
-    folder = write_servable(tmp_path, "matmul", MATMUL_CONFIG)
-    (folder / "1").mkdir()
-    w = np.full((96, 16), 0.5, np.float32)
-    np.savez(folder / "1/matmul_0.npz", w=w, rows=128)
-    np.savez(folder / "1/matmul_1.npz", w=w, rows=8)
-    register_backend(Backend(name="npz_matmul", formats=("npz_matmul",), device_types=("cpu",), load=_load_matmul))
+    graphs here come from a backend the servable registers, which loads each file as
+    a graph (as the MindIR backend does)."""
+    write_matmul_subgraphs(tmp_path)  # its servable_config.py registers the backend
     try:
         with serving(server.ServableStartConfig(str(tmp_path), "matmul", device_ids=(0,))) as url:
             instance = {"x": np.ones((128, 96), np.float32).tolist(), "y": np.ones((8, 96), np.float32).tolist()}

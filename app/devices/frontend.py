@@ -96,13 +96,20 @@ class FrontendModels:
         stages = {}
         batchers = {}
         backends = {}
+        subgraphs = {}
         for model in definition.models:
             spec = version["models"][str(model.index)]
             backends[model.index] = tuple(spec.get("backend", ("?", "?")))
+            clients = [self.clients[g] for g in spec["groups"]]
+            # Graphs 1.. of a model of several files run in the device process, even
+            # where the first has a front-end copy (Model.call(subgraph=i) is rare).
+            for i, graph in enumerate(spec.get("subgraphs", ()), start=1):
+                subgraphs[(model.index, i)] = RemoteModelStage(
+                    model, dict(spec, **graph), clients, servable.name, number, subgraph=i,
+                )
             if spec.get("frontend_copy") and self.copies:
                 stages[model.index] = self._copy(model, spec)
                 continue
-            clients = [self.clients[g] for g in spec["groups"]]
             stage = RemoteModelStage(model, spec, clients, servable.name, number)
             stages[model.index] = stage
             if spec["cross_request"]:
@@ -111,7 +118,7 @@ class FrontendModels:
             stage.name_inputs(list(definition.methods.values()))
         workers = config.num_parallel_workers if config is not None else 0
         pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mserve-{servable.name}-stage") if workers > 0 else None
-        return LoadedVersion(servable.name, number, definition, stages, batchers, pool, backends)
+        return LoadedVersion(servable.name, number, definition, stages, batchers, pool, backends, subgraphs)
 
     def _copy(self, model: Any, spec: dict[str, Any]) -> ModelStage:
         """This front-end's own copy of a small CPU model, loaded and warm."""

@@ -106,6 +106,9 @@ def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set())
                     "backend": list(loaded.backends.get(index, ("?", "?"))),
                     "files": [os.fspath(Path(servable.directory) / servable.name / str(number) / f)
                               for f in stage.model.model_files],
+                    # graphs 1.. of a model of several files (Model.call(subgraph=i)), in order
+                    "subgraphs": [_subgraph_spec(loaded.subgraph_stages[(index, i)])
+                                  for i in range(1, loaded.subgraph_count(stage.model))],
                 }
             versions[str(number)] = {"models": models}
         servables.append({
@@ -116,6 +119,17 @@ def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set())
         })
     return {"group": group, "socket": socket_path, "pid": os.getpid(), "devices": sorted(devices),
             "servables": servables}
+
+
+def _subgraph_spec(stage: Any) -> dict[str, Any]:
+    """What a front-end needs to check a subgraph's instances before sending them."""
+    return {
+        "inputs": [[s.dtype.str, None if s.shape is None else list(s.shape)] for s in stage.inputs],
+        "outputs": [[s.dtype.str, None if s.shape is None else list(s.shape)] for s in stage.outputs],
+        "max_batch_size": stage.max_batch_size,
+        "buckets": list(stage.buckets),
+        "compile_count": stage.compile_count,
+    }
 
 
 FRONTEND_COPY_FORMATS = ("jax_export", "jax_function")
@@ -281,17 +295,23 @@ class DeviceServer:
 
     def _run(self, message: tuple, buffer: Buffer | None, source: Any) -> tuple:
         """One model call: ("run", servable, version, model index, rows, seconds
-        left, announced, batched) -> ("ok", results), a result per row:
-        ("e", message, status), ("d", output descriptors) or ("a", output arrays)."""
+        left, announced, batched, subgraph) -> ("ok", results), a result per row:
+        ("e", message, status), ("d", output descriptors) or ("a", output arrays).
+        ``subgraph`` > 0 runs that graph of the model (unbatched, as in-process)."""
         from .. import server
         from ..errors import InstanceError
 
-        _, name, version, index, rows_in, remaining, announced, batched = message
+        _, name, version, index, rows_in, remaining, announced, batched, subgraph = message
         self._last_call[(name, version)] = time.monotonic()
         loaded = self._lookup(name, version)
         if loaded is None or self._stopping:
             why = "the device process is stopping" if self._stopping else "it was unloaded"
             error = ("e", f"servable {name} version {version} is not available on this device: {why}", 503)
+            return ("ok", [error] * len(rows_in))
+        stage = loaded.stages.get(index) if not subgraph else loaded.subgraph_stages.get((index, subgraph))
+        if stage is None:  # the front-end was told of a graph this version does not have
+            error = ("e", f"servable {name} version {version} has no model {index} subgraph {subgraph} "
+                          "on this device", 400)
             return ("ok", [error] * len(rows_in))
         rows = []
         for row in rows_in:
@@ -299,11 +319,11 @@ class DeviceServer:
         deadline = time.monotonic() + remaining
         epoch = server._state.epochs.enter()
         try:
-            batcher = loaded.batchers.get(index) if batched else None
+            batcher = loaded.batchers.get(index) if batched and not subgraph else None
             if batcher is not None:
                 results = batcher.run(rows, deadline, announced, source)
             else:
-                results = loaded.stages[index].run(rows)
+                results = stage.run(rows)
         finally:
             server._state.epochs.leave(epoch)
         del rows

@@ -124,10 +124,10 @@ class DeviceClient:
 
     def run(
         self, name: str, version: int, index: int, rows: Sequence[tuple], deadline: float,
-        announced: int, batched: bool,
+        announced: int, batched: bool, subgraph: int = 0,
     ) -> list[tuple | InstanceError]:
-        """Rows (checked) through the model in the device process: a result tuple or
-        an `InstanceError` per row."""
+        """Rows (checked) through the model (its graph ``subgraph`` of several) in the
+        device process: a result tuple or an `InstanceError` per row."""
         conn = self._connection()
         flat = [a for row in rows for a in row]
         inline = not all(storable(a) for a in flat)
@@ -142,7 +142,7 @@ class DeviceClient:
                 sent = [tuple(descs[i : i + width]) for i in range(0, len(descs), width)]
             remaining = deadline - time.monotonic()
             conn.sock.settimeout(max(remaining, 0) + _GRACE_SECONDS if remaining != float("inf") else None)
-            conn.channel.send(("run", name, version, index, sent, remaining, announced, batched))
+            conn.channel.send(("run", name, version, index, sent, remaining, announced, batched, subgraph))
             reply = conn.channel.recv()
         except socket.timeout:
             self._drop()
@@ -206,17 +206,23 @@ class _Picker:
 
 
 class RemoteModelStage(ModelStage):
-    """A model stage of a front-end: checks here, runs in a device process."""
+    """A model stage of a front-end: checks here, runs in a device process.
+    ``subgraph`` > 0: the stage of that graph of a model of several files (its
+    ``spec`` gives that graph's inputs and outputs), for ``Model.call(subgraph=i)``."""
 
     remote = True
 
-    def __init__(self, model: Model, spec: dict[str, Any], clients: list[DeviceClient], servable: str, version: int):
+    def __init__(
+        self, model: Model, spec: dict[str, Any], clients: list[DeviceClient], servable: str, version: int,
+        subgraph: int = 0,
+    ):
         runtime = _SpecsOnly(_specs(spec["inputs"]), _specs(spec["outputs"]), spec["compile_count"])
         super().__init__(model, [runtime], spec["max_batch_size"], spec["buckets"] or None)
         self.placement = list(spec["placement"])
         self.instances = list(spec.get("instances", []))
         self.servable = servable
         self.version = version
+        self.subgraph = subgraph
         self.picker = _Picker(clients)
 
     def warm_up(self) -> None:
@@ -241,7 +247,8 @@ class RemoteModelStage(ModelStage):
         last: DeviceUnavailable | None = None
         for client in clients:
             try:
-                out = client.run(self.servable, self.version, self.model.index, checked, deadline, announced, batched)
+                out = client.run(self.servable, self.version, self.model.index, checked, deadline, announced,
+                                 batched, self.subgraph)
                 break
             except DeviceUnavailable as exc:
                 last = exc

@@ -214,7 +214,12 @@ class LoadedVersion:
                     f"{name} failed: The inputs count {len(row)} of instance {i} is not equal to the inputs count "
                     f"{expected} of the model"
                 )
-        results = self.run_model(model, rows, deadline) if not subgraph else stage.run(rows)
+        if not subgraph:
+            results = self.run_model(model, rows, deadline)
+        elif stage.remote:  # the graph lives in a device process (mserve.devices.remote)
+            results = stage.call(rows, deadline, 0, batched=False)  # type: ignore[attr-defined]
+        else:
+            results = stage.run(rows)
         for r in results:
             if isinstance(r, InstanceError):
                 raise ModelCallError(f"{name} failed: {r.message}", r.status)
