@@ -2,7 +2,9 @@
 
     flock /tmp/mserve-bench.lock .venv/bin/python benchmarks/bench_grpc.py [--seconds 5] [--mindspore] [--bare]
 
-Starts `mserve start --grpc-port` (1 worker, and ``--workers N``) and, with
+Starts `mserve start --grpc-port` in one process (``--workers 0``) and in the default
+architecture (``--workers N`` front-ends and a device process; gRPC is then served by
+the server's own process, its model calls going to the device process) and, with
 ``--mindspore``, MindSpore Serving 2.0.2's own add example (the anchor in
 ../shared/anchors/mindspore_serving, on free ports of its own), then drives every
 server with the same load generator, one concurrency at a time, the servers taking
@@ -223,7 +225,7 @@ class MserveServer:
     def __init__(self, workers: int):
         self.grpc_port = free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
-        self.name = f"mserve, {workers} worker{'s' if workers > 1 else ''}"
+        self.name = "mserve, one process" if workers == 0 else f"mserve, {workers} front-ends + device"
         self.log = tempfile.TemporaryFile()
         mserve = Path(sys.executable).with_name("mserve")
         command = [str(mserve)] if mserve.exists() else [sys.executable, "-m", "mserve.cli"]
@@ -301,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row")
     parser.add_argument("--concurrency", default="1,4,16", help="callers in flight, comma-separated")
-    parser.add_argument("--workers", type=int, default=2, help="mserve worker processes for the second server")
+    parser.add_argument("--workers", type=int, default=2, help="front-end processes of the second mserve server")
     parser.add_argument("--clients", type=int, default=2, help="load generator processes (at most the concurrency)")
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving 2.0.2 (the anchor)")
     parser.add_argument("--bare", action="store_true", help="also measure a bare grpcio server (constant reply)")
@@ -312,8 +314,8 @@ def main() -> None:
     try:
         if args.mindspore:
             servers.append(MindSporeServer())
-        servers.append(MserveServer(1))
-        if args.workers > 1:
+        servers.append(MserveServer(0))
+        if args.workers > 0:
             servers.append(MserveServer(args.workers))
         if args.bare:
             servers.append(BareGrpcServer())
