@@ -35,9 +35,11 @@ processes"): by default `start_servables` starts one device process per device,
 which alone loads and runs the models, and `start_restful_server` starts
 ``workers`` front-end processes on the port (default `default_workers`: one per
 CPU core, at most 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
-Python stages and send model calls to the device processes. ``use_processes("single")``
-(or ``MSERVE_PROCESSES=single``) keeps everything in this process instead, as the
-tests and the device and front-end processes themselves do.
+Python stages and send model calls to the device processes; `start_grpc_server`
+starts front-ends of its own for gRPC, all on one port with SO_REUSEPORT.
+``use_processes("single")`` (or ``MSERVE_PROCESSES=single``) keeps everything in
+this process instead, as the tests and the device and front-end processes
+themselves do.
 """
 
 from __future__ import annotations
@@ -749,6 +751,7 @@ def start_grpc_server(
     request_timeout: float = 100.0,
     reuse_port: bool = False,
     max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
+    workers: int | None = None,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -761,6 +764,15 @@ def start_grpc_server(
     server), ``threads`` (calls served at once), ``max_enqueued_requests``,
     ``request_timeout`` and ``max_instances_per_request`` as for
     `start_restful_server`, and ``reuse_port`` (worker processes sharing one port).
+
+    In devices mode (the default, see the module docstring) a ``host:port`` address
+    is served by ``workers`` front-end processes of its own (``None``:
+    `default_workers`), each binding the port with SO_REUSEPORT so the kernel spreads
+    gRPC connections over them; they decode, run the Python stages and send model
+    calls to the device processes, as REST's front-ends do, and each one's health
+    service says SERVING once it serves the servables. A ``unix:`` address is served
+    by this process (its registry follows the device processes). Either may be
+    started before or after `start_restful_server` and `start_servables`.
     """
     from .transport.grpc import GrpcTransport
 
@@ -772,6 +784,17 @@ def start_grpc_server(
         raise RuntimeError("The type of ssl_config should be type of SSLConfig")
     if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
         raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    unix = isinstance(address, str) and address.startswith("unix:")
+    if processes() == "devices" and not unix:
+        grpc = {
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
+        }
+        return _start_grpc_frontends(address, ssl_config, grpc, reuse_port, workers)
+    if workers is not None and workers != 1:
+        raise RuntimeError(
+            f"workers={workers} needs device processes (processes mode 'devices') and a host:port address"
+        )
     dataplane = Dataplane(
         _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
         max_instances=max_instances_per_request,
@@ -831,6 +854,58 @@ def _start_frontends(
     server = RestfulServer(frontends, host)
     log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
     return server
+
+
+class _GrpcFrontends:
+    """The front-end processes serving one gRPC address (devices mode), as the caller
+    of `start_grpc_server` sees them: ``target``, ``port``, ``stop``."""
+
+    scheme = "grpc"
+
+    def __init__(self, pool: Any, holder: socket.socket, target: str):
+        self.pool = pool
+        self.holder = holder  # keeps the port ours while front-ends come and go
+        self.target = target
+        self.port = int(target.rpartition(":")[2])
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        self.pool.stop(drain_timeout)
+        self.holder.close()
+
+
+def _start_grpc_frontends(
+    address: str, ssl_config: SSLConfig | None, grpc: dict[str, Any], reuse_port: bool, workers: int | None
+) -> _GrpcFrontends:
+    """Devices mode: ``workers`` front-end processes serving gRPC only, each binding
+    ``address`` with SO_REUSEPORT; this process holds the port (checked free) meanwhile."""
+    from .transport.grpc import reserve_port, server_credentials
+    from .transport.workers import WorkerPool
+    from .devices.manifest import FILE_NAME
+
+    count = default_workers() if workers is None else workers
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise RuntimeError(f"workers must be a whole number >= 1, got {workers!r}")
+    if ssl_config is not None:
+        server_credentials(ssl_config)  # bad certificate files fail here, before any process starts
+    with _state.lock:
+        holder, target = reserve_port(address, shared=reuse_port)
+        try:
+            pool = WorkerPool(
+                [], None, count, ssl_config=ssl_config, log_level=logging.getLogger("mserve").getEffectiveLevel(),
+                manifest=os.path.join(_run_dir(), FILE_NAME), env=_child_env(),
+                access_log=logging.getLogger("mserve.access").isEnabledFor(logging.INFO),
+                grpc={**grpc, "address": target, "reuse_port": True},
+            )
+            pool.start(loaded=_state.devices is not None)
+        except BaseException:
+            holder.close()
+            raise
+        frontends = _GrpcFrontends(pool, holder, target)
+        _state.frontends.append(pool)
+        _state.transports.append(frontends)
+        lifetime.keep_serving(stop)
+    log.info("Serving gRPC server listening on %s (%d front-end processes)", target, count)
+    return frontends
 
 
 def start_health_server(address: str = "127.0.0.1:5501", threads: int = 2) -> RestfulServer:

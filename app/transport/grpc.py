@@ -287,6 +287,42 @@ class GrpcTransport:
         self._server.stop(grace=drain_timeout).wait()
 
 
+def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str]:
+    """Bind ``host:port`` (port 0: a free one) for processes that will each serve it
+    with SO_REUSEPORT; returns the bound, never listening, socket that holds the port
+    until they stop, and the ``host:port`` they bind. The port must be free (as
+    MindSpore Serving requires) unless ``shared``. ``Serving Error: ...`` otherwise."""
+    check_address(address)
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    failed = f"Serving Error: {_TAG} server start failed, create server failed, address {address}"
+    try:
+        infos = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{failed}: cannot resolve host {bare!r} ({exc})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+
+    def bind(where: Any, reuse_port: bool) -> socket.socket:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio's own listeners
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(where)
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"{failed}: {exc.strerror or exc}") from None
+        return sock
+
+    # Without SO_REUSEPORT first: that bind fails if anyone holds the port, sharing or not.
+    probe = bind(sockaddr, shared)
+    chosen = probe.getsockname()[1]
+    if shared:
+        return probe, f"{host}:{chosen}"
+    probe.close()
+    return bind((sockaddr[0], chosen, *sockaddr[2:]), True), f"{host}:{chosen}"
+
+
 def _why_not_bound(address: str) -> str:
     """Why grpcio could not bind ``host:port`` (it only says that it failed)."""
     host, _, port = address.rpartition(":")

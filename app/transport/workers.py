@@ -9,9 +9,11 @@ manifest lists; they never load a model, and they run with ``JAX_PLATFORMS=cpu``
 and no visible GPU, so nothing in them (a servable_config.py that uses jax.numpy,
 say) can create an accelerator client. Without one, each worker loads every
 servable itself (a whole server per process, as before device processes).
-Whole-server workers may also serve gRPC (``grpc`` settings): it is not inherited,
-every worker binds the gRPC port itself with SO_REUSEPORT. (With device processes,
-the server's own process serves gRPC, see `mserve.server.start_grpc_server`.)
+Workers and front-ends may also serve gRPC (``grpc`` settings): it is not inherited,
+every process binds the gRPC port itself with SO_REUSEPORT, so the kernel spreads new
+gRPC connections over them. With device processes, `mserve.server.start_grpc_server`
+starts a pool of its own with no REST socket (``sock=None``): its front-ends serve
+gRPC only.
 
 Over plain HTTP the workers take turns accepting through a shared table
 (balance.py), so keep-alive connections spread evenly; over HTTPS the kernel hands
@@ -52,12 +54,13 @@ def _config_to_json(config: Any) -> dict[str, Any]:
 
 
 class WorkerPool:
-    """N worker processes serving ``configs`` on ``sock``."""
+    """N worker processes serving ``configs`` on ``sock`` (None: no REST, the
+    front-ends serve only the ``grpc`` settings' port)."""
 
     def __init__(
         self,
         configs: Sequence[Any],
-        sock: socket.socket,
+        sock: socket.socket | None,
         workers: int,
         restful: dict[str, Any] | None = None,
         ssl_config: Any = None,
@@ -78,7 +81,7 @@ class WorkerPool:
             "configs": [_config_to_json(c) for c in configs],
             "restful": dict(restful or {}),
             "ssl_config": dataclasses.asdict(ssl_config) if ssl_config is not None else None,
-            "fd": sock.fileno(),
+            "fd": sock.fileno() if sock is not None else None,
             "log_level": log_level,
             # None: one access line per request when log_level lets INFO through
             "access_log": access_log if access_log is not None else log_level <= logging.INFO,
@@ -87,7 +90,9 @@ class WorkerPool:
             "manifest": os.fspath(manifest) if manifest is not None else None,
         }
         # Turn-taking is for plain HTTP's Waitress loop; over HTTPS the kernel spreads connections.
-        self.balance_fd = ConnectionBalance.create_table(workers) if ssl_config is None and workers > 1 else None
+        self.balance_fd = (
+            ConnectionBalance.create_table(workers) if sock is not None and ssl_config is None and workers > 1 else None
+        )
         self.settings["balance_fd"] = self.balance_fd
         self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
@@ -97,7 +102,8 @@ class WorkerPool:
         self._watcher: threading.Thread | None = None
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        fds = [self.sock.fileno()] + ([self.balance_fd] if self.balance_fd is not None else [])
+        fds = [self.sock.fileno()] if self.sock is not None else []
+        fds += [self.balance_fd] if self.balance_fd is not None else []
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
@@ -187,7 +193,8 @@ class WorkerPool:
         stop_processes([p for p in self.procs if p is not None], drain_timeout)
         if self._watcher is not None:
             self._watcher.join(timeout=2)
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
         if self.balance_fd is not None:
             os.close(self.balance_fd)
             self.balance_fd = None
@@ -228,7 +235,7 @@ def _worker_main() -> int:
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
 
-    sock = socket.socket(fileno=settings["fd"])
+    sock = socket.socket(fileno=settings["fd"]) if settings["fd"] is not None else None
     balance_fd = settings.get("balance_fd")
     balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
     server.use_processes("single")  # this process is one of the server's front-ends or workers
@@ -254,9 +261,11 @@ def _worker_main() -> int:
     return 0
 
 
-def _frontend(settings: dict[str, Any], sock: socket.socket, balance: ConnectionBalance | None) -> int:
+def _frontend(settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None) -> int:
     """A front-end: serve the port at once (``/ready`` 503 while loading), then the
-    servables of the manifest, following it (device restarts, hot reload)."""
+    servables of the manifest, following it (device restarts, hot reload). Its
+    ports: REST on ``sock`` (None: none), gRPC per the ``grpc`` settings (health
+    NOT_SERVING while loading)."""
     from .. import server
     from ..devices.frontend import FrontendModels
     from ..devices.manifest import Follower
@@ -268,14 +277,18 @@ def _frontend(settings: dict[str, Any], sock: socket.socket, balance: Connection
     state.loading += 1  # until the device processes serve
     server._refresh_ready()
     try:
-        server.start_restful_server(
-            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
-        )
+        if sock is not None:
+            server.start_restful_server(
+                sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
+            )
+        if settings.get("grpc"):
+            server.start_grpc_server(ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["grpc"])
     except RuntimeError as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1
     print("LISTENING", flush=True)
-    models = FrontendModels(state, settings["index"])
+    # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
+    models = FrontendModels(state, settings["index"] if sock is not None else f"grpc-{settings['index']}")
     follower = Follower(settings["manifest"], models.apply)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     try:
