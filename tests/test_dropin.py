@@ -121,12 +121,12 @@ class StartScript:
         self.out.close()
 
 
-def _run_example(tmp_path: Path, name: str, grpc_port: int | None = None):
+def _run_example(tmp_path: Path, name: str, grpc_port: int | None = None, env: dict | None = None):
     port = free_port()
     folder = _example(tmp_path, name, port, grpc_port)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir(exist_ok=True)
-    script = StartScript(folder / "serving_server.py", port, elsewhere)
+    script = StartScript(folder / "serving_server.py", port, elsewhere, env)
     script.wait_main_returned()
     return script, folder
 
@@ -152,12 +152,16 @@ def test_tensor_add_example_serves_after_its_script_returns_until_sigterm(tmp_pa
         script.close()
 
 
-def test_tensor_add_example_over_grpc_with_mindspores_client_code(tmp_path):
+@pytest.mark.parametrize("processes", ["single", "devices"])
+def test_tensor_add_example_over_grpc_with_mindspores_client_code(tmp_path, processes):
     """The same example as a MindSpore user runs it: the start script serves gRPC
-    (``start_grpc_server``) beside REST, and the client code is MindSpore's with only
-    the import changed (``from mserve.client import Client``)."""
+    (``start_grpc_server``, before ``start_restful_server``) beside REST, and the
+    client code is MindSpore's with only the import changed (``from mserve.client
+    import Client``); in one process, and in the default architecture (gRPC served
+    by front-end processes of its own)."""
     grpc_port = free_port()
-    script, folder = _run_example(tmp_path, "tensor_add", grpc_port)
+    env = {"MSERVE_PROCESSES": processes, "MSERVE_WORKERS": "2"}
+    script, folder = _run_example(tmp_path, "tensor_add", grpc_port, env)
     try:
         client = _client(folder)
         result = client.run_add_common(f"127.0.0.1:{grpc_port}")

@@ -426,24 +426,101 @@ def test_cli_start_grpc_port_from_yaml_and_invoke_over_grpc(tmp_path):
     assert "gRPC /model/add:add_common 200" in err.read_text()
 
 
-def test_cli_grpc_beside_frontends_is_served_by_the_server_process(tmp_path):
-    """With front-end processes (the default architecture), REST is served by the
-    front-ends and gRPC by the server's own process, whose model calls go to the same
-    device processes; both answer on their ports."""
+def _grpc_pids(port: int, tries: int = 40) -> set[int]:
+    """The pids answering ``whoami`` over ``tries`` new connections (a channel each,
+    not shared with other channels, so each one is a new TCP connection)."""
+    pids = set()
+    for _ in range(tries):
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = pb_grpc.MSServiceStub(channel).Predict(request("whoami", "who", {"x": X}), timeout=30)
+        assert not reply.error_msg, reply.error_msg
+        pids.add(int(np.frombuffer(reply.instances[0].items["pid"].data, np.int64)[0]))
+        if len(pids) >= 2:
+            break
+    return pids
+
+
+def test_cli_grpc_beside_frontends_is_served_by_frontends_sharing_the_port(tmp_path):
+    """With front-end processes (the default architecture), gRPC is served by
+    front-ends of its own, every one bound to the gRPC port with SO_REUSEPORT: new
+    connections reach different front-ends, never the server's own process."""
     write_servable(tmp_path, "whoami", WHOAMI_CONFIG, {"1/.keep": b""})
     grpc_port, port = free_port(), free_port()
     proc, out, err = _start([str(tmp_path), "--port", str(port), "--grpc-port", str(grpc_port), "--workers", "2"],
                             tmp_path)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            reply = pb_grpc.MSServiceStub(channel).Predict(request("whoami", "who", {"x": X}), timeout=30)
-        assert int(np.frombuffer(reply.instances[0].items["pid"].data, np.int64)[0]) == proc.pid
+        assert f"and gRPC 127.0.0.1:{grpc_port}" in out.read_text()
+        pids = _grpc_pids(grpc_port)
+        assert len(pids) == 2 and proc.pid not in pids, pids
         rest = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1.0}]}, timeout=30)
         assert rest.status_code == 200, rest.text
-        assert rest.json()["instances"][0]["pid"] != proc.pid  # a front-end's
+        assert rest.json()["instances"][0]["pid"] not in pids | {proc.pid}  # REST's front-ends are others
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            assert health_status(channel) == SERVING
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, err.read_text()
+
+
+GRPC_FIRST_SCRIPT = """
+import os, sys, time
+from mserve import server
+
+server.start_grpc_server("127.0.0.1:{grpc_port}")
+print("GRPC STARTED", flush=True)
+while not os.path.exists({gate!r}):
+    time.sleep(0.05)
+server.start_servables(server.ServableStartConfig({root!r}, "whoami"))
+server.start_restful_server("127.0.0.1:{port}")
+print("MAIN RETURNED", flush=True)
+"""
+
+
+def test_grpc_started_first_in_devices_mode_health_then_frontends(tmp_path):
+    """A start script in the default (devices) mode that starts gRPC before loading
+    and before REST, as MindSpore's scripts do: gRPC front-ends answer health
+    NOT_SERVING until the device processes serve, then SERVING, and predicts from
+    several front-ends (not the script's process); SIGTERM exits 0."""
+    write_servable(tmp_path, "whoami", WHOAMI_CONFIG, {"1/.keep": b""})
+    grpc_port, port = free_port(), free_port()
+    gate = tmp_path / "load-now"
+    script = tmp_path / "serving_server.py"
+    script.write_text(GRPC_FIRST_SCRIPT.format(grpc_port=grpc_port, port=port, gate=str(gate), root=str(tmp_path)))
+    log = tmp_path / "script.out"
+    env = {**os.environ, "MSERVE_PROCESSES": "devices", "MSERVE_WORKERS": "2"}
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, env=env)
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 300  # a hang guard on a busy machine, not a timing
+        while text not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+
+    try:
+        wait_for("GRPC STARTED")
+        for _ in range(4):  # every front-end: nothing is loaded yet
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                assert health_status(ch) == NOT_SERVING
+                assert health_status(ch, "mindspore.serving.proto.MSService") == NOT_SERVING
+        gate.touch()
+        wait_for("MAIN RETURNED")
+        for _ in range(4):
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                assert health_status(ch) == SERVING
+        pids = _grpc_pids(grpc_port)
+        assert len(pids) == 2 and proc.pid not in pids, pids
+        rest = requests.post(f"http://127.0.0.1:{port}/model/whoami:who", json={"instances": [{"x": 1.0}]}, timeout=30)
+        assert rest.status_code == 200, rest.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert code == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def test_cli_grpc_port_errors(tmp_path):
