@@ -4,7 +4,8 @@
 
 Starts `mserve start --grpc-port` in one process (``--workers 0``) and in the default
 architecture (``--workers N`` front-ends and a device process; gRPC is then served by
-the server's own process, its model calls going to the device process) and, with
+N front-ends of its own sharing the port with SO_REUSEPORT, their model calls going to
+the device process) and, with
 ``--mindspore``, MindSpore Serving 2.0.2's own add example (the anchor in
 ../shared/anchors/mindspore_serving, on free ports of its own), then drives every
 server with the same load generator, one concurrency at a time, the servers taking
