@@ -36,21 +36,6 @@ class PayloadTooLarge(ServingError):
     status = 413
 
 
-class Unavailable(ServingError):
-    """Queue full, shutting down or not ready (503, with Retry-After)."""
-
-    status = 503
-
-
-class Timeout(ServingError):
-    """The request waited past the server's timeout (504)."""
-
-    status = 504
-
-    def __init__(self, message: str = "Time out"):
-        super().__init__(message)
-
-
 class InstanceError(ServingError):
     """One instance failed; the others go on. ``cause`` is the message without the
     instance's position, so instances failing alike can be reported once."""

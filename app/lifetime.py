@@ -77,12 +77,6 @@ def release() -> None:
         _wake.set()
 
 
-def serving() -> bool:
-    """Whether a waiter keeps the process alive."""
-    waiter = _waiter
-    return waiter is not None and waiter.is_alive()
-
-
 def _wait(stop: Callable[[], None]) -> None:
     _wake.wait()
     if _signalled:

@@ -253,10 +253,6 @@ class DeviceSupervisor:
         """Device groups whose process is restarting."""
         return [d.group.key for d in self.devices if not d.up]
 
-    def pids(self) -> dict[str, int]:
-        """Device group key -> pid of its process now."""
-        return {d.group.key: d.proc.pid for d in self.devices if d.proc is not None}
-
     def describe(self) -> list[dict[str, Any]]:
         return [d.described for d in self.devices if d.described is not None]
 

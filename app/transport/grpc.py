@@ -41,7 +41,6 @@ from ..serving.reload import RequestEpochs
 log = logging.getLogger("mserve.transport.grpc")
 
 SERVICE_NAME = "mindspore.serving.proto.MSService"
-PREDICT_METHOD = f"/{SERVICE_NAME}/Predict"
 _TAG = "Serving gRPC"
 
 

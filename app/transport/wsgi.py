@@ -30,7 +30,7 @@ from ..protocol.codec import dumps
 from ..errors import PayloadTooLarge
 from .inline import InlinePolicy
 from ..ops.metrics import RequestMetrics
-from ..serving.dataplane import PredictHandler
+from ..serving.dataplane import INTERNAL_MESSAGE, PredictHandler
 from ..serving.reload import RequestEpochs
 from .memory import RELEASE_AFTER_BYTES, release_memory
 
@@ -216,7 +216,7 @@ class MserveApp:
                     status, reply, extra = self.handler.handle(path, body)
                 except BaseException:  # noqa: BLE001 - the handler never raises; if it does, still reply
                     log.exception("predict %s failed", path)
-                    status, reply, extra = 500, dumps({"error_msg": "internal server error, see the server log"}), {}
+                    status, reply, extra = 500, dumps({"error_msg": INTERNAL_MESSAGE}), {}
                 finally:
                     self.epochs.leave(epoch)
                     if watch is not None:
@@ -288,7 +288,7 @@ def create_flask_app(state: Any = None) -> Flask:
                 response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
             return response
         log.exception("unhandled error")
-        return error_response(500, "internal server error, see the server log")
+        return error_response(500, INTERNAL_MESSAGE)
 
     return app
 
