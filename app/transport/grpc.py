@@ -37,6 +37,7 @@ from ..protocol import ms_service_pb2_grpc as pb_grpc
 from ..protocol.urls import PredictTarget
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
+from .v2_service import InferenceServicer, add_inference_service
 
 log = logging.getLogger("mserve.transport.grpc")
 
@@ -122,7 +123,7 @@ def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
 class ReadinessHealth(health.HealthServicer):
     """grpc.health.v1 answering from the server's readiness (``GET /ready``)."""
 
-    SERVICES = ("", SERVICE_NAME)
+    SERVICES = ("", SERVICE_NAME, "inference.GRPCInferenceService")
 
     def __init__(self, readiness: Callable[[], tuple[bool, str]]):
         super().__init__()
@@ -240,7 +241,10 @@ class GrpcTransport:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
-        pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs or RequestEpochs()), self._server)
+        epochs = epochs or RequestEpochs()
+        pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs), self._server)
+        # The Open Inference Protocol (KServe v2) on the same server and port: mserve.transport.v2_service.
+        add_inference_service(self._server, InferenceServicer(dataplane, readiness, epochs))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port = 0
 
