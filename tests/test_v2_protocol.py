@@ -11,6 +11,7 @@ requested outputs, and errors with their HTTP statuses and gRPC codes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,33 @@ def test_kserve_rest_and_grpc_clients(served):
     assert grpc["digit"] == [4] and grpc["outputs"] == ["result", "probability"]
     assert grpc["live"] and grpc["ready"]
     assert grpc["error"].startswith("StatusCode.NOT_FOUND")
+
+
+# --------------------------------------------------------------------------- mserve CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mserve.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def test_cli_invoke_and_list_over_v2(served, tmp_path):
+    url = served["url"]
+    done = _cli("invoke", "add.add_common", "--protocol", "v2", "--url", url, "-i", "x1=[[1,2],[3,4]]",
+                "-i", "x2=[[1.5,2],[3,4]]", "--json")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["outputs"][0]["data"] == [2.5, 4.0, 6.0, 8.0]  # JSON ints sent as the declared FP32
+    done = _cli("invoke", "add:add_cast", "--protocol", "v2", "--url", url, "-i", "x1=[[1,2],[3,4]]",
+                "-i", "x2=[[1,1],[1,1]]", "--output", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), [[2, 3], [4, 5]])
+    failed = _cli("invoke", "add.nope", "--protocol", "v2", "--url", url, "-i", "x1=1")
+    assert failed.returncode == 2 and "404" in failed.stderr and "add.add_common" in failed.stderr
+    listed = _cli("list", "--url", url, "--protocol", "v2", "--json")
+    assert listed.returncode == 0, listed.stderr
+    models = {m["name"]: m for m in json.loads(listed.stdout)["models"]}
+    assert {"add.add_common", "add.add_cast", "lenet", "lenet.predict", "text", "text.shout_it"} <= set(models)
+    assert models["add.add_common"]["inputs"][0] == {"name": "x1", "datatype": "FP32", "shape": [2, 2]}
+    table = _cli("list", "--url", url, "--protocol", "v2")
+    assert table.returncode == 0 and "add.add_common" in table.stdout

@@ -61,6 +61,10 @@ def resolve_name(registry: ServableRegistry, model: str) -> tuple[str, str]:
     servable, dot, method = model.rpartition(".")
     if not dot or servable not in servables:
         raise NotFound(f"model {model} is not served{served_hint(registry)}")
+    methods = servables[servable].definition.methods
+    if method not in methods:
+        served = ", ".join(f"{servable}.{m}" for m in methods)
+        raise NotFound(f"model {model} is not served; servable {servable} is served as {served}")
     return servable, method
 
 
