@@ -75,15 +75,20 @@ class JaxAdd(MLModel):
 '''
 
 
-def infer_body() -> bytes:
+def infer_body(mindspore: bool = False) -> bytes:
+    if mindspore:  # the same call through MindSpore's protocol
+        return orjson.dumps({"instances": [{"x1": X.tolist(), "x2": X.tolist()}]})
     tensors = [{"name": n, "shape": [2, 2], "datatype": "FP32", "data": X.ravel().tolist()} for n in ("x1", "x2")]
     return orjson.dumps({"inputs": tensors})
 
 
-def reply_ok(body: bytes) -> bool:
+def reply_ok(body: bytes, mindspore: bool = False) -> bool:
     try:
-        outputs = orjson.loads(body)["outputs"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        reply = orjson.loads(body)
+        if mindspore:
+            return np.asarray(reply["instances"][0]["y"]).ravel().tolist() == EXPECTED
+        outputs = reply["outputs"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         return False
     return len(outputs) == 1 and outputs[0]["data"] == EXPECTED and outputs[0]["shape"] == [2, 2]
 
@@ -92,7 +97,8 @@ def reply_ok(body: bytes) -> bool:
 
 
 async def _callers(port: int, path: str, callers: int, start: float, seconds: float) -> tuple[int, int]:
-    body = infer_body()
+    mindspore = path.startswith("/model/")
+    body = infer_body(mindspore)
     request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     done, errors = 0, 0
@@ -111,7 +117,7 @@ async def _callers(port: int, path: str, callers: int, start: float, seconds: fl
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
                 reply = await reader.readexactly(length)
-                if not head.startswith(b"HTTP/1.1 200") or not reply_ok(reply):
+                if not head.startswith(b"HTTP/1.1 200") or not reply_ok(reply, mindspore):
                     errors += 1
                 elif sent >= measure_from:
                     done += 1
@@ -201,6 +207,19 @@ class MserveServer(Server):
         self.wait_ready()
 
 
+class MserveMindSporeRoute(Server):
+    """The same mserve server, called through MindSpore's protocol (``--mindspore-route``)."""
+
+    name = "mserve (MindSpore)"
+    path = "/model/add:add_common"
+
+    def __init__(self, served: MserveServer):
+        self.port, self.pid, self.proc, self.log = served.port, served.pid, served.proc, served.log
+
+    def stop(self) -> None:
+        pass  # the mserve server's own stop ends it
+
+
 class MLServerServer(Server):
     """MLServer 1.7.1 with a custom runtime (JAX add), default settings but the ports."""
 
@@ -236,6 +255,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="load generator processes")
     parser.add_argument("--mlserver-python", type=Path, default=DEFAULT_MLSERVER,
                         help="python of MLServer's virtualenv (skipped when absent)")
+    parser.add_argument("--mindspore-route", action="store_true",
+                        help="also drive mserve's MindSpore route (the same call, MindSpore's protocol)")
     parser.add_argument("--tiny", action="store_true", help="one short round at c=4 (CI: it runs, not how fast)")
     args = parser.parse_args()
     if args.tiny:
@@ -246,6 +267,8 @@ def main() -> None:
     rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         servers.append(MserveServer())
+        if args.mindspore_route:
+            servers.append(MserveMindSporeRoute(servers[0]))
         if args.mlserver_python.exists():
             servers.append(MLServerServer(args.mlserver_python))
         else:
@@ -261,13 +284,13 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
           f"load generator: {args.clients} processes of asyncio keep-alive HTTP/1.1 connections, "
           f"{args.seconds:g}s per row after {WARMUP:g}s warm-up, median of {args.rounds} alternating rounds")
-    print(f"{'server':<16} {'conc':>4} {'req/s':>9} {'CPU us/req':>10} {'errors':>6}")
+    print(f"{'server':<20} {'conc':>4} {'req/s':>9} {'CPU us/req':>10} {'errors':>6}")
     medians: dict[tuple[str, int], tuple[float, float]] = {}
     for (name, c), results in rows.items():
         rps = statistics.median(r["rps"] for r in results)
         cpu = statistics.median(r["cpu_us"] for r in results)
         medians[(name, c)] = (rps, cpu)
-        print(f"{name:<16} {c:>4} {rps:>9.0f} {cpu:>10.0f} {sum(r['errors'] for r in results):>6.0f}")
+        print(f"{name:<20} {c:>4} {rps:>9.0f} {cpu:>10.0f} {sum(r['errors'] for r in results):>6.0f}")
     for c in levels:
         ours, theirs = medians.get((MserveServer.name, c)), medians.get((MLServerServer.name, c))
         if ours and theirs and theirs[0]:

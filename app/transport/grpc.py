@@ -7,9 +7,11 @@
   pipeline, error mapping); the messages are `mserve.protocol.grpc_codec`'s. Every
   outcome is gRPC status OK, failures travel in ``error_msg`` (PROTOCOL.md section 5);
   only what grpcio itself refuses (a message over ``max_msg_mb_size``) is a gRPC error.
-* The standard health service ``grpc.health.v1.Health``: ``SERVING`` (for ``""`` and
-  ``mindspore.serving.proto.MSService``) exactly when ``GET /ready`` would answer 200,
-  ``NOT_SERVING`` otherwise.
+* The Open Inference Protocol's ``inference.GRPCInferenceService`` through the same
+  `Dataplane` (`mserve.transport.v2_service`).
+* The standard health service ``grpc.health.v1.Health``: ``SERVING`` (for ``""``,
+  ``mindspore.serving.proto.MSService`` and ``inference.GRPCInferenceService``) exactly
+  when ``GET /ready`` would answer 200, ``NOT_SERVING`` otherwise.
 
 Each predict gets a request id (the client's ``x-request-id`` metadata when sane,
 else a new one; sent back as trailing metadata), one access-log record and the

@@ -67,7 +67,6 @@ class V2Routes:
         method = environ["REQUEST_METHOD"]
         parts = path.rstrip("/").split("/")[2:]  # after "", "v2"
         headers: dict[str, str] = {}
-        body = b""
         try:
             if method == "POST" and parts == ["repository", "index"]:
                 status, reply = self._index(environ)
