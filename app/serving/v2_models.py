@@ -31,7 +31,7 @@ from ..protocol import v2_tensors
 from ..protocol.urls import PredictTarget
 from ..register import MethodDef
 from .dataplane import Dataplane, Outcome
-from .servable import LoadedVersion, ServableRegistry
+from .servable import LoadedVersion, Servable, ServableRegistry
 
 PLATFORM = "mserve"
 UNKNOWN_DATATYPE = "UNKNOWN"  # metadata of an input a Python stage takes first: any datatype
@@ -75,13 +75,18 @@ def served_hint(registry: ServableRegistry) -> str:
 
 def model_names(registry: ServableRegistry) -> list[str]:
     """Every OIP model name served, ``{servable}.{method}`` and single-method servables."""
-    names = []
+    return [name for name, _ in models(registry)]
+
+
+def models(registry: ServableRegistry) -> list[tuple[str, Servable]]:
+    """Every OIP model name served, with its servable (one snapshot of the registry)."""
+    entries = []
     for name, servable in sorted(registry.servables().items()):
         methods = list(servable.definition.methods)
         if len(methods) == 1:
-            names.append(name)
-        names.extend(f"{name}.{m}" for m in methods)
-    return names
+            entries.append((name, servable))
+        entries.extend((f"{name}.{m}", servable) for m in methods)
+    return entries
 
 
 def lookup(registry: ServableRegistry, model: str, version: str | None) -> tuple[LoadedVersion, MethodDef]:

@@ -69,7 +69,7 @@ class V2Routes:
         headers: dict[str, str] = {}
         try:
             if method == "POST" and parts == ["repository", "index"]:
-                status, reply = self._index(environ)
+                status, reply = self._index()
             elif parts[:1] == ["models"] and len(parts) >= 2 and parts[-1] == "infer":
                 self._allow(method, "POST")
                 return self._infer(environ, start_response, path, parts[1:-1], rid, started)
@@ -142,14 +142,11 @@ class V2Routes:
                 raise _Loading(LOADING_MESSAGE) from None
             raise
 
-    def _index(self, environ: dict[str, Any]) -> tuple[int, bytes]:
+    def _index(self) -> tuple[int, bytes]:
         """Triton's repository index: every model name and version served, READY."""
-        registry = self.inference.registry
-        rows = []
-        for name in v2_models.model_names(registry):
-            servable, _ = v2_models.resolve_name(registry, name)
-            for version in sorted(registry.servables()[servable].versions):
-                rows.append({"name": name, "version": str(version), "state": "READY"})
+        rows = [{"name": name, "version": str(version), "state": "READY"}
+                for name, servable in v2_models.models(self.inference.registry)
+                for version in sorted(servable.versions)]
         return 200, orjson.dumps(rows)
 
     # ------------------------------------------------------------------ infer
