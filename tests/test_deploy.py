@@ -89,6 +89,8 @@ def test_the_runtime_container_serves_both_protocols_and_its_probes(tmp_path):
 
         client = thttp.InferenceServerClient(url.split("//")[1])
         assert client.is_server_ready() and client.is_model_ready("add.add_common")
+        metadata = client.get_model_metadata("add.add_common")  # described by a front-end
+        assert metadata["inputs"][0] == {"name": "x1", "datatype": "FP32", "shape": [2, 2]}
         arrays = [np.array(x, np.float32), np.array(x, np.float32) * 2]
         inputs = []
         for name, array in zip(("x1", "x2"), arrays):
