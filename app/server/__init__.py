@@ -46,7 +46,6 @@ processes build runtimes of their own (`mserve.runtime.frontend_role`,
 `mserve.runtime.device_role`).
 """
 
-
 from __future__ import annotations
 
 from ..runtime.config import (
