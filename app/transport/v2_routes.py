@@ -25,6 +25,7 @@ from typing import Any, Callable
 import orjson
 
 from ..errors import BadRequest, ServingError
+from ..ops.openapi import mserve_version
 from ..protocol import v2_rest
 from ..protocol.v2_tensors import OutputError
 from ..serving import v2_models
@@ -35,15 +36,6 @@ log = logging.getLogger("mserve.transport.v2_routes")
 SERVER_NAME = "mserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository(index)"]
 _STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
-
-
-def server_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mserve")
-    except PackageNotFoundError:
-        return "0"
 
 
 def serves(path: str) -> bool:
@@ -59,7 +51,7 @@ class V2Routes:
         self.app = app
         self.read_body = read_body
         self.inference = v2_models.V2Inference(app.handler)
-        self.version = server_version()
+        self.version = mserve_version()
 
     # ------------------------------------------------------------------ dispatch
 

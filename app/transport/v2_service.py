@@ -31,7 +31,8 @@ from ..protocol.v2_tensors import OutputError
 from ..serving import v2_models
 from ..serving.dataplane import LOADING_MESSAGE, Dataplane
 from ..serving.reload import RequestEpochs
-from .v2_routes import EXTENSIONS, SERVER_NAME, server_version
+from ..ops.openapi import mserve_version
+from .v2_routes import EXTENSIONS, SERVER_NAME
 
 log = logging.getLogger("mserve.transport.v2_service")
 
@@ -59,7 +60,7 @@ class InferenceServicer:
         self.readiness = readiness
         self.epochs = epochs
         self.metrics = RequestMetrics(dataplane.registry.servables)
-        self.version = server_version()
+        self.version = mserve_version()
 
     def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
