@@ -41,6 +41,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from proc_cpu import tree_cpu  # noqa: E402
+
 
 def _anchor() -> Path:
     """The MindSpore Serving anchor scripts: $MSS_ANCHOR, else shared/ beside the repository
@@ -155,25 +159,6 @@ def drive(target: str, concurrency: int, seconds: float, clients: int) -> dict[s
 
 
 # ------------------------------------------------------------------ servers
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        total += stats.get(current, (0, 0.0))[1]
-        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
-    return total
 
 
 BARE_SERVER = """

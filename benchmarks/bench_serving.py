@@ -325,10 +325,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving's add (anchor)")
-    parser.add_argument("--only", choices=["add", "lenet", "mlp", "memory"], help="run one group")
+    parser.add_argument("--only", choices=["add", "cost", "lenet", "mlp", "memory"], help="run one group")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the cost group (medians)")
+    parser.add_argument("--concurrency", default="4,16", help="connections of the cost group, comma-separated")
+    parser.add_argument("--protocols", default="REST,gRPC,HTTPS", help="what the cost group measures, comma-separated")
+    parser.add_argument("--against", help="cost group: also run mserve as of this git ref (before/after a change)")
+    parser.add_argument("--mserve-flags", default="", help="extra `mserve start` flags for the cost group")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
+    if args.only in (None, "cost"):
+        from cost_compare import compare
+
+        levels = [int(c) for c in args.concurrency.split(",")]
+        protocols = tuple(p.strip() for p in args.protocols.split(","))
+        print("\n".join(compare(args.rounds, args.seconds, levels, args.mindspore, ADD_BODY,
+                                 tuple(args.mserve_flags.split()), protocols, args.against)))
+        if args.only == "cost":
+            return
     import logging
 
     logging.getLogger("mserve").setLevel(logging.ERROR)  # the servers started here: no access log
