@@ -169,6 +169,15 @@ def test_policy_rules():
     policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)
     assert not policy.allows("POST", "/model/a:m", 100)  # two in a row: backs off
 
+    busy = InlinePolicy(0.001, lambda path: True)
+    for _ in range(4):
+        busy.observe("/model/a:m", 0.0001)
+    for _ in range(5):  # slow but never blocked: preempted on a busy machine
+        busy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.2, waited=False)
+    assert busy.allows("POST", "/model/a:m", 100)
+    busy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.2, waited=True)
+    assert not busy.allows("POST", "/model/a:m", 100)  # waited 100 ms or more: backs off at once
+
     costly = InlinePolicy(0.001, lambda path: True)
     for _ in range(10):
         costly.observe("/model/a:m", 0.004)

@@ -16,14 +16,17 @@ connections one request at a time, like an event-loop server.
 * the path's average cost is at most ``max_seconds`` (1 ms by default) over recent
   requests, in thread CPU time (wall time in a worker thread includes waiting for
   the GIL under load, and on a busy machine any thread gets preempted now and then);
-* two inline requests in a row that took more than twice the limit in wall time send
-  the path back to the worker threads for a while (5 s, doubling on each repeat up to
-  10 minutes): CPU time does not show waiting (on a device, on I/O, in a sleep),
-  which wall time on the I/O thread reveals. One slow request alone is taken for
-  preemption, unless it took 100 ms or more: then the path goes back at once. (A
+* two inline requests in a row that took more than twice the limit in wall time and
+  waited (the thread blocked: on a device, on I/O, in a sleep, on the GIL) send the
+  path back to the worker threads for a while (5 s, doubling on each repeat up to
+  10 minutes): CPU time does not show waiting, which wall time on the I/O thread
+  reveals. A request that waited 100 ms or more sends the path back at once. (A
   request that holds the I/O thread over 100 ms gets the event loop moved to a new
   thread meanwhile, `mserve.transport.http`, so the other connections are not held
-  up behind it.)
+  up behind it.) Whether a request waited is told by the thread's voluntary context
+  switches (``getrusage(RUSAGE_THREAD)``): a thread that was merely preempted (a busy
+  machine, where a 0.3 ms request can take 5 ms of wall time) switched involuntarily
+  only, and is not sent back for what it could not help.
 
 While a request runs inline the other connections of that process wait, so the limit
 bounds their extra latency. A client can still make one request of a cheap path
@@ -37,6 +40,7 @@ an estimate.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -56,6 +60,11 @@ class _PathCost:
     slow_in_a_row: int = 0
     backoff: float = 0.0
     banned_until: float = 0.0
+
+
+def voluntary_switches() -> int:
+    """How often the calling thread has blocked so far (voluntary context switches)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 class InlinePolicy:
@@ -80,9 +89,13 @@ class InlinePolicy:
             return False
         return self._eligible(path)
 
-    def observe(self, path: str, cpu_seconds: float, inline_wall_seconds: float | None = None) -> None:
+    def observe(
+        self, path: str, cpu_seconds: float, inline_wall_seconds: float | None = None, waited: bool = True
+    ) -> None:
         """Record one request to ``path``: its thread CPU time, and its wall time when
-        it ran inline. The caller leaves out requests to unknown paths."""
+        it ran inline, with whether it waited (blocked) meanwhile; a slow inline
+        request that did not wait was preempted, and does not count as slow. The
+        caller leaves out requests to unknown paths."""
         cost = self._paths.get(path)
         if cost is None:
             if len(self._paths) >= _MAX_PATHS:
@@ -95,6 +108,8 @@ class InlinePolicy:
         if inline_wall_seconds <= 2 * self.max_seconds:
             cost.slow_in_a_row = 0
             return
+        if not waited:
+            return  # preempted: says nothing about the path
         cost.slow_in_a_row += 1
         if cost.slow_in_a_row >= 2 or inline_wall_seconds >= _STALL_SECONDS:
             cost.slow_in_a_row = 0

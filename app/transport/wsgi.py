@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 from ..ops.access_log import current_request_id, log_request, request_id
 from ..protocol.codec import dumps
 from ..errors import PayloadTooLarge
-from .inline import InlinePolicy
+from .inline import InlinePolicy, voluntary_switches
 from ..ops.metrics import RequestMetrics
 from ..serving.dataplane import INTERNAL_MESSAGE, PredictHandler
 from ..serving.reload import RequestEpochs
@@ -193,6 +193,7 @@ class MserveApp:
         path = request_path(environ)
         inline = environ.get("mserve.inline", False)
         cpu_started = time.thread_time() if self.inline is not None else 0.0
+        switches = voluntary_switches() if inline else 0
         headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
         body = b""
         if environ.get("mserve.shed"):
@@ -226,7 +227,8 @@ class MserveApp:
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
         if self.inline is not None and status not in (404, 503):  # 404s would let clients fill its table
-            self.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None)
+            self.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None,
+                                inline and voluntary_switches() > switches)
         self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
         if len(body) >= RELEASE_AFTER_BYTES:
