@@ -190,15 +190,19 @@ def scenarios(concurrency: list[int], protocols: tuple[str, ...] = PROTOCOLS) ->
 
 def compare(rounds: int, seconds: float, concurrency: list[int], mindspore: bool, body: str,
             mserve_flags: tuple[str, ...] = (), protocols: tuple[str, ...] = PROTOCOLS,
-            against: str | None = None) -> list[str]:
+            against: str | None = None, variants: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """Run the rounds; returns the report's lines. ``against``: a git ref whose mserve
-    runs beside this one (same flags, plain HTTP and gRPC), to measure a change."""
+    runs beside this one (same flags, plain HTTP and gRPC), to measure a change;
+    ``variants``: more mserve servers (plain HTTP and gRPC), name -> their extra flags,
+    to measure a setting."""
     servers: list = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     try:
         if mindspore:
             servers.append(MindSporeStarted())
         servers.append(MserveStarted("mserve", extra=mserve_flags))
+        for name, flags in (variants or {}).items():
+            servers.append(MserveStarted(f"mserve {name}", extra=(*mserve_flags, *flags)))
         if against:
             servers.append(MserveStarted(f"mserve {against}", extra=mserve_flags,
                                          code=checkout(against, tmp / "against")))

@@ -15,9 +15,9 @@ import os
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
-    parents: dict[int, int] = {}
+def _processes() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Each live process's children, and its CPU seconds so far."""
+    children: dict[int, list[int]] = {}
     used: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -27,12 +27,26 @@ def tree_cpu(pid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        child = int(entry)
-        parents[child] = int(fields[1])
-        used[child] = (int(fields[11]) + int(fields[12])) / _TICK
-    children: dict[int, list[int]] = {}
-    for child, parent in parents.items():
-        children.setdefault(parent, []).append(child)
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        used[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return children, used
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (not ``pid`` itself)."""
+    children, _ = _processes()
+    found, todo = [], list(children.get(pid, ()))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, ()))
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
+    children, used = _processes()
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
