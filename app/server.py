@@ -34,7 +34,7 @@ Processes (see `mserve.devices` and README "Processes: front-ends and device
 processes"): by default `start_servables` starts one device process per device,
 which alone loads and runs the models, and `start_restful_server` starts
 ``workers`` front-end processes on the port (default `default_workers`: one per
-CPU core, at most 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
+CPU core but one, 1 to 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
 Python stages and send model calls to the device processes; `start_grpc_server`
 starts front-ends of its own for gRPC, all on one port with SO_REUSEPORT.
 ``use_processes("single")`` (or ``MSERVE_PROCESSES=single``) keeps everything in
@@ -321,8 +321,11 @@ MAX_DEFAULT_WORKERS = 8
 
 def default_workers() -> int:
     """Front-end processes when none is asked for: ``MSERVE_WORKERS``, else one per
-    CPU core this process may use, at most 8 (past that, HTTP is rarely the limit
-    and each front-end costs memory)."""
+    CPU core this process may use but one, at least 1 and at most 8. The core left
+    over is for the device process and whatever else runs (measured on 2 cores,
+    docs/performance.md: 1 front-end served the add servable with 21-31% less CPU
+    per request and 20% more req/s than 2); past 8, HTTP is rarely the limit and
+    each front-end costs memory."""
     raw = os.environ.get("MSERVE_WORKERS")
     if raw:
         try:
@@ -336,7 +339,7 @@ def default_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+    return max(1, min(cores - 1, MAX_DEFAULT_WORKERS))
 
 
 def _run_dir() -> str:

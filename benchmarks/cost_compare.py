@@ -1,6 +1,7 @@
 """The cost of one request, mserve against MindSpore Serving, in one alternating run.
 
-    .venv/bin/python benchmarks/bench_serving.py --only cost [--rounds 3] [--seconds 5] [--no-mindspore]
+    .venv/bin/python benchmarks/bench_serving.py --only cost [--mindspore] [--rounds 3] [--seconds 5]
+        [--concurrency 4,16] [--protocols REST,gRPC,HTTPS] [--against REF] [--variant NAME=FLAGS]
 
 Starts, side by side and for the whole run:
 
@@ -17,7 +18,8 @@ measured on every server that speaks it, the servers' order flipping every round
 that drift on a shared machine hits them alike. Per measurement: req/s, p50/p99, and
 the server's CPU per request (its whole process tree's utime+stime from /proc,
 before and after, over the requests served: `proc_cpu`). Reported: the medians over
-the rounds, and the same-run ratios mserve / MindSpore.
+the rounds, and the same-run ratios of mserve to each other server (MindSpore, an
+``--against`` commit, a ``--variant``) and of HTTPS to HTTP.
 """
 
 from __future__ import annotations
