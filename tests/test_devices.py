@@ -121,9 +121,9 @@ def tree(pid: int) -> dict[str, list[int]]:
     roles: dict[str, list[int]] = {"frontend": [], "device": []}
     for child in children(pid):
         line = cmdline(child)
-        if "mserve.devices.process" in line:
+        if "mserve.runtime.device_role" in line:
             roles["device"].append(child)
-        elif "mserve.transport.workers" in line:
+        elif "mserve.runtime.frontend_role" in line:
             roles["frontend"].append(child)
     return roles
 
@@ -596,7 +596,7 @@ def test_default_workers(monkeypatch):
         server.default_workers()
     monkeypatch.delenv("MSERVE_WORKERS")
     for cores, front_ends in ((1, 1), (2, 1), (4, 3), (16, 8)):  # a core left for the device process
-        monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert server.default_workers() == front_ends
 
 
