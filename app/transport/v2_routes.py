@@ -148,7 +148,7 @@ class V2Routes:
         app = self.app
         handler = app.handler
         inline = environ.get("mserve.inline", False)
-        cpu_started = time.thread_time()
+        clock = app.clock.sample() if app.inline is not None else (0.0, 0.0)
         extra: dict[str, str] = {}
         content_type = "application/json"
         label = path
@@ -178,8 +178,10 @@ class V2Routes:
             content_type = "application/octet-stream"
         self._respond(start_response, status, reply, rid, extra, content_type=content_type)
         elapsed = time.perf_counter() - started
-        if app.inline is not None and status == 200 and not batched:
-            app.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None)
+        if app.inline is not None and status == 200 and not batched:  # as MserveApp's predicts
+            on_cpu, queued = app.clock.sample()
+            cpu = on_cpu - clock[0]
+            app.inline.observe(path, cpu, elapsed if inline else None, elapsed - cpu - (queued - clock[1]))
         app.metrics.observe(label, status, elapsed, inline)
         self._log("POST", path, status, started, rid, environ, len(reply))
         return [reply]
