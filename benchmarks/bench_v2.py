@@ -44,7 +44,8 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grpc import free_port, tree_cpu  # noqa: E402  (the same /proc accounting)
+from bench_grpc import free_port  # noqa: E402
+from proc_cpu import tree_cpu  # noqa: E402  (the same /proc accounting as the other benchmarks)
 
 X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 EXPECTED = (X + X).ravel().tolist()
