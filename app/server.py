@@ -954,10 +954,11 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
     with _state.lock:
         transports, _state.transports = _state.transports, []
         handlers, _state.handlers = _state.handlers, []
+        stop_started = time.monotonic()
+        # Side by side; each answers what it has received, then closes (mserve.lifetime).
+        lifetime.stop_concurrently([t.stop for t in transports], drain_timeout)
         for handler in handlers:
             handler.draining = True
-        for transport in transports:
-            transport.stop(drain_timeout)
         _state.ready_listeners.clear()
         _state.frontends.clear()
         # Device processes after the front-ends: their calls in flight are done by now.
@@ -965,7 +966,8 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
             _state.follower.stop()
             _state.follower = None
         if _state.devices is not None:
-            _state.devices.stop(drain_timeout)
+            # Idle by now: they get what is left of the drain (at least a moment to exit).
+            _state.devices.stop(max(drain_timeout - (time.monotonic() - stop_started), 0.0))
             _state.devices = None
         if _state.run_dir is not None:
             shutil.rmtree(_state.run_dir, ignore_errors=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..lifetime import exit_at_once
 from ..ops.metadata import _instances
 from .channel import Channel, ChannelClosed
 from .shm import Buffer, nbytes_of, storable
@@ -417,7 +418,7 @@ def main() -> int:
     stop.set()
     device_server.stop(settings.get("drain_timeout", 30.0))
     server.stop(drain_timeout=0)
-    return 0
+    exit_at_once(0)  # everything is closed; the interpreter's teardown would eat into the drain timeout
 
 
 if __name__ == "__main__":

@@ -279,11 +279,12 @@ class GrpcTransport:
         self.health.refresh()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Health answers NOT_SERVING, new calls are refused, calls in flight get up
-        to ``drain_timeout`` seconds."""
+        """Health answers NOT_SERVING; the listener closes and open connections get a
+        GOAWAY (new calls are refused); every call already received, running or
+        waiting for a thread, gets up to ``drain_timeout`` seconds to finish."""
         self.health.shut_down()
+        self._server.stop(grace=drain_timeout).wait(drain_timeout + 0.5)
         self.dataplane.draining = True
-        self._server.stop(grace=drain_timeout).wait()
 
 
 def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str]:

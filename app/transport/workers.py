@@ -18,11 +18,14 @@ gRPC only.
 Over plain HTTP the workers take turns accepting through a shared table
 (balance.py), so keep-alive connections spread evenly; over HTTPS the kernel hands
 each new connection to whichever worker accepts it first. The pool restarts a
-worker that dies, and on stop sends SIGTERM to all, which drain their in-flight
-requests.
+worker that dies. On stop it writes ``STOP <drain seconds>`` to every worker's
+stdin: each stops accepting, answers what it has received within that drain
+timeout and exits; the pool kills whichever is still running a second later. A
+worker ignores SIGINT (Ctrl+C reaches the whole process group: the pool decides
+how the workers stop); a SIGTERM from elsewhere drains with the default 30 s.
 
 Run as ``python -m mserve.transport.workers`` it is one worker: it reads its
-settings as JSON on stdin, reports ``LISTENING`` once the port is served (a
+settings as one line of JSON on stdin (then its orders, as above), reports ``LISTENING`` once the port is served (a
 front-end answers ``/health`` 200 and ``/ready`` 503 while the device processes
 load) and ``READY <json description>`` once it serves the servables.
 """
@@ -39,9 +42,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from ..lifetime import stop_processes
+from ..lifetime import exit_at_once, stop_processes
 from .balance import ConnectionBalance
 
 log = logging.getLogger("mserve.transport.workers")
@@ -94,6 +97,8 @@ class WorkerPool:
             ConnectionBalance.create_table(workers) if sock is not None and ssl_config is None and workers > 1 else None
         )
         self.settings["balance_fd"] = self.balance_fd
+        self.bells = ConnectionBalance.create_bells(workers) if self.balance_fd is not None else []
+        self.settings["bells"] = self.bells
         self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self.restarts = 0  # replacements that came up and serve
@@ -104,6 +109,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> subprocess.Popen:
         fds = [self.sock.fileno()] if self.sock is not None else []
         fds += [self.balance_fd] if self.balance_fd is not None else []
+        fds += [fd for bell in self.bells for fd in bell]
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
@@ -116,8 +122,8 @@ class WorkerPool:
             env=env,
         )
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps({**self.settings, "index": index}))
-        proc.stdin.close()
+        proc.stdin.write(json.dumps({**self.settings, "index": index}) + "\n")
+        proc.stdin.flush()  # stdin stays open: the pool's orders (STOP) follow
         return proc
 
     def _wait_ready(self, proc: subprocess.Popen, listening: bool = False) -> Any:
@@ -190,7 +196,7 @@ class WorkerPool:
     def stop(self, drain_timeout: float = 30.0) -> None:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
-        stop_processes([p for p in self.procs if p is not None], drain_timeout)
+        stop_processes([p for p in self.procs if p is not None], drain_timeout, ask=_order_stop(drain_timeout))
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         if self.sock is not None:
@@ -198,6 +204,42 @@ class WorkerPool:
         if self.balance_fd is not None:
             os.close(self.balance_fd)
             self.balance_fd = None
+        for bell in self.bells:
+            for fd in bell:
+                os.close(fd)
+        self.bells = []
+
+
+def _order_stop(drain_timeout: float) -> Callable[[subprocess.Popen], None]:
+    def order(proc: subprocess.Popen) -> None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(f"STOP {drain_timeout}\n")
+            proc.stdin.flush()
+        except (OSError, ValueError):  # its stdin is gone: a signal still reaches it
+            proc.send_signal(signal.SIGTERM)
+
+    return order
+
+
+class _Orders:
+    """The pool's orders to this worker, read from stdin by a thread: ``STOP
+    <seconds>`` sets the drain timeout and raises SIGTERM, which the main thread
+    waits for."""
+
+    def __init__(self) -> None:
+        self.drain_timeout = 30.0
+        threading.Thread(target=self._read, name="mserve-orders", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            word, _, value = line.strip().partition(" ")
+            if word == "STOP":
+                try:
+                    self.drain_timeout = max(float(value), 0.0)
+                except ValueError:
+                    log.error("pool order %r: not a drain timeout; draining up to %gs", line, self.drain_timeout)
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 def frontend_env() -> dict[str, str]:
@@ -210,11 +252,13 @@ def _worker_main() -> int:
     # Block the stop signals first, so one that comes while loading is held until
     # the worker serves and then drains like any other stop.
     # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool stops its workers (see the module docstring)
     from ..devices.process import die_with_parent
 
     die_with_parent()  # a pool's process killed outright leaves no worker behind
-    settings = json.loads(sys.stdin.read())
+    settings = json.loads(sys.stdin.readline())
+    orders = _Orders()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     mserve_log = logging.getLogger("mserve")
@@ -237,15 +281,20 @@ def _worker_main() -> int:
 
     sock = socket.socket(fileno=settings["fd"]) if settings["fd"] is not None else None
     balance_fd = settings.get("balance_fd")
-    balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
+    balance = (
+        ConnectionBalance(balance_fd, settings["workers"], settings["index"], settings.get("bells", ()))
+        if balance_fd is not None else None
+    )
     server.use_processes("single")  # this process is one of the server's front-ends or workers
     ssl = settings["ssl_config"]
     if settings.get("manifest"):
-        return _frontend(settings, sock, balance)
+        return _frontend(settings, sock, balance, orders)
     try:
         server.start_servables(
             [server.ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
         )
+        if balance is not None:
+            balance.serving = True
         server.start_restful_server(
             sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
         )
@@ -256,12 +305,15 @@ def _worker_main() -> int:
         return 1
     described = [describe_servable(s) for s in server.registry().servables().values()]
     print("READY " + json.dumps(described), flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    server.stop()
+    signal.sigwait({signal.SIGTERM})
+    server.stop(drain_timeout=orders.drain_timeout)
+    exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
 
-def _frontend(settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None) -> int:
+def _frontend(
+    settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None, orders: _Orders
+) -> int:
     """A front-end: serve the port at once (``/ready`` 503 while loading), then the
     servables of the manifest, following it (device restarts, hot reload). Its
     ports: REST on ``sock`` (None: none), gRPC per the ``grpc`` settings (health
@@ -290,7 +342,7 @@ def _frontend(settings: dict[str, Any], sock: socket.socket | None, balance: Con
     # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
     models = FrontendModels(state, settings["index"] if sock is not None else f"grpc-{settings['index']}")
     follower = Follower(settings["manifest"], models.apply)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    stop_signals = {signal.SIGTERM}
     try:
         while not follower.poll():
             if signal.sigtimedwait(stop_signals, 0.05) is not None:
@@ -301,13 +353,16 @@ def _frontend(settings: dict[str, Any], sock: socket.socket | None, balance: Con
         return 1
     state.loading -= 1
     server._refresh_ready()
+    if balance is not None:
+        balance.serving = True  # new clients come here now, not to a front-end still loading
     follower.start()
     described = [describe_servable(s) for s in server.registry().servables().values()]
     print("READY " + json.dumps(described), flush=True)
     while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
         server.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
     follower.stop()
-    server.stop()
+    server.stop(drain_timeout=orders.drain_timeout)
+    exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
 

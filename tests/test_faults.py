@@ -1,0 +1,224 @@
+"""Faults and floods, observed from outside: graceful stop, front-end crashes,
+connection floods, gRPC limits, big and hostile requests.
+
+Servers here are real ``mserve start`` subprocesses on free ports of 127.0.0.1 (the
+default architecture: front-end processes and a device process); requests go over
+real sockets. Floods use small numbers under a lowered descriptor limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from support import export_to, free_port, spec, write_servable
+
+pytestmark = pytest.mark.timeout(300)
+
+SLOW_CONFIG = """
+import time
+
+from mserve import register
+
+model = register.declare_model(model_file="affine.jaxexport", model_format="jax_export", with_batch_dim=True)
+
+
+def hold(seconds):
+    time.sleep(float(seconds))
+    return seconds
+
+
+@register.register_method(output_names=["held"])
+def wait(seconds):
+    return register.add_stage(hold, seconds, outputs_count=1)
+
+
+@register.register_method(output_names=["y"])
+def affine(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def write_slow(root: Path) -> Path:
+    write_servable(root, "slow", SLOW_CONFIG)
+    export_to(root / "slow" / "1" / "affine.jaxexport", lambda x: x * 2.0 + 1.0, spec("b, 4"))
+    return root
+
+
+class Served:
+    """``mserve start ROOT --port P ...`` as a subprocess, its output in a file."""
+
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / f"mserve-{self.port}.log", "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mserve.cli", "start", str(root), "--port", str(self.port), "--no-access-log",
+             *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1", **(env or {})},
+            cwd=root,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if requests.get(self.url + "/ready", timeout=2).status_code == 200 and "serving on" in self.output():
+                    return
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.1)
+        raise AssertionError("not ready:\n" + self.output())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def raw_post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[str, int | None]:
+    """One request on a fresh connection: ("ok", status), ("refused", None), or
+    ("lost", None) when the connection was reset or closed without a reply."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        return "ok", conn.getresponse().status
+    except ConnectionRefusedError:
+        return "refused", None
+    except (ConnectionError, http.client.HTTPException, socket.timeout, OSError):
+        return "lost", None
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def slow_root(tmp_path_factory):
+    return write_slow(tmp_path_factory.mktemp("slow"))
+
+
+# --------------------------------------------------------------------------- graceful stop
+
+
+def test_stop_finishes_every_received_request_and_refuses_new_ones(slow_root):
+    drain = 4.0
+    served = Served(slow_root, "--workers", "2", "--threads", "2", "--drain-timeout", str(drain))
+    try:
+        served.wait_ready()
+        # 12 requests of 1 s on 2 front-ends of 2 threads: 4 run, 8 wait for a thread.
+        results: list[tuple[str, int | None]] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            outcome = raw_post(served.port, "/model/slow:wait", {"instances": [{"seconds": 1.0}]})
+            with lock:
+                results.append(outcome)
+
+        inflight = [threading.Thread(target=one) for _ in range(12)]
+        for t in inflight:
+            t.start()
+        time.sleep(0.5)  # every request is received
+        started = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        newcomers: list[tuple[str, int | None]] = []
+        time.sleep(0.3)
+        while served.proc.poll() is None and time.monotonic() - started < drain + 10:
+            newcomers.append(raw_post(served.port, "/model/slow:wait", {"instances": [{"seconds": 0}]}, timeout=15))
+            time.sleep(0.1)
+        served.proc.wait(drain + 15)
+        took = time.monotonic() - started
+        for t in inflight:
+            t.join(30)
+        assert results == [("ok", 200)] * 12, served.output()
+        assert newcomers and all(o in (("refused", None), ("ok", 503), ("ok", 200)) for o in newcomers), newcomers
+        assert took < drain + 1.5, f"the stop took {took:.1f}s with --drain-timeout {drain:g}\n" + served.output()
+        assert served.proc.returncode == 0, served.output()
+    finally:
+        served.stop()
+
+
+def grpc_wait_request(seconds: float):
+    import numpy as np
+
+    from mserve.protocol import ms_service_pb2 as pb
+
+    req = pb.PredictRequest()
+    req.servable_spec.name, req.servable_spec.method_name = "slow", "wait"
+    value = np.array(seconds, np.float32)
+    req.instances.add().items["seconds"].CopyFrom(pb.Tensor(dtype=pb.MS_FLOAT32, data=value.tobytes()))
+    return req
+
+
+def grpc_outcome(port: int, seconds: float, timeout: float = 30) -> str:
+    """One Predict on a channel of its own: "ok", "error_msg: ..." or the gRPC status name."""
+    import grpc
+
+    from mserve.protocol import ms_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = pb_grpc.MSServiceStub(channel).Predict(grpc_wait_request(seconds), timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return f"error_msg: {reply.error_msg[0].error_msg}" if reply.error_msg else "ok"
+
+
+def test_grpc_stop_finishes_every_received_call(slow_root):
+    drain = 4.0
+    grpc_port = free_port()
+    served = Served(slow_root, "--workers", "2", "--threads", "2", "--drain-timeout", str(drain),
+                    "--grpc-port", str(grpc_port))
+    try:
+        served.wait_ready()
+        assert grpc_outcome(grpc_port, 0) == "ok"
+        results: list[str] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            outcome = grpc_outcome(grpc_port, 1.0)
+            with lock:
+                results.append(outcome)
+
+        inflight = [threading.Thread(target=one) for _ in range(8)]
+        for t in inflight:
+            t.start()
+        time.sleep(1.0)  # every call is received
+        started = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        newcomers: list[str] = []
+        time.sleep(0.3)
+        while served.proc.poll() is None and time.monotonic() - started < drain + 10:
+            newcomers.append(grpc_outcome(grpc_port, 0, timeout=15))
+            time.sleep(0.1)
+        served.proc.wait(drain + 15)
+        took = time.monotonic() - started
+        for t in inflight:
+            t.join(30)
+        assert results == ["ok"] * 8, results
+        assert all(o in ("ok", "UNAVAILABLE") for o in newcomers), newcomers
+        assert took < drain + 1.5, f"the stop took {took:.1f}s with --drain-timeout {drain:g}\n" + served.output()
+        assert served.proc.returncode == 0, served.output()
+    finally:
+        served.stop()
