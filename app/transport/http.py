@@ -65,6 +65,7 @@ _FD_HEADROOM = 256  # descriptors kept for everything else (model files, pipes, 
 _STALL_SECONDS = 0.1  # an inline request running longer than this gets the loop handed off
 _MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions; real ones are a few bytes
 _LINGER_SECONDS = 1.0  # after a closing reply: how long to drain what the client still sends
+_ACCEPT_BATCH = 64  # connections accepted per turn of the loop at most
 _FRESH_GRACE_SECONDS = 1.0  # at stop: how long a new connection may take to send its request
 _CLOSE_SECONDS = 0.5  # at stop, after the drain: for replies to leave and threads to end
 _TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as a ClientHello starts
@@ -484,12 +485,22 @@ class _Server(TcpWSGIServer):
     drain_checked = 0.0  # monotonic time of the last pass closing idle connections
 
     def handle_accept(self) -> None:
-        before = len(self.active_channels)
-        super().handle_accept()
+        """Accept what the kernel has queued, up to `_ACCEPT_BATCH` per turn of the
+        loop (every turn polls every connection: one accept a turn makes a burst of
+        n connections cost n turns), while the balance still gives this worker the
+        turn; then let the workers that declined look again at once."""
         balance = self.balance
+        before = len(self.active_channels)
+        for _ in range(_ACCEPT_BATCH):
+            count = len(self.active_channels)
+            if count >= self.max_connections:
+                break
+            super().handle_accept()
+            if len(self.active_channels) == count:
+                break  # nothing more queued (or a connection already gone)
+            if balance is not None and not balance.may_accept(len(self.active_channels)):
+                break
         if balance is not None and len(self.active_channels) > before:
-            # Publish the new count, then let the workers that declined look again now.
-            balance.may_accept(len(self.active_channels))
             balance.ring_others()
 
     def stop_accepting(self) -> None:
