@@ -27,9 +27,13 @@ from support import export_to, free_port, spec, write_servable
 pytestmark = pytest.mark.timeout(300)
 
 SLOW_CONFIG = """
+import os
 import time
 
 from mserve import register
+
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow-load")):
+    time.sleep(3)  # a process loading this servable now (a replacement front-end) takes a while
 
 model = register.declare_model(model_file="affine.jaxexport", model_format="jax_export", with_batch_dim=True)
 
@@ -251,6 +255,7 @@ def get_status(url: str) -> int | str:
 
 
 def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_root):
+    marker = slow_root / "slow" / "slow-load"
     served = Served(slow_root, "--workers", "2")
     try:
         # Start-up: once /ready has said 200, it keeps saying so (whichever front-end answers).
@@ -263,6 +268,7 @@ def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_ro
         served.wait_ready()
 
         # kill -9 of one front-end: its replacement loads, and takes no client meanwhile.
+        marker.touch()
         victim = frontends(served.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         seen: list[int | str] = []
@@ -275,6 +281,7 @@ def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_ro
         assert "exited with code -9" in served.output(), served.output()
         assert set(seen) == {200}, [s for s in seen if s != 200]
     finally:
+        marker.unlink(missing_ok=True)
         served.stop()
 
 
