@@ -37,6 +37,7 @@ from ..protocol import ms_service_pb2_grpc as pb_grpc
 from ..protocol.urls import PredictTarget
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
+from .memory import RELEASE_AFTER_BYTES, release_memory
 
 log = logging.getLogger("mserve.transport.grpc")
 
@@ -200,9 +201,12 @@ class PredictServicer(pb_grpc.MSServiceServicer):
             context.set_trailing_metadata((("x-request-id", rid),))
             elapsed = time.perf_counter() - started
             self.metrics.observe(path, outcome.status, elapsed)
+            size = request.ByteSize()
             if access_log.isEnabledFor(logging.INFO):
-                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": request.ByteSize()}
+                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": size}
                 log_request("gRPC", path, outcome.status, elapsed, rid, peer, reply.ByteSize())
+            if size >= RELEASE_AFTER_BYTES:
+                release_memory(collect=outcome.status >= 400)
             return reply
         finally:
             current_request_id.reset(token)
