@@ -67,11 +67,17 @@ class Served:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(root / f"mserve-{self.port}.log", "w+b")
+        nofile = int((env or {}).pop("MSERVE_TEST_NOFILE", 0))
+
+        def lower_descriptor_limit() -> None:  # as a default `ulimit -n` of 1024 would
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mserve.cli", "start", str(root), "--port", str(self.port), "--no-access-log",
              *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1", **(env or {})},
-            cwd=root,
+            cwd=root, preexec_fn=lower_descriptor_limit,
         )
 
     def output(self) -> str:
@@ -193,11 +199,16 @@ def grpc_outcome(port: int, seconds: float, timeout: float = 30) -> str:
 def test_grpc_stop_finishes_every_received_call(slow_root):
     drain = 4.0
     grpc_port = free_port()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    low = min(1024, hard)
     served = Served(slow_root, "--workers", "2", "--threads", "2", "--drain-timeout", str(drain),
-                    "--grpc-port", str(grpc_port))
+                    "--grpc-port", str(grpc_port), env={"MSERVE_TEST_NOFILE": str(low)})
     try:
         served.wait_ready()
         assert grpc_outcome(grpc_port, 0) == "ok"
+        if hard > low + 2000:  # gRPC's front-ends raise their descriptor limit as REST's do
+            limits = [soft_fd_limit(child) for child in frontends(served.proc.pid)]
+            assert len(limits) == 4 and min(limits) > low, limits
         results: list[str] = []
         lock = threading.Lock()
 
@@ -311,3 +322,65 @@ def test_a_fresh_client_is_answered_while_a_connection_flood_is_accepted(slow_ro
             s.close()
         served.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --------------------------------------------------------------------------- gRPC limits
+
+
+def soft_fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no descriptor limit")
+
+
+def test_grpc_limits_connections_and_idle_time_with_a_raised_descriptor_limit(slow_root):
+    import grpc
+
+    from mserve.protocol import ms_service_pb2_grpc as pb_grpc
+
+    grpc_port = free_port()
+    served = Served(slow_root, "--workers", "1", "--grpc-port", str(grpc_port), "--max-connections", "8",
+                    "--idle-timeout", "1")
+    channels = []
+    try:
+        served.wait_ready()
+        assert grpc_outcome(grpc_port, 0) == "ok"
+
+        # An idle connection is closed: a raw HTTP/2 client that sends nothing after its settings.
+        raw = socket.create_connection(("127.0.0.1", grpc_port), timeout=15)
+        raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        received = b""
+        while True:
+            data = raw.recv(65536)  # GOAWAY, then the close; a timeout fails the test
+            if not data:
+                break
+            received += data
+        raw.close()
+        assert b"\x07" in received  # a GOAWAY frame (type 7) came before the close
+
+        # Beyond max_connections, new connections are refused, with a log line.
+        outcomes = []
+        for _ in range(20):
+            # a connection of its own (channels alike share one by default)
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            channels.append(channel)
+            try:
+                pb_grpc.MSServiceStub(channel).Predict(grpc_wait_request(0), timeout=5)
+                outcomes.append("ok")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+        assert "ok" in outcomes and set(outcomes) - {"ok"}, outcomes
+        deadline = time.monotonic() + 15
+        while "gRPC limit reached" not in served.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "gRPC limit reached" in served.output(), served.output()[-3000:]
+        for channel in channels:
+            channel.close()
+        channels.clear()
+        time.sleep(1.5)
+        assert grpc_outcome(grpc_port, 0) == "ok"  # the limit frees up as clients leave
+    finally:
+        for channel in channels:
+            channel.close()
+        served.stop()
