@@ -50,7 +50,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -341,7 +340,9 @@ def default_workers() -> int:
 
 def _run_dir() -> str:
     if _state.run_dir is None:
-        _state.run_dir = tempfile.mkdtemp(prefix="mserve-")
+        from . import rundir
+
+        _state.run_dir = rundir.create()  # and removes those of servers killed outright
     return _state.run_dir
 
 
@@ -769,7 +770,7 @@ def start_grpc_server(
     `start_restful_server`, and ``reuse_port`` (worker processes sharing one port).
     Limits per process (`mserve.transport.grpc_limits`): ``max_connections``,
     ``idle_timeout`` (seconds without a call), ``max_streams_per_connection``; calls
-    at once are limited by ``max_enqueued_requests``.
+    at once in a process: twice ``max_enqueued_requests`` plus ``threads``.
 
     In devices mode (the default, see the module docstring) a ``host:port`` address
     is served by ``workers`` front-end processes of its own (``None``:
@@ -809,7 +810,10 @@ def start_grpc_server(
         max_instances=max_instances_per_request,
     )
     with _state.lock:
-        limits = GrpcLimits(max_connections, idle_timeout, max_streams_per_connection, max_enqueued_requests)
+        # Calls at once: room beyond the queue limit, so that MindSpore's own "enqueued requests
+        # count exceeds the limit" answers first; grpcio's RESOURCE_EXHAUSTED is the backstop.
+        limits = GrpcLimits(max_connections, idle_timeout, max_streams_per_connection,
+                            2 * max_enqueued_requests + threads)
         transport = GrpcTransport(
             dataplane, address, _state.readiness, _state.epochs, max_msg_mb_size, ssl_config, threads, reuse_port,
             limits,

@@ -8,6 +8,7 @@ real sockets. Floods use small numbers under a lowered descriptor limit.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -384,3 +386,40 @@ def test_grpc_limits_connections_and_idle_time_with_a_raised_descriptor_limit(sl
         for channel in channels:
             channel.close()
         served.stop()
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def run_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "mserve-*")))
+
+
+def owner(path: str) -> int | None:
+    try:
+        return int(Path(path, "owner").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_the_run_directory_of_a_killed_server_is_removed_by_the_next_start(slow_root):
+    before = run_dirs()
+    first = Served(slow_root, "--workers", "1")
+    try:
+        first.wait_ready()
+        mine = {d for d in run_dirs() - before if owner(d) == first.proc.pid}  # other servers may run too
+        assert mine, "no run directory"
+        first.proc.kill()  # kill -9: no stop, no cleanup; its children follow it
+        first.proc.wait()
+    finally:
+        first.stop()
+    deadline = time.monotonic() + 10
+    while frontends(first.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mine <= run_dirs()  # still there
+    second = Served(slow_root, "--workers", "1")
+    try:
+        second.wait_ready()
+        assert not mine & run_dirs(), mine
+    finally:
+        second.stop()
