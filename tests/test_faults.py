@@ -423,3 +423,46 @@ def test_the_run_directory_of_a_killed_server_is_removed_by_the_next_start(slow_
         assert not mine & run_dirs(), mine
     finally:
         second.stop()
+
+
+# --------------------------------------------------------------------------- device watchdog
+
+
+def device_processes(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                line = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.devices.process" in line:
+                found.append(int(entry))
+    return found
+
+
+def test_a_stopped_device_process_is_detected_and_restarted(slow_root):
+    served = Served(slow_root, "--workers", "1", env={"MSERVE_DEVICE_HANG_TIMEOUT": "3"})
+    affine = {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}
+    try:
+        served.wait_ready()
+        [device] = device_processes(served.proc.pid)
+        os.kill(device, signal.SIGSTOP)
+        started = time.monotonic()
+        # A call waiting on the stopped process is answered once the watchdog acts, not
+        # after the request timeout (100 s).
+        outcome = raw_post(served.port, "/model/slow:affine", affine, timeout=60)
+        assert outcome[0] == "ok" and time.monotonic() - started < 30, outcome
+        deadline = time.monotonic() + 90
+        while "serves again" not in served.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = served.output()
+        assert "has not reported for" in out and "marking it down and restarting it" in out, out[-3000:]
+        assert "serves again" in out, out[-3000:]
+        assert device not in device_processes(served.proc.pid)
+        assert raw_post(served.port, "/model/slow:affine", affine) == ("ok", 200)
+    finally:
+        for pid in device_processes(served.proc.pid):
+            os.kill(pid, signal.SIGCONT)
+        served.stop()

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..lifetime import exit_at_once
+from .supervisor import HEARTBEAT_SECONDS
 from ..ops.metadata import _instances
 from .channel import Channel, ChannelClosed
 from .shm import Buffer, nbytes_of, storable
@@ -373,6 +374,15 @@ def _watch_registry(device_server: DeviceServer, stop: threading.Event) -> None:
             device_server.report()
 
 
+def _heartbeat(device_server: DeviceServer, stop: threading.Event) -> None:
+    """``ALIVE`` on stdout every `HEARTBEAT_SECONDS`: the supervisor restarts a device
+    process that falls silent (stopped, or hung with the interpreter locked)."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        with device_server._report_lock:
+            sys.stdout.write("ALIVE\n")
+            sys.stdout.flush()
+
+
 def main() -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     die_with_parent()
@@ -412,6 +422,7 @@ def main() -> int:
         return 1
     print("READY " + json.dumps(describe(group, settings["socket"])), flush=True)
     stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(device_server, stop), name="mserve-heartbeat", daemon=True).start()
     if settings.get("poll_interval"):
         threading.Thread(target=_watch_registry, args=(device_server, stop), daemon=True).start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
