@@ -35,7 +35,6 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 ADD_BODY = json.dumps({"instances": [{"x1": [[1.0, 2.0], [3.0, 4.0]], "x2": [[1.0, 2.0], [3.0, 4.0]]}]})
 WAIT_METHOD = '''
 
@@ -61,7 +60,9 @@ def free_port() -> int:
 
 def write_servables(root: Path) -> None:
     """The bundled add servable, plus a ``wait`` method (a Python stage that sleeps)."""
-    shutil.copytree(REPO / "servables" / "add", root / "add")
+    import mserve.servables  # the installed mserve's (the one the server runs)
+
+    shutil.copytree(Path(mserve.servables.__file__).parent / "add", root / "add")
     config = root / "add" / "servable_config.py"
     config.write_text(config.read_text() + WAIT_METHOD)
 
