@@ -511,27 +511,28 @@ class _Server(TcpWSGIServer):
         self.draining = True
         sock = self.socket
         taken = 0
-        try:
-            sock.setblocking(False)
-            while True:
-                try:
-                    conn, addr = sock.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break  # another front-end shut it down first
-                try:
-                    self.set_socket_options(conn)
-                    self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
-                    taken += 1
-                except OSError:
-                    conn.close()
-        finally:
+        if sock.fileno() >= 0:  # not already closed (another front-end shut it down: handle_close)
             try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-            wasyncore.dispatcher.close(self)  # this process's descriptor of it
+                sock.setblocking(False)
+                while True:
+                    try:
+                        conn, addr = sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break  # another front-end shut it down first
+                    try:
+                        self.set_socket_options(conn)
+                        self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+                        taken += 1
+                    except OSError:
+                        conn.close()
+            finally:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        wasyncore.dispatcher.close(self)  # this process's descriptor of it
         log.info("stopped accepting connections (%d taken from the backlog); %d open", taken,
                  len(self.active_channels))
 
