@@ -97,7 +97,7 @@ class Server:
                     line = Path(f"/proc/{entry}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and b"mserve.transport.workers" in line:
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and b"mserve.runtime.frontend_role" in line:
                     pids.append(int(entry))
         return pids
 

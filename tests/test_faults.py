@@ -255,7 +255,7 @@ def frontends(pid: int) -> list[int]:
                 line = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.transport.workers" in line:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.runtime.frontend_role" in line:
                 found.append(int(entry))
     return found
 
@@ -437,7 +437,7 @@ def device_processes(pid: int) -> list[int]:
                 line = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.devices.process" in line:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.runtime.device_role" in line:
                 found.append(int(entry))
     return found
 
