@@ -140,12 +140,12 @@ def test_stop_finishes_every_received_request_and_refuses_new_ones(slow_root):
     served = Served(slow_root, "--workers", "2", "--threads", "2", "--drain-timeout", str(drain))
     try:
         served.wait_ready()
-        # 12 requests of 1 s on 2 front-ends of 2 threads: 4 run, 8 wait for a thread.
+        # 12 requests of 0.5 s on 2 front-ends of 2 threads: 4 run, 8 wait for a thread.
         results: list[tuple[str, int | None]] = []
         lock = threading.Lock()
 
         def one() -> None:
-            outcome = raw_post(served.port, "/model/slow:wait", {"instances": [{"seconds": 1.0}]})
+            outcome = raw_post(served.port, "/model/slow:wait", {"instances": [{"seconds": 0.5}]})
             with lock:
                 results.append(outcome)
 
