@@ -2,8 +2,9 @@
 device process), on loopback: what a stop, a connection flood or big failed
 requests cost the clients.
 
-* stop: requests in flight (more than the threads, so some wait for one) when
-  SIGTERM arrives, and fresh clients during the drain. Reports requests lost (no
+* stop: requests in flight (more than the threads, so some wait for one; all of
+  them fit in the drain timeout) when SIGTERM arrives, and fresh clients during the
+  drain. Reports requests lost (no
   answer, a reset: must be 0; a refused connection or a 503 for a newcomer is
   fine) and how long the stop took against ``--drain-timeout``.
 * flood: ``--flood`` idle connections, then as many slowloris heads (a request head
@@ -163,6 +164,7 @@ def stop_experiment(root: Path, args: argparse.Namespace) -> dict:
         server.close()
     return {
         "inflight": len(results), "inflight_lost": sum(1 for r in results if r != ("ok", 200)),
+        "inflight_outcomes": {f"{k}{'' if s is None else ' ' + str(s)}": results.count((k, s)) for k, s in set(results)},
         "newcomers": len(newcomers),
         "newcomers_lost": sum(1 for r in newcomers if r[0] == "lost"),
         "newcomers_refused": sum(1 for r in newcomers if r[0] == "refused"),
@@ -257,12 +259,12 @@ def memory_experiment(root: Path, args: argparse.Namespace) -> dict:
         row = "[" + ",".join(["1.5"] * side) + "]"
         tensor = "[" + ",".join([row] * side) + "]"
         big = '{"instances": [{"x1": %s, "x2": %s}]}' % (tensor, tensor)
-        statuses, times = [], []
+        statuses, times = [], {"instances": [], "tensor": []}
         for i in range(args.big_requests):
             t = time.monotonic()
             statuses.append(post(server.port, "/model/add:add_common" if i % 2 else "/model/add:add_cast",
                                  many if i % 2 else big, timeout=120)[1])
-            times.append(time.monotonic() - t)
+            times["instances" if i % 2 else "tensor"].append(time.monotonic() - t)
         time.sleep(0.5)
         after = rss_mb(frontends)
     finally:
@@ -270,7 +272,7 @@ def memory_experiment(root: Path, args: argparse.Namespace) -> dict:
     return {
         "requests": args.big_requests, "statuses": sorted(set(statuses), key=str),
         "body_mb": {"instances": round(len(many) / 2**20, 1), "tensor": round(len(big) / 2**20, 1)},
-        "answer_s_max": round(max(times), 2), "frontend_rss_mb_before": before, "frontend_rss_mb_after": after,
+        "answer_s_max": {k: round(max(v, default=0), 2) for k, v in times.items()}, "frontend_rss_mb_before": before, "frontend_rss_mb_after": after,
         "frontend_rss_mb_growth": round(after - before, 1),
     }
 
@@ -281,8 +283,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("stop", "flood", "memory"), action="append", help="run only these")
     parser.add_argument("--workers", type=int, default=2, help="front-end processes")
     parser.add_argument("--drain", type=float, default=5.0, help="--drain-timeout of the stop experiment")
-    parser.add_argument("--inflight", type=int, default=24, help="requests in flight at SIGTERM")
-    parser.add_argument("--hold", type=float, default=1.0, help="seconds each in-flight request takes")
+    parser.add_argument("--inflight", type=int, default=16, help="requests in flight at SIGTERM")
+    parser.add_argument("--hold", type=float, default=0.5, help="seconds each in-flight request takes")
     parser.add_argument("--flood", type=int, default=1000, help="idle connections (then slowloris heads) held")
     parser.add_argument("--fresh", type=int, default=50, help="fresh clients once the flood is held")
     parser.add_argument("--max-instances", type=int, default=1000)
