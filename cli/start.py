@@ -230,12 +230,13 @@ def start(
     ),
     max_connections: Optional[int] = typer.Option(
         None,
-        help="Open connections per process; at the limit the longest-idle are closed to make room."
-        "  \\[default: 10000, or what `ulimit -n` allows]",
+        help="Open connections per process; at the limit the longest-idle are closed to make room (gRPC: new"
+        " connections are refused).  \\[default: 10000, or what `ulimit -n` allows]",
         show_default=False,
     ),
     idle_timeout: Optional[float] = typer.Option(
-        None, help="Seconds a connection may sit idle between requests.  \\[default: 60]", show_default=False
+        None, help="Seconds a connection may sit idle between requests (REST and gRPC).  \\[default: 60]",
+        show_default=False,
     ),
     header_timeout: Optional[float] = typer.Option(
         None, help="Seconds to receive a request's line and headers once they start.  \\[default: 30]",

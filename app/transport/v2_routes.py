@@ -30,6 +30,7 @@ from ..protocol import v2_rest
 from ..protocol.v2_tensors import OutputError
 from ..serving import v2_models
 from ..serving.dataplane import INTERNAL_MESSAGE, LOADING_MESSAGE
+from .memory import RELEASE_AFTER_BYTES, release_memory
 
 log = logging.getLogger("mserve.transport.v2_routes")
 
@@ -153,6 +154,7 @@ class V2Routes:
         content_type = "application/json"
         label = path
         batched = False
+        size = 0
         if environ.get("mserve.shed"):
             status, reply = 503, v2_rest.error_body(handler.shed_reason())
         else:
@@ -164,6 +166,7 @@ class V2Routes:
                 if encoding != "identity":
                     raise _Unsupported(f"Content-Encoding {encoding} is not supported: send the request uncompressed")
                 body = self.read_body(environ, app.max_body_bytes)
+                size = len(body)
                 request = v2_rest.parse_infer(body, environ.get(v2_rest.HEADER_LENGTH_ENVIRON))
                 label = self._label(model, version)
                 status, reply, extra, batched = self._run(model, version, request, rid, path, environ)
@@ -184,6 +187,8 @@ class V2Routes:
             app.inline.observe(path, cpu, elapsed if inline else None, elapsed - cpu - (queued - clock[1]))
         app.metrics.observe(label, status, elapsed, inline)
         self._log("POST", path, status, started, rid, environ, len(reply))
+        if size >= RELEASE_AFTER_BYTES:  # as MserveApp's predicts: hand a big body's memory back
+            release_memory(collect=status >= 400)
         return [reply]
 
     def _label(self, model: str, version: str | None) -> str:

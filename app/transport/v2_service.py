@@ -32,6 +32,7 @@ from ..serving import v2_models
 from ..serving.dataplane import LOADING_MESSAGE, Dataplane
 from ..serving.reload import RequestEpochs
 from ..ops.openapi import mserve_version
+from .memory import RELEASE_AFTER_BYTES, release_memory
 from .v2_routes import EXTENSIONS, SERVER_NAME
 
 log = logging.getLogger("mserve.transport.v2_service")
@@ -127,9 +128,12 @@ class InferenceServicer:
             context.set_trailing_metadata((("x-request-id", rid),))
             elapsed = time.perf_counter() - started
             self.metrics.observe(label, status, elapsed)
+            size = request.ByteSize()
             if access_log.isEnabledFor(logging.INFO):
-                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": request.ByteSize()}
+                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": size}
                 log_request("gRPC", where, status, elapsed, rid, peer, reply.ByteSize() if reply is not None else 0)
+            if size >= RELEASE_AFTER_BYTES:  # as MSService/Predict: hand a big request's memory back
+                release_memory(collect=status >= 400)
             if reply is None:
                 context.abort(status_code(status), message)
             return reply

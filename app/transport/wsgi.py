@@ -238,7 +238,7 @@ class MserveApp:
         self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
         if len(body) >= RELEASE_AFTER_BYTES:
-            release_memory()
+            release_memory(collect=status >= 400)
         return [reply]
 
     def _other(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
