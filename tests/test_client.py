@@ -175,7 +175,7 @@ def test_every_instance_failing_alike_is_one_error(address):
     bad = {"x1": X.astype(np.float64), "x2": X}
     result = Client(address, "add", "add_common").infer([bad, bad])
     assert list(result) == ["error"]  # one dict for the whole request, not a list
-    assert result["error"].startswith("Given model input 0 data type float64 not match the data type float32 defined in model")
+    assert result["error"].startswith("Given model input 0 size 32 not match the size 16 defined in model")
 
 
 @pytest.mark.parametrize(

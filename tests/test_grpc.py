@@ -187,7 +187,7 @@ def test_per_instance_failure_structure(stub):
     assert [e.error_code for e in reply.error_msg] == [0, 2, 0]
     assert reply.error_msg[0].error_msg == b"" and reply.error_msg[2].error_msg == b""
     assert reply.error_msg[1].error_msg.decode().startswith(
-        "Given model input 0 data type float64 not match the data type float32"
+        "Given model input 0 size 32 not match the size 16 defined in model"
     )
     assert len(reply.instances[1].items) == 0  # the failed instance is an empty Instance
     assert reply.instances[0].items["y"].data == (X * 2).tobytes()

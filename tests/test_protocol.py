@@ -1085,7 +1085,7 @@ def test_postprocess_tag(url):
 
 
 def test_python_stage_returning_wrong_number_of_outputs(url):
-    expect_error(one(url, "wrong_output_count", x=1), 400, "Pair Failed", "outputs_count is 2")
+    expect_error(one(url, "wrong_output_count", x=1), 400, "Pair Failed", "is not equal to the outputs number 2 registered in method")
 
 
 def test_batched_python_stage_returning_wrong_number_of_results(url):

@@ -34,6 +34,8 @@ import re
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 from .model_stage import InstanceError
 from ..register import MethodDef, Model, StageDef, _current_version
 from .servable import LoadedVersion, ModelCallError
@@ -134,14 +136,36 @@ def _map_function(version: LoadedVersion, stage: StageDef, rows: list[tuple]) ->
 
 
 def _outputs(stage: StageDef, value: Any) -> tuple:
-    """A stage's return value as a tuple of ``outputs_count`` values."""
+    """A stage's return value as a tuple of ``outputs_count`` values, as MindSpore
+    Serving reads it: a tuple or list is the outputs (so ``return (y,)`` is one
+    output ``y``), anything else is the one output; MindSpore Tensors (anything with
+    ``asnumpy()``) become numpy arrays. mserve also takes a tuple or list of another
+    length as the single output of a stage with ``outputs_count=1``."""
     count = len(stage.outputs)
-    if count == 1:
-        return (value,)
-    if not isinstance(value, (tuple, list)) or len(value) != count:
-        got = len(value) if isinstance(value, (tuple, list)) else 1
-        raise InstanceError(f"{stage.tag} Failed: the stage returned {got} outputs, outputs_count is {count}")
-    return tuple(value)
+    if isinstance(value, (tuple, list)):
+        if count == 1 and len(value) != 1:
+            return (_plain(value),)
+        if len(value) != count:
+            name = getattr(stage.target, "__name__", stage.tag)
+            raise InstanceError(
+                f"{stage.tag} Failed: The outputs number {len(value)} of one instance returned by function '{name}' "
+                f"is not equal to the outputs number {count} registered in method"
+            )
+        return tuple(_plain(v) for v in value)
+    if count != 1:
+        name = getattr(stage.target, "__name__", stage.tag)
+        raise InstanceError(
+            f"{stage.tag} Failed: The outputs number 1 of one instance returned by function '{name}' is not equal to "
+            f"the outputs number {count} registered in method"
+        )
+    return (_plain(value),)
+
+
+def _plain(value: Any) -> Any:
+    """A MindSpore Tensor (or anything else with ``asnumpy()``) as a numpy array."""
+    if not isinstance(value, np.ndarray) and callable(getattr(value, "asnumpy", None)):
+        return value.asnumpy()
+    return value
 
 
 def _call_function(stage: StageDef, row: tuple) -> tuple | InstanceError:

@@ -1,0 +1,321 @@
+"""MindSpore Serving code runs on mserve as written: its deprecated register API,
+its model contexts, its input checks and error texts, its stage-output rules, its
+``log`` module.
+
+Each test loads a servable written the way MindSpore Serving's own configs and tests
+write them (``from mserve.register import ...`` standing for the import swap), over
+real JAX artifacts, behind a real server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import requests
+
+from mserve import register, server
+from mserve.errors import ServableLoadError
+from support import export_to, serving, spec, write_servable
+
+
+@pytest.fixture(scope="module")
+def add_file(tmp_path_factory):
+    """float32[2,2] + float32[2,2], exported once for the module."""
+    return export_to(tmp_path_factory.mktemp("art") / "add.jaxexport", lambda a, b: a + b, spec((2, 2)), spec((2, 2)))
+
+
+def post(url, path, instances):
+    return requests.post(url + path, json={"instances": instances}, timeout=60).json()
+
+
+X = [[1.0, 2.0], [3.0, 4.0]]
+
+
+# --------------------------------------------------------------------------- the deprecated API
+
+LEGACY_CONFIG = """
+import numpy as np
+from mserve import register
+
+register.declare_servable(servable_file="add.jaxexport", model_format="jax_export", with_batch_dim=False)
+
+
+def add_trans_datatype(x1, x2):
+    return x1.astype(np.float32), x2.astype(np.float32)
+
+
+def double(instances):
+    for instance in instances:
+        yield instance[0] * 2
+
+
+@register.register_method(output_names=["y"])
+def add_common(x1, x2):
+    y = register.call_servable(x1, x2)
+    return y
+
+
+@register.register_method(output_names=["y"])
+def add_cast(x1, x2):
+    x1, x2 = register.call_preprocess(add_trans_datatype, x1, x2)
+    y = register.call_servable(x1, x2)
+    y = register.call_postprocess_pipeline(double, y)
+    return y
+"""
+
+
+def test_declare_servable_and_call_stages_serve_and_warn(tmp_path, add_file, caplog):
+    write_servable(tmp_path, "legacy", LEGACY_CONFIG, {"1/add.jaxexport": add_file})
+    caplog.set_level(logging.WARNING, logger="mserve.register")
+    with serving(server.ServableStartConfig(str(tmp_path), "legacy", device_ids=0)) as url:
+        common = post(url, "/model/legacy:add_common", [{"x1": X, "x2": X}])
+        cast = post(url, "/model/legacy:add_cast", [{"x1": [[1, 2], [3, 4]], "x2": [[1, 1], [1, 1]]}])
+    assert common == {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}
+    assert cast == {"instances": [{"y": [[4.0, 6.0], [8.0, 10.0]]}]}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for name in ("declare_servable", "call_servable", "call_preprocess", "call_postprocess_pipeline"):
+        assert f"'{name}' is deprecated" in warned
+
+
+@pytest.mark.parametrize("body, text", [
+    ("""
+    y = register.call_servable(x1, x2)
+    y = register.call_servable(x1, x2)
+    return y""", "Check failed in method 'm', call_servable should not be invoked more than once"),
+    ("""
+    y = register.call_servable(x1, x2)
+    x1, x2 = register.call_preprocess(f, x1, x2)
+    return y""", "Check failed in method 'm', call_servable should be invoked after call_preprocess"),
+    ("""
+    if x1:
+        pass
+    y = register.call_servable(x1, x2)
+    return y""", "complex statements such as conditions and loops are not supported in register_method when the "
+                 "interface 'call_servable' is used, use 'add_stage' to replace 'call_servable'"),
+    ("""
+    x1, x2 = register.call_preprocess(f, x1, x2)
+    return x1""", "Not find the invoke of 'call_servable'"),
+])
+def test_deprecated_calls_keep_mindspores_rules(tmp_path, add_file, body, text):
+    config = "from mserve import register\n\n" \
+             "register.declare_servable('add.jaxexport', 'jax_export', with_batch_dim=False)\n\n\n" \
+             "def f(a, b):\n    return a, b\n\n\n" \
+             "@register.register_method(output_names=['y'])\ndef m(x1, x2):" + textwrap.dedent(body).replace("\n", "\n    ")
+    write_servable(tmp_path, "rules", config, {"1/add.jaxexport": add_file})
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "rules", device_ids=0))
+    server.stop()
+    assert text in str(caught.value)
+
+
+# --------------------------------------------------------------------------- contexts
+
+def test_context_and_device_infos_have_mindspores_shape_and_checks():
+    with pytest.raises(RuntimeError, match="Parameter 'thread_affinity_core_list' should be tuple/list of int"):
+        register.Context(thread_affinity_core_list=1)
+    context = register.Context(thread_num=3, thread_affinity_core_list=[1, 2], enable_parallel=True)
+    context.append_device_info(register.GPUDeviceInfo(precision_mode="fp16"))
+    context.append_device_info(register.AscendDeviceInfo(input_format="NHWC1C0"))
+    with pytest.raises(RuntimeError, match="Device info of type gpu has already been appended"):
+        context.append_device_info(register.GPUDeviceInfo())
+    assert (context.model_context.thread_num, context.model_context.enable_parallel) == (3, 1)
+    assert [d["device_type"] for d in context.model_context.device_list] == ["gpu", "ascend"]
+    with pytest.raises(RuntimeError, match="Set gpu device info failed, unsupported option precision_xxx_mode"):
+        register.GPUDeviceInfo(precision_xxx_mode="fp16")
+    with pytest.raises(RuntimeError, match="Cpu device info 'precision_mode' can only be 'origin', 'fp16'"):
+        register.CPUDeviceInfo(precision_mode="fp8")
+    options = register.GpuOptions(precision_mode="fp16")
+    assert options.context.model_context.device_list == [{"precision_mode": "fp16", "device_type": "gpu"}]
+
+
+def test_a_context_reaches_the_backend_which_refuses_what_it_cannot_apply(tmp_path, add_file):
+    write_servable(tmp_path, "ctx", """
+        from mserve import register
+        from mserve.register import Context, CPUDeviceInfo
+
+        context = Context(thread_num=2)
+        context.append_device_info(CPUDeviceInfo(precision_mode="fp16"))
+        model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False, context=context)
+
+
+        @register.register_method(output_names=["y"])
+        def add(x1, x2):
+            return register.add_stage(model, x1, x2, outputs_count=1)
+    """, {"1/add.jaxexport": add_file})
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "ctx", device_ids=0))
+    server.stop()
+    assert "jax_export backend has no use for context" in str(caught.value)
+    assert "'precision_mode': 'fp16'" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- register checks
+
+@pytest.mark.parametrize("config, text", [
+    ("""
+    a = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+    b = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+    """, "model file 'add.jaxexport' has already been used"),
+    ("""
+    model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+    def f(a, b):
+        return a
+
+    @register.register_method(output_names=["y"])
+    def one(x1, x2):
+        return register.add_stage(f, x1, x2, outputs_count=1)
+
+    @register.register_method(output_names=["y", "z"])
+    def two(x1, x2):
+        return register.add_stage(f, x1, x2, outputs_count=2)
+    """, "Stage function 'wired.f' outputs count 2 not match last registered count 1, method name 'two'"),
+    ("""
+    model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+    @register.register_method(output_names=["y"])
+    def one(x1, x2):
+        return register.add_stage(model, x1, x2, outputs_count=1)
+
+    @register.register_method(output_names=["y"])
+    def two(x1, x2, x3):
+        return register.add_stage(model, x1, x2, x3, outputs_count=1)
+    """, "RegisterInputOutputInfo failed, inputs count 3 not match old count 2"),
+    ("""
+    @register.register_method(output_names=["y"])
+    def m(x1, *x2):
+        return x1
+    """, "'m' input x2 cannot be VAR_POSITIONAL !"),
+])
+def test_register_checks_with_mindspores_texts(tmp_path, add_file, config, text):
+    write_servable(tmp_path, "wired", "from mserve import register\n" + textwrap.dedent(config),
+                   {"1/add.jaxexport": add_file})
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "wired", device_ids=0))
+    server.stop()
+    assert text in str(caught.value)
+
+
+def test_register_model_module_and_an_undeclared_model(tmp_path, add_file):
+    write_servable(tmp_path, "undeclared", """
+        from mserve import register
+
+        model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+        stranger = register.model.Model("other.jaxexport")
+
+
+        def call(x1, x2):
+            return stranger.call(x1, x2)
+
+
+        @register.register_method(output_names=["y"])
+        def predict(x1, x2):
+            return register.add_stage(call, x1, x2, outputs_count=1)
+    """, {"1/add.jaxexport": add_file})
+    with serving(server.ServableStartConfig(str(tmp_path), "undeclared", device_ids=0)) as url:
+        reply = post(url, "/model/undeclared:predict", [{"x1": X, "x2": X}])
+    assert "Model(other.jaxexport).call() failed: the model is not declared" in reply["error_msg"]
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+class FakeTensor:
+    """What a MindSpore Tensor offers a stage's caller: ``asnumpy()``."""
+
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+    def asnumpy(self):
+        return self.value
+
+
+STAGES_CONFIG = """
+import numpy as np
+from mserve import register
+
+model = register.declare_model("row.jaxexport", "jax_export", with_batch_dim=False)
+
+
+def one_tuple(x):
+    return (x * 2,)
+
+
+def tensor(x):
+    return FakeTensor(x + 1)
+
+
+class FakeTensor:
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+    def asnumpy(self):
+        return self.value
+
+
+@register.register_method(output_names=["y"])
+def unwrap(x):
+    return register.add_stage(one_tuple, x, outputs_count=1)
+
+
+@register.register_method(output_names=["y"])
+def convert(x):
+    return register.add_stage(tensor, x, outputs_count=1)
+
+
+@register.register_method(output_names=["y"])
+def row(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def test_inputs_are_checked_by_byte_size_and_stage_outputs_read_as_mindspore_does(tmp_path):
+    row_file = export_to(tmp_path / "art/row.jaxexport", lambda x: x * 10, spec((1, 4)))
+    write_servable(tmp_path / "s", "stages", STAGES_CONFIG, {"1/row.jaxexport": row_file})
+    with serving(server.ServableStartConfig(str(tmp_path / "s"), "stages", device_ids=0)) as url:
+        unwrap = post(url, "/model/stages:unwrap", [{"x": [1.0, 2.0]}])
+        convert = post(url, "/model/stages:convert", [{"x": [1.0, 2.0]}])
+        # (4,) holds the bytes of the model's (1, 4): MindSpore feeds them in the model's shape.
+        same_bytes = post(url, "/model/stages:row", [{"x": [1.0, 2.0, 3.0, 4.0]}])
+        too_big = post(url, "/model/stages:row", [{"x": [1.0, 2.0, 3.0, 4.0, 5.0]}])
+        wrong_type = post(url, "/model/stages:row", [{"x": [[1, 2, 3, 4]]}])
+    assert unwrap == {"instances": [{"y": [2.0, 4.0]}]}
+    assert convert == {"instances": [{"y": [2.0, 3.0]}]}
+    assert same_bytes == {"instances": [{"y": [[10.0, 20.0, 30.0, 40.0]]}]}
+    assert too_big["error_msg"] == ("Given model input 0 size 20 not match the size 16 defined in model (model input 0 "
+                                    "is input 'x': shape (5,) float32 given, (1, 4) float32 expected)")
+    assert wrong_type["error_msg"] == ("Given model input 0 data type kMSI_Int32 not match the data type kMSI_Float32 "
+                                       "defined in model (model input 0 is input 'x': int32 given, float32 expected)")
+
+
+# --------------------------------------------------------------------------- mserve.log
+
+LOG_SCRIPT = """
+from mserve import log as logger
+logger.debug("debug msg test")
+logger.info("info msg test")
+logger.warning("warning msg test")
+logger.error("error msg test")
+print("level", logger.get_level())
+"""
+
+
+@pytest.mark.parametrize("env, seen, level", [
+    ({"GLOG_v": "0"}, {"DEBUG", "INFO", "WARNING", "ERROR"}, "0"),
+    ({}, {"WARNING", "ERROR"}, "2"),
+    ({"GLOG_v": "3"}, {"ERROR"}, "3"),
+    ({"GLOG_v": "3", "MS_SUBMODULE_LOG_v": "{SERVING:1}"}, {"INFO", "WARNING", "ERROR"}, "1"),
+])
+def test_log_module_follows_mindspores_variables_and_format(env, seen, level):
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLOG_v", "MS_SUBMODULE_LOG_v")}
+    done = subprocess.run([sys.executable, "-c", LOG_SCRIPT], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+    found = {name for name in ("DEBUG", "INFO", "WARNING", "ERROR") if f"[{name}] SERVING(" in done.stderr}
+    assert found == seen, done.stderr
+    assert f"level {level}" in done.stdout
+    assert "error msg test" in done.stderr and "<string>:" in done.stderr  # the caller's place, as MindSpore shows it
