@@ -12,7 +12,9 @@ exit while it waits. It ends when
   runs ``server.stop()`` (drain and unload) and ends, so the process exits 0.
 
 The handlers are installed only from the main thread and only over Python's
-defaults, so a program with its own handlers (``mserve start``) keeps them. While
+defaults, so a program with its own handlers (``mserve start``) keeps them. A
+SIGINT ignored from the start counts as the default: shells start background jobs
+that way, and MindSpore Serving stops on SIGINT there as well. While
 the script itself is still running, a signal also does what it would have done
 without mserve (SIGINT raises KeyboardInterrupt, SIGTERM exits with status 0
 after the graceful stop); once the script has returned, it only stops the server.
@@ -116,6 +118,11 @@ def _install_handlers() -> None:
         if sig in _previous:
             continue
         current = signal.getsignal(sig)
+        if sig == signal.SIGINT and current is signal.SIG_IGN:
+            # Inherited, not chosen: a shell starts background jobs (`python serve.py &`)
+            # with SIGINT ignored. MindSpore Serving stops on SIGINT there too, so it is
+            # taken as Python's default (and left as that default after the stop).
+            current = signal.default_int_handler
         if current is defaults[sig]:
             _previous[sig] = current
             signal.signal(sig, _on_signal)

@@ -70,6 +70,9 @@ from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
 )
 from .transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
+from .transport.listen_rules import (
+    GRPC, RESTFUL, ListenerSlots, bind_restful, check_restful_address, check_restful_tls,
+)
 from .transport.memory import limit_arenas
 
 log = logging.getLogger("mserve.server")
@@ -248,6 +251,7 @@ class _State:
     # How hot reload retires a version (a device process first lets its front-ends switch).
     retire: Any = None  # (name, version) -> None; None: _retire_version
     follower: Any = None  # devices mode: keeps the registry following the device processes
+    listeners: ListenerSlots = field(default_factory=ListenerSlots)  # MindSpore: one RESTful, one gRPC server
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -656,6 +660,7 @@ def start_restful_server(
     handshake_timeout: float = 10.0,
     max_header_kb: int = 64,
     workers: int | None = None,
+    additional: bool = False,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
@@ -681,9 +686,19 @@ def start_restful_server(
 
     From here on the process keeps serving after the calling script ends, until
     `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
+
+    As in MindSpore Serving, a process runs one RESTful server: a second call raises
+    ``Serving Error: RESTful server is already running`` unless it passes
+    ``additional=True`` (mserve addition: another listener beside the first).
     """
-    if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
-        raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
+    if sock is None:  # MindSpore's rules (mserve.transport.listen_rules); front-ends pass their socket
+        if not additional:
+            _state.listeners.check_free(RESTFUL)
+        check_restful_address(address)
+    if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
+        raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
+    if not 1 <= max_msg_mb_size <= 512:
+        raise RuntimeError("Parameter 'max_msg_mb_size' should be in range [1,512]")
     if inline_max_ms < 0:
         raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
     if sock is None and processes() == "devices":
@@ -694,7 +709,9 @@ def start_restful_server(
             "idle_timeout": idle_timeout, "header_timeout": header_timeout, "handshake_timeout": handshake_timeout,
             "max_header_kb": max_header_kb,
         }
-        return _start_frontends(address, ssl_config, restful, workers)
+        started = _start_frontends(address, ssl_config, restful, workers)
+        _state.listeners.taken(RESTFUL)
+        return started
     if workers is not None and workers != 1:
         raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
     host, port = parse_address(address)
@@ -713,10 +730,11 @@ def start_restful_server(
     if ssl_config is not None:
         from .transport.https import build_ssl_context
 
-        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+        check_restful_tls(ssl_config, build_ssl_context)  # bad files fail here, before the port is taken
     with _state.lock:
         if sock is None:
-            sock = bind_socket(host, port)
+            sock = bind_restful(address, host, port, bind_socket)
+            _state.listeners.taken(RESTFUL)
         try:
             if ssl_config is not None:
                 from .transport.https import TlsTransport
@@ -752,6 +770,7 @@ def start_grpc_server(
     reuse_port: bool = False,
     max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
     workers: int | None = None,
+    additional: bool = False,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -773,9 +792,15 @@ def start_grpc_server(
     service says SERVING once it serves the servables. A ``unix:`` address is served
     by this process (its registry follows the device processes). Either may be
     started before or after `start_restful_server` and `start_servables`.
+
+    As in MindSpore Serving, a process runs one gRPC server: a second call raises
+    ``Serving Error: Serving gRPC server is already running`` unless it passes
+    ``additional=True`` (mserve addition: another address, e.g. a ``unix:`` socket).
     """
     from .transport.grpc import GrpcTransport
 
+    if not (reuse_port or additional):  # MindSpore's one-server rule (front-ends share a port: reuse_port)
+        _state.listeners.check_free(GRPC)
     if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
         raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
     if not 1 <= max_msg_mb_size <= 512:
@@ -790,7 +815,9 @@ def start_grpc_server(
             "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
             "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
         }
-        return _start_grpc_frontends(address, ssl_config, grpc, reuse_port, workers)
+        started = _start_grpc_frontends(address, ssl_config, grpc, reuse_port, workers)
+        _state.listeners.taken(GRPC)
+        return started
     if workers is not None and workers != 1:
         raise RuntimeError(
             f"workers={workers} needs device processes (processes mode 'devices') and a host:port address"
@@ -807,6 +834,7 @@ def start_grpc_server(
         _state.handlers.append(dataplane)
         _state.transports.append(transport)
         _state.ready_listeners.append(transport.refresh_health)
+        _state.listeners.taken(GRPC)
         lifetime.keep_serving(stop)
     return transport
 
@@ -837,9 +865,9 @@ def _start_frontends(
     if ssl_config is not None:
         from .transport.https import build_ssl_context
 
-        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+        check_restful_tls(ssl_config, build_ssl_context)  # bad files fail here, before the port is taken
     with _state.lock:
-        sock = bind_socket(host, port)
+        sock = bind_restful(address, host, port, bind_socket)
         pool = WorkerPool(
             [], sock, count, restful=restful, ssl_config=ssl_config,
             log_level=logging.getLogger("mserve").getEffectiveLevel(),
@@ -959,6 +987,7 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
         for transport in transports:
             transport.stop(drain_timeout)
         _state.ready_listeners.clear()
+        _state.listeners.release_all()
         _state.frontends.clear()
         # Device processes after the front-ends: their calls in flight are done by now.
         if _state.follower is not None:

@@ -97,10 +97,10 @@ def grpc_servers(tmp_path_factory, certs):
         mutual = server.SSLConfig(certs["server.pem"], certs["server.key"], certs["ca.pem"], verify_client=True)
         yield {
             "tcp": server.start_grpc_server("127.0.0.1:0").target,
-            "unix": server.start_grpc_server(f"unix:{socket_path}").target,
-            "tls": server.start_grpc_server("127.0.0.1:0", ssl_config=one_way).target,
-            "mtls": server.start_grpc_server("127.0.0.1:0", ssl_config=mutual).target,
-            "small": server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=1).target,
+            "unix": server.start_grpc_server(f"unix:{socket_path}", additional=True).target,
+            "tls": server.start_grpc_server("127.0.0.1:0", ssl_config=one_way, additional=True).target,
+            "mtls": server.start_grpc_server("127.0.0.1:0", ssl_config=mutual, additional=True).target,
+            "small": server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=1, additional=True).target,
         }
     finally:
         server.stop()

@@ -136,7 +136,7 @@ def served(tmp_path_factory):
         server.start_servables([server.ServableStartConfig(BUNDLED, "add"), server.ServableStartConfig(root, "slow")])
         rest = server.start_restful_server("127.0.0.1:0")
         grpc_server = server.start_grpc_server("127.0.0.1:0")
-        tiny_queue = server.start_grpc_server("127.0.0.1:0", max_enqueued_requests=1)
+        tiny_queue = server.start_grpc_server("127.0.0.1:0", max_enqueued_requests=1, additional=True)
         channel = grpc.insecure_channel(grpc_server.target)
         yield {"rest": rest.url, "stub": pb_grpc.MSServiceStub(channel), "channel": channel,
                "tiny_queue": tiny_queue.target}
@@ -303,7 +303,7 @@ def test_start_errors_are_serving_errors(tmp_path):
     port = taken.getsockname()[1]
     try:
         with pytest.raises(RuntimeError, match=rf"^Serving Error: .*address 127.0.0.1:{port}: Address already in use"):
-            server.start_grpc_server(f"127.0.0.1:{port}")
+            server.start_grpc_server(f"127.0.0.1:{port}", additional=True)
     finally:
         taken.close()
     cases = {
@@ -316,34 +316,34 @@ def test_start_errors_are_serving_errors(tmp_path):
     }
     for address, text in cases.items():
         with pytest.raises(RuntimeError) as raised:
-            server.start_grpc_server(address)
+            server.start_grpc_server(address, additional=True)
         assert text in str(raised.value)
     (tmp_path / "file.sock").write_text("not a socket")
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*file.sock of address .* is not a socket"):
-        server.start_grpc_server(f"unix:{tmp_path}/file.sock")
+        server.start_grpc_server(f"unix:{tmp_path}/file.sock", additional=True)
     live = socket.socket(socket.AF_UNIX)
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
     try:  # grpcio would silently take the path over from the server listening there
         with pytest.raises(RuntimeError, match=r"^Serving Error: .*live.sock' is in use: a server answers on"):
-            server.start_grpc_server(f"unix:{tmp_path}/live.sock")
+            server.start_grpc_server(f"unix:{tmp_path}/live.sock", additional=True)
     finally:
         live.close()
     for size in (0, 513, True, 1.5):
         with pytest.raises(RuntimeError, match="Parameter 'max_msg_mb_size'"):
-            server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size)
+            server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size, additional=True)
     ca = trustme.CA()
     cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("localhost")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
     mismatched = server.SSLConfig(str(tmp_path / "server.pem"), str(tmp_path / "other.key"))
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*the private key does not match the certificate"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config=mismatched)
+        server.start_grpc_server("127.0.0.1:0", ssl_config=mismatched, additional=True)
     missing = server.SSLConfig(str(tmp_path / "none.pem"), str(tmp_path / "other.key"))
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*load certificate from .*none.pem failed"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config=missing)
+        server.start_grpc_server("127.0.0.1:0", ssl_config=missing, additional=True)
     with pytest.raises(RuntimeError, match="The type of ssl_config should be type of SSLConfig"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"})
+        server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"}, additional=True)
     assert len(server._state.transports) == running  # nothing half-started was left behind
 
 

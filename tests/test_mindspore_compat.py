@@ -319,3 +319,77 @@ def test_log_module_follows_mindspores_variables_and_format(env, seen, level):
     assert found == seen, done.stderr
     assert f"level {level}" in done.stdout
     assert "error msg test" in done.stderr and "<string>:" in done.stderr  # the caller's place, as MindSpore shows it
+
+
+# --------------------------------------------------------------------------- listening
+
+@pytest.mark.parametrize("address, text", [
+    ("invalid address", "Serving Error: The format of the RESTful server address 'invalid address' is illegal"),
+    ("127.0.0.1", "Serving Error: The format of the RESTful server address '127.0.0.1' is illegal"),
+    ("127.0.0.1:5000000", "Serving Error: The port of the RESTful server address '127.0.0.1:5000000' is out of legal range [1 ~ 65535]"),
+    ("unix:some_file", "Serving Error: RESTful server does not support binding to unix domain socket"),
+    ("127.0.256.1:5000", "Serving Error: RESTful server start failed, bind to the socket address 127.0.256.1:5000 failed"),
+    ("127.0.0.0.1:5000", "Serving Error: RESTful server start failed, bind to the socket address 127.0.0.0.1:5000 failed"),
+])
+def test_bad_restful_addresses_raise_mindspores_runtime_errors(address, text):
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            server.start_restful_server(address)
+    finally:
+        server.stop()
+    assert str(caught.value).startswith(text)
+
+
+def test_a_second_restful_or_grpc_server_is_refused_until_stop():
+    try:
+        server.start_restful_server("127.0.0.1:0")
+        with pytest.raises(RuntimeError, match="^Serving Error: RESTful server is already running$"):
+            server.start_restful_server("127.0.0.1:0")
+        server.start_grpc_server("127.0.0.1:0")
+        with pytest.raises(RuntimeError, match="^Serving Error: Serving gRPC server is already running$"):
+            server.start_grpc_server("127.0.0.1:0")
+    finally:
+        server.stop()
+    try:  # stop frees both
+        server.start_restful_server("127.0.0.1:0")
+        server.start_grpc_server("127.0.0.1:0")
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- start scripts
+
+START_SCRIPT = """
+import sys
+from mserve import server
+
+server.start_servables(server.ServableStartConfig(sys.argv[1], "add", device_ids=0))
+started = server.start_restful_server("127.0.0.1:0")
+print("serving", started.port, flush=True)
+"""
+
+
+def test_a_start_script_launched_in_the_background_stops_on_sigint(tmp_path):
+    """A shell starts background jobs with SIGINT ignored; MindSpore stops on it anyway, exit 0."""
+    import signal
+
+    from support import BUNDLED
+
+    script = tmp_path / "serving_server.py"
+    script.write_text(START_SCRIPT)
+    env = {**os.environ, "MSERVE_PROCESSES": "single"}
+    proc = subprocess.Popen([sys.executable, str(script), str(BUNDLED)], stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving"), line
+        port = int(line.split()[1])
+        reply = requests.post(f"http://127.0.0.1:{port}/model/add:add_common",
+                              json={"instances": [{"x1": X, "x2": X}]}, timeout=30).json()
+        assert reply == {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

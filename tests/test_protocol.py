@@ -1261,7 +1261,7 @@ def tuned(url):
     """Two more RESTful servers on the same servables: a short request timeout, and
     room for one request at a time (torn down with the module's server)."""
     short = server.start_restful_server("127.0.0.1:0", request_timeout=0.3).url
-    single = server.start_restful_server("127.0.0.1:0", max_enqueued_requests=1).url
+    single = server.start_restful_server("127.0.0.1:0", max_enqueued_requests=1, additional=True).url
     return short, single
 
 

@@ -65,8 +65,10 @@ def servers(certs):
     one_way_cfg = server.SSLConfig(str(certs.cert), str(certs.key))
     mutual_cfg = server.SSLConfig(str(certs.cert), str(certs.key), custom_ca=str(certs.ca), verify_client=True)
     with serving(server.ServableStartConfig(BUNDLED, "add"), max_msg_mb_size=1, threads=4) as http_url:
-        one_way = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=one_way_cfg, threads=4)
-        mutual = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=mutual_cfg, threads=4)
+        one_way = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=one_way_cfg, threads=4,
+                                             additional=True)
+        mutual = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=mutual_cfg, threads=4,
+                                            additional=True)
         yield SimpleNamespace(http=http_url, one_way=one_way, mutual=mutual)
 
 
