@@ -393,3 +393,50 @@ def test_a_start_script_launched_in_the_background_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------- dec_key
+
+XOR_CONFIG = """
+import numpy as np
+from mserve import register
+from mserve.backends import Backend, TensorSpec, register_backend
+
+
+class Shift:
+    def __init__(self, w):
+        self.inputs = [TensorSpec(np.dtype(np.float32), (2, 2))]
+        self.outputs = [TensorSpec(np.dtype(np.float32), (2, 2))]
+        self.w = w
+
+    def predict(self, arrays):
+        return [arrays[0] + self.w]
+
+
+def load(request):
+    # The file is the float32 weights XOR-ed with the key, repeated: a toy cipher that
+    # only a backend given the right dec_key reads back.
+    raw = np.frombuffer(request.files[0].read_bytes(), np.uint8)
+    key = np.frombuffer(request.dec_key * (len(raw) // len(request.dec_key) + 1), np.uint8)[:len(raw)]
+    return Shift(np.frombuffer((raw ^ key).tobytes(), np.float32).reshape(2, 2))
+
+
+register_backend(Backend("xor", ("xor",), ("cpu",), load, can_decrypt=True))
+model = register.declare_model("w.xor", "xor", with_batch_dim=False)
+
+
+@register.register_method(output_names=["y"])
+def shift(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def test_dec_key_reaches_the_backend_with_device_processes(tmp_path):
+    key = b"0123456789abcdef"
+    weights = np.full((2, 2), 10.0, np.float32).tobytes()
+    encrypted = bytes(a ^ b for a, b in zip(weights, key * 2))
+    write_servable(tmp_path, "secret", XOR_CONFIG, {"1/w.xor": encrypted})
+    server.use_processes("devices")
+    with serving(server.ServableStartConfig(str(tmp_path), "secret", device_ids=0, dec_key=key), workers=1) as url:
+        reply = post(url, "/model/secret:shift", [{"x": X}])
+    assert reply == {"instances": [{"y": [[11.0, 12.0], [13.0, 14.0]]}]}

@@ -158,6 +158,9 @@ def _config_json(config: Any) -> dict[str, Any]:
 
     data = dataclasses.asdict(config)
     data["servable_directory"] = os.fspath(config.servable_directory)
+    # The key stays in the device process: front-ends never load an encrypted model (only
+    # JAX models get front-end copies), and this description is written to the manifest.
+    data["dec_key"] = None
     return data
 
 
