@@ -440,3 +440,46 @@ def test_dec_key_reaches_the_backend_with_device_processes(tmp_path):
     with serving(server.ServableStartConfig(str(tmp_path), "secret", device_ids=0, dec_key=key), workers=1) as url:
         reply = post(url, "/model/secret:shift", [{"x": X}])
     assert reply == {"instances": [{"y": [[11.0, 12.0], [13.0, 14.0]]}]}
+
+
+# --------------------------------------------------------------------------- model_file lists
+
+def test_jax_export_model_of_several_files_is_called_by_subgraph(tmp_path):
+    double = export_to(tmp_path / "art/double.jaxexport", lambda x: x * 2, spec((2, 2)))
+    square = export_to(tmp_path / "art/square.jaxexport", lambda x: x * x, spec((2, 2)))
+    write_servable(tmp_path / "s", "graphs", """
+        from mserve import register
+
+        model = register.declare_model(model_file=["double.jaxexport", "square.jaxexport"], model_format="jax_export",
+                                       with_batch_dim=False)
+
+
+        def both(x):
+            return model.call(x) + model.call(x, subgraph=1)
+
+
+        def missing(x):
+            return model.call(x, subgraph=2)
+
+
+        @register.register_method(output_names=["y"])
+        def predict(x):
+            return register.add_stage(both, x, outputs_count=1)
+
+
+        @register.register_method(output_names=["y"])
+        def direct(x):
+            return register.add_stage(model, x, outputs_count=1)
+
+
+        @register.register_method(output_names=["y"])
+        def bad(x):
+            return register.add_stage(missing, x, outputs_count=1)
+    """, {"1/double.jaxexport": double, "1/square.jaxexport": square})
+    with serving(server.ServableStartConfig(str(tmp_path / "s"), "graphs", device_ids=0)) as url:
+        both = post(url, "/model/graphs:predict", [{"x": X}])
+        direct = post(url, "/model/graphs:direct", [{"x": X}])
+        bad = post(url, "/model/graphs:bad", [{"x": X}])
+    assert both == {"instances": [{"y": [[3.0, 8.0], [15.0, 24.0]]}]}
+    assert direct == {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}
+    assert "The model does not have subgraph of index 2, the subgraph count of the model is 2" in bad["error_msg"]
