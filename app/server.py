@@ -67,7 +67,7 @@ from .serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from .serving.compile_cache import enable_compile_cache
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
-    BatchSettings, LoadedVersion, Servable, ServableRegistry, list_versions, load_definition, load_version,
+    BatchSettings, LoadedVersion, Servable, ServableRegistry, choose_versions, load_definition, load_version,
 )
 from .transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
 from .transport.listen_rules import (
@@ -88,8 +88,10 @@ class ServableStartConfig:
     ``servable_directory`` holds the folder ``servable_name``; a relative directory is
     taken from the start script's own folder (``sys.argv[0]``), as MindSpore does.
     ``version_number=0`` loads the newest version folder, a number that one (mserve:
-    a list loads several). ``device_ids``: an int or a sequence of them (``None``:
-    the default device, id 0) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
+    a list loads several); a servable that declares no model needs no version folder.
+    ``device_ids``: an int or a sequence of them (``None``, as in MindSpore Serving:
+    no device ids; declared models then run on the CPU, device 0, unless
+    ``device_type`` names another type) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
     (any case; it must be one an installed backend runs on), or ``None``: each
     model's backend picks its default. A model that declares a sharding is one
     instance spanning all of them. ``num_parallel_workers`` (0..64) sizes the thread
@@ -157,6 +159,13 @@ class ServableStartConfig:
         if self.device_ids is None:
             return [0]
         return [self.device_ids] if isinstance(self.device_ids, int) else list(self.device_ids)
+
+    def target_device_type(self) -> str | None:
+        """The device type models load on: as MindSpore Serving means ``device_ids=None``
+        (no device ids), the CPU serves the declared models unless a type is named."""
+        if self.device_ids is None and self.device_type is None:
+            return "cpu"
+        return self.device_type
 
 
 def validate_device_type(device_type: str | None) -> None:
@@ -526,23 +535,8 @@ def merge_configs(configs: Sequence[ServableStartConfig]) -> list[ServableStartC
 def _load(config: ServableStartConfig) -> None:
     root = Path(config.servable_directory)
     definition = load_definition(root, config.servable_name)
-    present = list_versions(root / config.servable_name)
-    if not present:
-        raise ServableLoadError(
-            f"servable '{config.servable_name}': no version folder (1/, 2/, ...) in {root / config.servable_name}"
-        )
-    wanted = []
-    for number in config.versions():
-        if number == 0:
-            wanted.append(present[-1])
-        elif number in present:
-            wanted.append(number)
-        else:
-            raise ServableLoadError(
-                f"servable '{config.servable_name}': version {number} not found in {root / config.servable_name} "
-                f"(present: {', '.join(map(str, present))})"
-            )
-    devices = resolve_devices(config.device_type, config.device_list())
+    wanted = choose_versions(root, config.servable_name, bool(definition.models), config.versions())
+    devices = resolve_devices(config.target_device_type(), config.device_list())
     servable = Servable(config.servable_name, root, definition)
     entry = _Loaded(config, servable, devices)
     for number in dict.fromkeys(wanted):

@@ -483,3 +483,97 @@ def test_jax_export_model_of_several_files_is_called_by_subgraph(tmp_path):
     assert both == {"instances": [{"y": [[3.0, 8.0], [15.0, 24.0]]}]}
     assert direct == {"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}
     assert "The model does not have subgraph of index 2, the subgraph count of the model is 2" in bad["error_msg"]
+
+
+# --------------------------------------------------------------------------- device_ids=None, versions
+
+RECORDING_CONFIG = """
+import numpy as np
+from mserve import register
+from mserve.backends import Backend, TensorSpec, register_backend
+
+SEEN = []
+
+
+class Echo:
+    inputs = [TensorSpec(np.dtype(np.float32), (2, 2))]
+    outputs = [TensorSpec(np.dtype(np.float32), (2, 2))]
+
+    def __init__(self, devices):
+        self.devices = list(devices)
+
+    def predict(self, arrays):
+        return [arrays[0]]
+
+
+def load(request):
+    SEEN.append(str(request.devices[0]))
+    return Echo(request.devices)
+
+
+# A backend whose own default is the GPU, as JAX's is on a GPU host.
+register_backend(Backend("gpu_first", ("gpu_first",), ("cpu", "gpu"), load, default_device_type=lambda: "gpu"))
+model = register.declare_model("m.bin", "gpu_first", with_batch_dim=False)
+
+
+def where(x):
+    return np.array(SEEN[-1])
+
+
+@register.register_method(output_names=["y"])
+def echo(x):
+    return register.add_stage(model, x, outputs_count=1)
+
+
+@register.register_method(output_names=["device"])
+def device(x):
+    return register.add_stage(where, x, outputs_count=1)
+"""
+
+
+@pytest.mark.parametrize("kwargs, device", [({}, "cpu:0"), ({"device_ids": 0}, "gpu:0"),
+                                            ({"device_type": "GPU"}, "gpu:0")])
+def test_device_ids_none_runs_models_on_the_cpu_as_mindspore_does(tmp_path, kwargs, device):
+    write_servable(tmp_path, "rec", RECORDING_CONFIG, {"1/m.bin": b"x"})
+    with serving(server.ServableStartConfig(str(tmp_path), "rec", **kwargs)) as url:
+        reply = post(url, "/model/rec:device", [{"x": X}])
+    assert reply == {"instances": [{"device": device}]}
+
+
+def test_model_less_servable_needs_no_version_folder_and_model_ones_say_mindspores_text(tmp_path, add_file):
+    write_servable(tmp_path, "plain", """
+        from mserve import register
+
+
+        def twice(x):
+            return x * 2
+
+
+        @register.register_method(output_names=["y"])
+        def double(x):
+            return register.add_stage(twice, x, outputs_count=1)
+    """)
+    with serving(server.ServableStartConfig(str(tmp_path), "plain")) as url:
+        latest = post(url, "/model/plain:double", [{"x": 2.5}])
+        first = post(url, "/model/plain/version/1:double", [{"x": 1.5}])
+    assert latest == {"instances": [{"y": 5.0}]} and first == {"instances": [{"y": 3.0}]}
+    write_servable(tmp_path, "models", """
+        from mserve import register
+
+        model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+
+        @register.register_method(output_names=["y"])
+        def add(x1, x2):
+            return register.add_stage(model, x1, x2, outputs_count=1)
+    """)
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "models"))
+    assert "There is no valid version directory of models while there are models declared in servable_config.py" \
+           in str(caught.value)
+    (tmp_path / "models/1").mkdir()
+    (tmp_path / "models/1/add.jaxexport").write_bytes(add_file.read_bytes())
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "models", version_number=2))
+    server.stop()
+    assert "There is no specified version directory of models, specified version number: 2" in str(caught.value)

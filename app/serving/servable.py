@@ -35,6 +35,32 @@ def list_versions(servable_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in servable_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def choose_versions(root: Path, name: str, has_models: bool, requested: Sequence[int]) -> list[int]:
+    """The version numbers to load, as MindSpore Serving picks them: ``0`` is the
+    newest version folder; a servable that declares no model needs no folder (``0``
+    is then version 1). Raises `ServableLoadError` with MindSpore's texts."""
+    folder = root / name
+    if not has_models:
+        return list(dict.fromkeys(1 if n == 0 else n for n in requested))
+    present = list_versions(folder)
+    if not present:
+        raise ServableLoadError(
+            f"There is no valid version directory of models while there are models declared in servable_config.py, "
+            f"servable directory: {root}, servable name: {name} (no version folder 1/, 2/, ... in {folder})")
+    wanted = []
+    for number in requested:
+        if number == 0:
+            wanted.append(present[-1])
+        elif number in present:
+            wanted.append(number)
+        else:
+            raise ServableLoadError(
+                f"Start servable failed: There is no specified version directory of models, specified version "
+                f"number: {number}, servable directory: '{root}', servable name: '{name}' (version {number} not "
+                f"found in {folder}; present: {', '.join(map(str, present))})")
+    return list(dict.fromkeys(wanted))
+
+
 def load_definition(servable_directory: str | Path, name: str) -> ServableDefinition:
     """Run ``servable_directory/name/servable_config.py`` and return what it declared.
 
