@@ -577,3 +577,18 @@ def test_model_less_servable_needs_no_version_folder_and_model_ones_say_mindspor
         server.start_servables(server.ServableStartConfig(str(tmp_path), "models", version_number=2))
     server.stop()
     assert "There is no specified version directory of models, specified version number: 2" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- Pillow
+
+def test_pillow_range_admits_a_pillow_with_mindspores_image_antialias():
+    """MindSpore's LeNet example resizes with Image.ANTIALIAS (removed in Pillow 10):
+    mserve's range must admit Pillow 9.5, the last with it (Python 3.10 and 3.11)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from support import REPO
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pillow = next(Requirement(d) for d in deps if Requirement(d).name.lower() == "pillow")
+    assert pillow.specifier.contains("9.5.0") and pillow.specifier.contains("11.0.0")
