@@ -296,6 +296,8 @@ class _State:
 
 
 _state = _State()
+# MindSpore Serving's process outlives its script only while servables run (mserve.lifetime).
+lifetime.serve_while(lambda: bool(_state.configured) or _state.devices is not None or _state.loading > 0)
 
 
 def registry() -> ServableRegistry:
@@ -830,6 +832,7 @@ def start_grpc_server(
         _state.ready_listeners.append(transport.refresh_health)
         _state.listeners.taken(GRPC)
         lifetime.keep_serving(stop)
+    log.info("Serving gRPC server listening on %s", transport.target)
     return transport
 
 
@@ -974,6 +977,7 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
     if grace > 0:
         time.sleep(grace)
     with _state.lock:
+        _state.listeners.release_all()
         transports, _state.transports = _state.transports, []
         handlers, _state.handlers = _state.handlers, []
         for handler in handlers:
@@ -981,7 +985,6 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
         for transport in transports:
             transport.stop(drain_timeout)
         _state.ready_listeners.clear()
-        _state.listeners.release_all()
         _state.frontends.clear()
         # Device processes after the front-ends: their calls in flight are done by now.
         if _state.follower is not None:

@@ -433,5 +433,5 @@ def test_without_the_mindspore_extra_errors_say_what_to_install(tmp_path):
                              "no installed backend serves model_format 'jax_export' on device type 'ascend'. ")
     assert "mindspore: MindIR on cpu, gpu, ascend (not installed: pip install 'mserve[mindspore]')" in ascend
     assert mindir == ("ServableLoadError servable 'msadd' version 1: model tensor_add.mindir (MindIR): no installed "
-                      "backend serves model_format 'MindIR'; backend 'mindspore' serves it but is "
+                      "backend serves model_format 'MindIR' on device type 'cpu'; backend 'mindspore' serves it but is "
                       "not installed: pip install 'mserve[mindspore]'")

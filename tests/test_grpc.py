@@ -353,7 +353,7 @@ def test_relative_unix_socket_path(served, tmp_path, monkeypatch):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind("relative.sock")  # left behind by a server that is gone: replaced
     stale.close()
-    started = server.start_grpc_server("unix:relative.sock")  # stopped with the module's server
+    started = server.start_grpc_server("unix:relative.sock", additional=True)  # stopped with the module's server
     assert started.target == "unix:relative.sock"
     assert (tmp_path / "relative.sock").is_socket()
     channel = grpc.insecure_channel(f"unix:{tmp_path}/relative.sock")

@@ -592,3 +592,24 @@ def test_pillow_range_admits_a_pillow_with_mindspores_image_antialias():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pillow = next(Requirement(d) for d in deps if Requirement(d).name.lower() == "pillow")
     assert pillow.specifier.contains("9.5.0") and pillow.specifier.contains("11.0.0")
+
+
+SERVER_ONLY_SCRIPT = """
+from mserve import log as logger
+from mserve import server
+
+server.start_grpc_server("127.0.0.1:0")
+try:
+    server.start_grpc_server("127.0.0.1:0")
+except RuntimeError:
+    pass
+"""
+
+
+def test_a_script_that_starts_servers_but_no_servable_ends_as_mindspore_does():
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLOG_v", "MS_SUBMODULE_LOG_v")}
+    done = subprocess.run([sys.executable, "-c", SERVER_ONLY_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env={**clean, "GLOG_v": "1", "MSERVE_PROCESSES": "single"})
+    assert done.returncode == 0, done.stderr
+    assert "[INFO] SERVING(" in done.stderr and "Serving gRPC server listening on" in done.stderr
+    assert "[ERROR] SERVING(" in done.stderr and "Serving gRPC server is already running" in done.stderr

@@ -1207,7 +1207,7 @@ def test_without_batch_dim_inputs(url):
     body = {"instances": [{"x": [1.0, 2.0, 3.0], "b": bias}, {"x": [0.0, 0.0, 1.0], "b": bias}]}
     r = post(url, "/model/models:add_bias", body)
     assert r.json() == {"instances": [{"y": [11.0, 22.0, 33.0]}, {"y": [10.0, 20.0, 31.0]}]}
-    bad = {"instances": [{"x": [1.0, 2.0, 3.0], "b": [[10.0, 20.0, 30.0]]}]}
+    bad = {"instances": [{"x": [1.0, 2.0, 3.0], "b": [10.0, 20.0]}]}
     expect_error(post(url, "/model/models:add_bias", bad), 400, "Given model input 1 size")
 
 
@@ -1260,7 +1260,7 @@ def test_without_batch_dim_inputs_never_leak_across_requests(url):
 def tuned(url):
     """Two more RESTful servers on the same servables: a short request timeout, and
     room for one request at a time (torn down with the module's server)."""
-    short = server.start_restful_server("127.0.0.1:0", request_timeout=0.3).url
+    short = server.start_restful_server("127.0.0.1:0", request_timeout=0.3, additional=True).url
     single = server.start_restful_server("127.0.0.1:0", max_enqueued_requests=1, additional=True).url
     return short, single
 

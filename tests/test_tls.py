@@ -189,13 +189,13 @@ def test_mutual_context(certs):
 def test_mismatched_key_is_refused_at_start(certs):
     cfg = server.SSLConfig(str(certs.cert), str(certs.wrong_key))
     with pytest.raises(RuntimeError, match=f"load private_key from {certs.wrong_key} failed"):
-        server.start_restful_server("127.0.0.1:0", ssl_config=cfg)
+        server.start_restful_server("127.0.0.1:0", ssl_config=cfg, additional=True)
 
 
 def test_verify_client_without_custom_ca_is_refused(certs):
     cfg = server.SSLConfig(str(certs.cert), str(certs.key), custom_ca=None, verify_client=True)
     with pytest.raises(RuntimeError, match="custom_ca"):
-        server.start_restful_server("127.0.0.1:0", ssl_config=cfg)
+        server.start_restful_server("127.0.0.1:0", ssl_config=cfg, additional=True)
 
 
 @pytest.mark.parametrize("missing", ["certificate", "private_key", "custom_ca"])

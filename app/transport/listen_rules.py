@@ -9,8 +9,11 @@ mserve adds port 0 (a free port) and says why a bind failed after MindSpore's te
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Callable
+
+log = logging.getLogger("mserve.server")
 
 RESTFUL = "RESTful server"
 GRPC = "Serving gRPC server"
@@ -60,6 +63,7 @@ class ListenerSlots:
 
     def check_free(self, kind: str) -> None:
         if kind in self._running:
+            log.error("Serving Error: %s is already running", kind)  # MindSpore logs it too
             raise RuntimeError(f"Serving Error: {kind} is already running")
 
     def taken(self, kind: str) -> None:
