@@ -137,7 +137,7 @@ def test_no_compilation_after_warm_up(batched):
 
 def test_batching_off_still_batches_a_request_without_compiling(servable_dir):
     config = server.ServableStartConfig(servable_dir, "affine", max_batch_size=4, batching=False)
-    with serving(config) as url:
+    with serving(config, additional=True) as url:  # beside the module's server
         version = server.registry().servables()["affine"].versions[1]
         assert version.batchers == {}
         before = version.compile_count

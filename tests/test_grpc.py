@@ -417,7 +417,7 @@ def test_cli_start_grpc_port_from_yaml_and_invoke_over_grpc(tmp_path):
         # JSON integers are int32, as over REST: the float32 model refuses them, whole request.
         ints = runner.invoke(cli_app, ["invoke", "add:add_common", "-i", "x1=[[1,2],[3,4]]", "-i", "x2=[[1,2],[3,4]]",
                                        "--url", f"grpc://127.0.0.1:{grpc_port}"])
-        assert ints.exit_code == 2 and "gRPC: Given model input 0 data type int32 not match" in ints.stderr
+        assert ints.exit_code == 2 and "gRPC: Given model input 0 data type kMSI_Int32 not match" in ints.stderr
         unknown = runner.invoke(cli_app, ["invoke", "add:nope", *inputs, "--url", f"grpc://127.0.0.1:{grpc_port}"])
         assert unknown.exit_code == 2 and "method is not available" in unknown.stderr
     finally:

@@ -613,3 +613,52 @@ def test_a_script_that_starts_servers_but_no_servable_ends_as_mindspore_does():
     assert done.returncode == 0, done.stderr
     assert "[INFO] SERVING(" in done.stderr and "Serving gRPC server listening on" in done.stderr
     assert "[ERROR] SERVING(" in done.stderr and "Serving gRPC server is already running" in done.stderr
+
+
+def test_a_batched_stage_that_returns_fewer_or_more_results_fails_only_the_missing(tmp_path):
+    write_servable(tmp_path, "batch", """
+        from mserve import register
+
+
+        def fewer(instances):
+            for i in range(len(instances) - 1):
+                yield i
+
+
+        def more(instances):
+            for i in range(len(instances) + 1):
+                yield i
+
+
+        def raising(instances):
+            for (x,) in instances:
+                if x > 1:
+                    raise ValueError("too big")
+                yield x
+
+
+        @register.register_method(output_names=["y"])
+        def short(x):
+            return register.add_stage(fewer, x, outputs_count=1, batch_size=4, tag="Postprocess")
+
+
+        @register.register_method(output_names=["y"])
+        def long(x):
+            return register.add_stage(more, x, outputs_count=1, batch_size=4)
+
+
+        @register.register_method(output_names=["y"])
+        def fails(x):
+            return register.add_stage(raising, x, outputs_count=1, batch_size=4)
+    """)
+    with serving(server.ServableStartConfig(str(tmp_path), "batch")) as url:
+        short = post(url, "/model/batch:short", [{"x": 1}, {"x": 2}])
+        long = post(url, "/model/batch:long", [{"x": 1}, {"x": 2}])
+        fails = post(url, "/model/batch:fails", [{"x": 1}, {"x": 2}, {"x": 0}])
+    assert short["instances"][0] == {"y": 0}
+    assert short["instances"][1]["error_msg"] == (
+        "Postprocess Failed: The number 1 of instances returned by function 'fewer' is not equal to the number 2 of "
+        "instances provided to this function.")
+    assert long == {"instances": [{"y": 0}, {"y": 1}]}
+    assert fails["instances"][0] == {"y": 1} and "too big" in fails["instances"][1]["error_msg"]
+    assert "The number 2 of instances returned by function 'raising'" in fails["instances"][2]["error_msg"]

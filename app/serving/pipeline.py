@@ -178,29 +178,38 @@ def _call_function(stage: StageDef, row: tuple) -> tuple | InstanceError:
 
 
 def _call_batched_function(stage: StageDef, rows: list[tuple]) -> list[tuple | InstanceError]:
+    """A Python stage with ``batch_size``, read as MindSpore Serving reads it: the
+    function gets a list of instances and returns (or yields) one result per
+    instance. A result that raises fails that instance only; results missing at the
+    end fail the instances left; results beyond the instances given are ignored."""
     step = stage.batch_size or len(rows)
     results: list[tuple | InstanceError] = []
+    name = getattr(stage.target, "__name__", stage.tag)
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         try:
-            values = list(stage.target(list(chunk)))  # type: ignore[operator]
-            if len(values) != len(chunk):
-                raise InstanceError(
-                    f"{stage.tag} Failed: the stage got {len(chunk)} instances but returned {len(values)} results"
-                )
-            results.extend(_outputs_or_error(stage, v) for v in values)
+            values = iter(stage.target(list(chunk)))  # type: ignore[operator]
         except InstanceError as exc:
             results.extend([exc] * len(chunk))
+            continue
         except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this chunk
             results.extend([stage_failure(stage, exc)] * len(chunk))
+            continue
+        for done in range(len(chunk)):
+            try:
+                results.append(_outputs(stage, next(values)))
+            except StopIteration:
+                missing = InstanceError(
+                    f"{stage.tag} Failed: The number {done} of instances returned by function '{name}' is not equal "
+                    f"to the number {len(chunk)} of instances provided to this function."
+                )
+                results.extend([missing] * (len(chunk) - done))
+                break
+            except InstanceError as exc:
+                results.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this instance
+                results.append(stage_failure(stage, exc))
     return results
-
-
-def _outputs_or_error(stage: StageDef, value: Any) -> tuple | InstanceError:
-    try:
-        return _outputs(stage, value)
-    except InstanceError as exc:
-        return exc
 
 
 # An absolute path, POSIX or Windows, as exception texts quote them.
