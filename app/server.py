@@ -65,6 +65,7 @@ from .transport.wsgi import create_app
 from .transport.inline import InlinePolicy
 from .serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from .serving.compile_cache import enable_compile_cache
+from .serving.enqueue_limit import ENQUEUE_LIMIT
 from .serving.reload import RequestEpochs, VersionWatcher, WatchTarget
 from .serving.servable import (
     BatchSettings, LoadedVersion, Servable, ServableRegistry, choose_versions, load_definition, load_version,
@@ -644,7 +645,7 @@ def start_restful_server(
     max_msg_mb_size: int = 100,
     ssl_config: SSLConfig | None = None,
     threads: int = 16,
-    max_enqueued_requests: int = 10000,
+    max_enqueued_requests: int | None = None,
     request_timeout: float = 100.0,
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
@@ -662,7 +663,8 @@ def start_restful_server(
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
 
     mserve additions: ``threads`` (HTTP worker threads; requests waiting on a batch
-    hold one each), ``max_enqueued_requests`` (more at once get 503), and
+    hold one each), ``max_enqueued_requests`` (more at once get 503; ``None``: MindSpore's
+    ``server.master.context.set_max_enqueued_requests`` value, 10000 unless set), and
     ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
     already listening socket to serve instead of binding ``address`` (worker
     processes share one this way, evened out by ``balance``; plain HTTP only), and
@@ -699,7 +701,7 @@ def start_restful_server(
         raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
     if sock is None and processes() == "devices":
         restful = {
-            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": ENQUEUE_LIMIT.resolve(max_enqueued_requests),
             "request_timeout": request_timeout, "inline_max_ms": inline_max_ms,
             "max_instances_per_request": max_instances_per_request, "max_connections": max_connections,
             "idle_timeout": idle_timeout, "header_timeout": header_timeout, "handshake_timeout": handshake_timeout,
@@ -717,9 +719,11 @@ def start_restful_server(
     limits = ConnectionLimits(max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb * 1024)
     limits.check()
     handler = PredictHandler(
-        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
-        max_instances=max_instances_per_request,
+        _state.registry, ENQUEUE_LIMIT.resolve(max_enqueued_requests), request_timeout,
+        loading=lambda: _state.loading > 0, max_instances=max_instances_per_request,
     )
+    if max_enqueued_requests is None:  # MindSpore's master.context.set_max_enqueued_requests moves it
+        ENQUEUE_LIMIT.follow(handler)
     inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
     limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, _state, inline)
@@ -761,7 +765,7 @@ def start_grpc_server(
     max_msg_mb_size: int = 100,
     ssl_config: SSLConfig | None = None,
     threads: int = 16,
-    max_enqueued_requests: int = 10000,
+    max_enqueued_requests: int | None = None,
     request_timeout: float = 100.0,
     reuse_port: bool = False,
     max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
@@ -808,7 +812,7 @@ def start_grpc_server(
     unix = isinstance(address, str) and address.startswith("unix:")
     if processes() == "devices" and not unix:
         grpc = {
-            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": ENQUEUE_LIMIT.resolve(max_enqueued_requests),
             "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
         }
         started = _start_grpc_frontends(address, ssl_config, grpc, reuse_port, workers)
@@ -819,9 +823,11 @@ def start_grpc_server(
             f"workers={workers} needs device processes (processes mode 'devices') and a host:port address"
         )
     dataplane = Dataplane(
-        _state.registry, max_enqueued_requests, request_timeout, loading=lambda: _state.loading > 0,
-        max_instances=max_instances_per_request,
+        _state.registry, ENQUEUE_LIMIT.resolve(max_enqueued_requests), request_timeout,
+        loading=lambda: _state.loading > 0, max_instances=max_instances_per_request,
     )
+    if max_enqueued_requests is None:  # MindSpore's master.context.set_max_enqueued_requests moves it
+        ENQUEUE_LIMIT.follow(dataplane)
     with _state.lock:
         transport = GrpcTransport(
             dataplane, address, _state.readiness, _state.epochs, max_msg_mb_size, ssl_config, threads, reuse_port

@@ -662,3 +662,35 @@ def test_a_batched_stage_that_returns_fewer_or_more_results_fails_only_the_missi
     assert long == {"instances": [{"y": 0}, {"y": 1}]}
     assert fails["instances"][0] == {"y": 1} and "too big" in fails["instances"][1]["error_msg"]
     assert "The number 2 of instances returned by function 'raising'" in fails["instances"][2]["error_msg"]
+
+
+# --------------------------------------------------------------------------- MindIR from MindSpore 2.0
+
+def test_a_mindir_the_installed_mindspore_cannot_load_says_why_and_what_to_do(tmp_path):
+    from pathlib import Path
+
+    from mserve.backends.mindspore import load_failure
+
+    text = load_failure(Path("/m/matmul_0.mindir"), "Got null AbstractBasePtr for input [0] for primitive Depend",
+                        "2.0.0", "2.10.0")
+    assert text.startswith("mindspore.load(matmul_0.mindir) failed: Got null AbstractBasePtr")
+    assert "exported by MindSpore 2.0.0; the installed MindSpore 2.10.0 cannot load this graph" in text
+    assert "no load option changes that" in text and "Export the model again with MindSpore 2.10.0" in text
+    assert "model_format='jax_export'" in text
+    same = load_failure(Path("/m/x.mindir"), "bad graph", "2.10.1", "2.10.0")
+    assert same == "mindspore.load(x.mindir) failed: bad graph"  # same release line: nothing to add
+
+
+@pytest.mark.skipif(not os.environ.get("MSERVE_MINDIR_2_0"), reason="MSERVE_MINDIR_2_0 names no MindIR exported by "
+                    "MindSpore 2.0 (for example MindSpore's matmul_multi_subgraphs matmul_0.mindir)")
+def test_a_mindspore_2_0_mindir_fails_to_load_with_that_text(tmp_path):
+    pytest.importorskip("mindspore")
+    from pathlib import Path
+
+    from mserve.backends import Device
+    from mserve.backends.mindspore import MindIRModel
+
+    model = MindIRModel([Path(os.environ["MSERVE_MINDIR_2_0"])], Device("cpu", 0), None, "AES-GCM")
+    with pytest.raises(RuntimeError, match="exported by MindSpore 2.0") as caught:
+        model.warm_up([[tuple(s.shape) for s in model.inputs]])  # MindSpore fails at the graph's first run
+    assert "Export the model again" in str(caught.value)

@@ -44,3 +44,7 @@ class EnqueueLimit:
         """``handler`` (with ``max_enqueued_requests``) takes every later `set`."""
         with self._lock:
             self._followers.add(handler)
+
+
+# The process's limit (MindSpore's master context is one per process too).
+ENQUEUE_LIMIT = EnqueueLimit()
