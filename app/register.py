@@ -90,11 +90,16 @@ class Model:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """A placeholder for a value flowing through a method: an input or a stage output."""
+class _TensorDef:
+    """A placeholder for a value flowing through a method: an input or a stage output.
+    Its class is named as MindSpore Serving's (``_TensorDef``), because users read the
+    name in errors such as ``cannot unpack non-iterable _TensorDef object``."""
 
     index: int
     label: str
+
+
+Slot = _TensorDef
 
 
 @dataclass
@@ -331,9 +336,23 @@ def add_stage(
     ``stage`` is a Python function or a declared `Model`. A function with
     ``batch_size=None`` is called once per instance; with ``0`` (all) or ``N`` it gets
     a list of instances (tuples of inputs) and returns one output entry per instance.
-    ``tag`` names the stage in errors: ``tag="Preprocess"`` -> ``Preprocess Failed: ...``.
+    ``tag`` names the stage in errors: ``tag="Preprocess"`` -> ``Preprocess Failed: ...``
+    (untagged: ``Call Function 'servable.function' Failed: ...``, as in MindSpore).
     A function or model used by several stages must be wired alike each time.
     """
+    return _add_stage(stage, args, outputs_count, batch_size, tag, check_batched=True)
+
+
+def _add_stage(
+    stage: Callable[..., Any] | Model,
+    args: tuple,
+    outputs_count: int,
+    batch_size: int | None,
+    tag: str | None,
+    check_batched: bool,
+) -> Any:
+    """`add_stage`; ``check_batched=False`` leaves a batched function's parameters
+    unchecked, as MindSpore's deprecated ``call_*_pipeline`` does."""
     trace = _tracing
     if trace is None:
         raise RuntimeError("register.add_stage must be called inside a function decorated with register_method")
@@ -365,13 +384,13 @@ def add_stage(
             if batch_size < 0:
                 raise ServableLoadError(f"Parameter 'batch_size' should be >= 0, but actually {batch_size}")
         label = tag or getattr(stage, "__name__", "stage")
-        _wire_function(definition, trace.name, stage, len(args), outputs_count, batch_size is not None)
+        _wire_function(definition, trace.name, stage, len(args), outputs_count, batch_size is not None, check_batched)
     else:
         raise ServableLoadError(
             f"Check failed in method '{trace.name}', the parameter 'stage' of add_stage must be function or Model "
             f"returned by declare_model, now is {type(stage)}")
     outputs = [Slot(trace.next_slot + i, f"output {i} of {label}") for i in range(outputs_count)]
-    trace.stages.append(StageDef(stage, list(args), outputs, batch_size, tag or _default_tag(stage)))
+    trace.stages.append(StageDef(stage, list(args), outputs, batch_size, tag or _default_tag(definition, stage)))
     trace.next_slot += outputs_count
     return outputs[0] if outputs_count == 1 else tuple(outputs)
 
@@ -388,7 +407,8 @@ def _wire_model(definition: ServableDefinition, model: Model, inputs: int, outpu
 
 
 def _wire_function(
-    definition: ServableDefinition, method: str, fn: Callable[..., Any], inputs: int, outputs: int, batched: bool
+    definition: ServableDefinition, method: str, fn: Callable[..., Any], inputs: int, outputs: int, batched: bool,
+    check_batched: bool = True,
 ) -> None:
     """A Python stage takes its inputs (one per wired value, or one list when batched)
     and is wired alike wherever it is used (MindSpore's checks and texts)."""
@@ -404,14 +424,17 @@ def _wire_function(
         if known[2] != batched:
             raise ServableLoadError(f"Failed to add stage function {name}: parameter 'batch_size' in multiple "
                                     f"'add_stage' should be enabled or disabled consistently")
-    _check_function_arity(fn, inputs, batched)
+    if check_batched or not batched:
+        _check_function_arity(fn, inputs, batched)
     definition.stage_functions[name] = (inputs, outputs, batched)
 
 
-def _default_tag(stage: Callable[..., Any] | Model) -> str:
+def _default_tag(definition: ServableDefinition, stage: Callable[..., Any] | Model) -> str:
+    """How a stage without a tag is named in its errors, as MindSpore names it:
+    ``Call Function 'servable.function' Failed: ...``."""
     if isinstance(stage, Model):
         return "Model"
-    return getattr(stage, "__name__", "Stage")
+    return f"Call Function '{definition.name}.{getattr(stage, '__name__', 'stage')}'"
 
 
 def _check_function_arity(fn: Callable[..., Any], count: int, batched: bool) -> None:
@@ -446,7 +469,7 @@ def call_preprocess_pipeline(preprocess_fun: Callable[..., Any], *args: Any) -> 
     """Deprecated: `call_preprocess` for a function that takes a list of instances."""
     _deprecated("call_preprocess_pipeline", "add_stage")
     count = _legacy().before_preprocess("call_preprocess_pipeline")
-    return add_stage(preprocess_fun, *args, outputs_count=count, batch_size=0, tag="Preprocess")
+    return _add_stage(preprocess_fun, args, count, 0, "Preprocess", check_batched=False)
 
 
 def call_servable(*args: Any) -> Any:
@@ -474,7 +497,7 @@ def call_postprocess_pipeline(postprocess_fun: Callable[..., Any], *args: Any) -
     """Deprecated: `call_postprocess` for a function that takes a list of instances."""
     _deprecated("call_postprocess_pipeline", "add_stage")
     count = _legacy().before_postprocess("call_postprocess_pipeline")
-    return add_stage(postprocess_fun, *args, outputs_count=count, batch_size=0, tag="Postprocess")
+    return _add_stage(postprocess_fun, args, count, 0, "Postprocess", check_batched=False)
 
 
 def _legacy() -> LegacyCalls:

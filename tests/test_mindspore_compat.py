@@ -694,3 +694,60 @@ def test_a_mindspore_2_0_mindir_fails_to_load_with_that_text(tmp_path):
     with pytest.raises(RuntimeError, match="exported by MindSpore 2.0") as caught:
         model.warm_up([[tuple(s.shape) for s in model.inputs]])  # MindSpore fails at the graph's first run
     assert "Export the model again" in str(caught.value)
+
+
+def test_untagged_stage_errors_and_placeholder_names_read_as_mindspores(tmp_path):
+    write_servable(tmp_path, "named", """
+        from mserve import register
+
+
+        def check(x):
+            raise ValueError("runtime error text")
+
+
+        @register.register_method(output_names=["y"])
+        def predict(x):
+            return register.add_stage(check, x, outputs_count=1)
+    """)
+    with serving(server.ServableStartConfig(str(tmp_path), "named")) as url:
+        reply = post(url, "/model/named:predict", [{"x": 1.0}])
+    assert reply["error_msg"] == "Call Function 'named.check' Failed: runtime error text"
+    write_servable(tmp_path, "unpack", """
+        from mserve import register
+
+
+        @register.register_method(output_names=["y"])
+        def predict(x):
+            a, b = x
+            return a
+    """)
+    with pytest.raises(RuntimeError, match="cannot unpack non-iterable _TensorDef object"):
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "unpack"))
+    server.stop()
+
+
+def test_deprecated_pipeline_calls_take_any_function_as_mindspore_does(tmp_path, add_file):
+    """call_*_pipeline hands the function the list of instances without checking its
+    parameters (MindSpore's tests rely on reaching the order checks past it)."""
+    write_servable(tmp_path, "pipe", """
+        from mserve import register
+
+        register.declare_servable("add.jaxexport", "jax_export", with_batch_dim=False)
+
+
+        def per_instance(x1, x2):
+            return x1, x2
+
+
+        @register.register_method(output_names=["y"])
+        def m(x1, x2):
+            y = register.call_postprocess_pipeline(per_instance, x1, x2)
+            x1, x2 = register.call_preprocess_pipeline(per_instance, x1, x2)
+            y = register.call_servable(x1, x2)
+            return y
+    """, {"1/add.jaxexport": add_file})
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "pipe", device_ids=0))
+    server.stop()
+    assert ("call_postprocess or call_postprocess_pipeline should be invoked after call_preprocess_pipeline"
+            in str(caught.value))
