@@ -83,7 +83,7 @@ class Model:
                 raise RuntimeError(f"{name} failed: inputs format invalid, {_CALL_FORMS}")
         if self.index < 0:
             raise RuntimeError(f"{name} failed: the model is not declared")
-        runner = _current_version.get()
+        runner = current_version.get()
         if runner is None:
             raise RuntimeError(f"{name} failed: Model.call can only be used inside a stage while mserve runs a request")
         return runner.call_model(self, args, subgraph)
@@ -157,7 +157,7 @@ _define_lock = threading.Lock()
 
 # The loaded version that the current request runs on, so Model.call can find the
 # runtime of the right version when several are served at once.
-_current_version: contextvars.ContextVar[Any] = contextvars.ContextVar("mserve_version", default=None)
+current_version: contextvars.ContextVar[Any] = contextvars.ContextVar("mserve_version", default=None)
 
 
 def _definition(api: str) -> ServableDefinition:

@@ -751,3 +751,53 @@ def test_deprecated_pipeline_calls_take_any_function_as_mindspore_does(tmp_path,
     server.stop()
     assert ("call_postprocess or call_postprocess_pipeline should be invoked after call_preprocess_pipeline"
             in str(caught.value))
+
+
+# --------------------------------------------------------------------------- server.master, server.register
+
+def test_master_context_limits_the_requests_waiting(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_servable(tmp_path, "slow", """
+        import time
+        from mserve import register
+
+
+        def wait(x):
+            time.sleep(1.0)
+            return x
+
+
+        @register.register_method(output_names=["y"])
+        def predict(x):
+            return register.add_stage(wait, x, outputs_count=1)
+    """)
+    with pytest.raises(RuntimeError, match="Parameter 'max_enqueued_requests' should be >= 1"):
+        server.master.context.set_max_enqueued_requests(0)
+    server.master.context.set_max_enqueued_requests(1)
+    try:
+        with serving(server.ServableStartConfig(str(tmp_path), "slow")) as url:
+            with ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda _: post(url, "/model/slow:predict", [{"x": 1.0}]), range(2)))
+            server.master.context.set_max_enqueued_requests(10000)  # moves the running server's limit too
+            with ThreadPoolExecutor(2) as pool:
+                again = list(pool.map(lambda _: post(url, "/model/slow:predict", [{"x": 1.0}]), range(2)))
+    finally:
+        server.master.context.set_max_enqueued_requests(10000)
+    errors = [r.get("error_msg", "") for r in replies]
+    assert sum("enqueued requests count exceeds the limit 1" in e for e in errors) == 1, replies
+    assert again == [{"instances": [{"y": 1.0}]}] * 2
+
+
+def test_server_register_and_servable_local_have_mindspores_names(tmp_path):
+    from mserve.server import _servable_local
+    from mserve.server.register import (  # noqa: F401
+        AclOptions, AscendDeviceInfo, Context, CPUDeviceInfo, GpuOptions, GPUDeviceInfo, call_servable,
+        declare_servable,
+    )
+
+    (tmp_path / "add/1").mkdir(parents=True)
+    first = server.ServableStartConfig(str(tmp_path), "add", device_ids=2, version_number=0)
+    second = server.ServableStartConfig(str(tmp_path), "add", device_ids=(1, 3), version_number=1)
+    (merged,) = _servable_local.merge_config((first, second))
+    assert merged.version_number == 1 and tuple(merged.device_ids) == (2, 1, 3)
