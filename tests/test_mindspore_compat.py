@@ -801,3 +801,25 @@ def test_server_register_and_servable_local_have_mindspores_names(tmp_path):
     second = server.ServableStartConfig(str(tmp_path), "add", device_ids=(1, 3), version_number=1)
     (merged,) = _servable_local.merge_config((first, second))
     assert merged.version_number == 1 and tuple(merged.device_ids) == (2, 1, 3)
+
+
+def test_cpu_device_ids_are_labels_as_in_mindspore(tmp_path, add_file):
+    """MindSpore's tensor_add example starts device_ids=(0, 1): on the CPU, two device
+    processes, each on the host's CPU."""
+    write_servable(tmp_path, "add", """
+        from mserve import register
+
+        model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+
+        @register.register_method(output_names=["y"])
+        def add_common(x1, x2):
+            return register.add_stage(model, x1, x2, outputs_count=1)
+    """, {"1/add.jaxexport": add_file})
+    server.use_processes("devices")
+    with serving(server.ServableStartConfig(str(tmp_path), "add", device_ids=(0, 1), device_type="CPU"),
+                 workers=1) as url:
+        replies = [post(url, "/model/add:add_common", [{"x1": X, "x2": X}]) for _ in range(4)]
+        processes = len(server.default_runtime().devices.devices)
+    assert replies == [{"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}] * 4
+    assert processes == 2
