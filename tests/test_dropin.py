@@ -446,7 +446,7 @@ def test_declare_model_takes_mindspores_positional_order(tmp_path):
         ('"m.jaxexport", "jax_export", 1', "Parameter 'with_batch_dim' should be bool, but actually <class 'int'>"),
         ('["a.jaxexport", "a.jaxexport"], "jax_export"', "The item value 'a.jaxexport' in parameter 'model_file' should not be repeated"),
         ('"m.jaxexport", "jax_export", without_batch_dim_inputs=[-1]', "The item value '-1' in parameter 'without_batch_dim_inputs' should be >= 0"),
-        ('"m.jaxexport", "jax_export", options=[1]', "Parameter 'options' should be None or dict"),
+        ('"m.jaxexport", "jax_export", options=[1]', "Parameter 'options' should be None, GpuOptions or AclOptions"),
     ],
 )
 def test_declare_model_checks(tmp_path, call, text):
@@ -579,7 +579,7 @@ def test_model_call_with_several_outputs(call_url):
         ("subgraph", "Model(two.jaxexport, subgraph=1).call() failed: The model does not have subgraph of index 1, the subgraph count of the model is 1"),
         ("format", "Model(two.jaxexport).call() failed: inputs format invalid"),
         ("none", "Model(two.jaxexport).call() failed: no inputs provided"),
-        ("dtype", "Model(two.jaxexport).call() failed: Given model input 0 data type int32 not match the data type float32"),
+        ("dtype", "Model(two.jaxexport).call() failed: Given model input 0 data type kMSI_Int32 not match the data type kMSI_Float32"),
     ],
 )
 def test_model_call_errors(call_url, kind, text):

@@ -73,8 +73,9 @@ def plan_groups(configs: Sequence[Any], spans: Any = None) -> dict[DeviceGroup, 
         ids = list(dict.fromkeys(config.device_list()))
         together = [tuple(ids)] if len(ids) > 1 and spans(config) else [(i,) for i in ids]
         for members in together:
-            group = DeviceGroup(config.device_type, members)
-            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(members)))
+            kind = config.target_device_type()  # device_ids=None: the CPU, as MindSpore means it
+            group = DeviceGroup(kind, members)
+            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(members), device_type=kind))
     return groups
 
 

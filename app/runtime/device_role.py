@@ -72,9 +72,10 @@ def main() -> int:
         configs = []
         for data in settings["configs"]:
             local = local_device_ids(data.get("device_type"), data["device_ids"], settings["remapped"])
+            kind = "cpu" if (data.get("device_type") or "").lower() == "cpu" else "gpu"
             for mine, machine in zip(local, data["device_ids"]):
-                if mine != machine:  # report GPUs as the machine numbers them
-                    metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
+                if mine != machine:  # report devices as the start script numbers them
+                    metrics.DEVICE_RENAMES[f"{kind}:{mine}"] = f"{kind}:{machine}"
             configs.append(config_from_json(dict(data, device_ids=local)))
         from ..serving.progress import listening
 

@@ -18,7 +18,9 @@ from ..errors import ServableLoadError
 from ..ops import metrics
 from ..serving.compile_cache import enable_compile_cache
 from ..serving.reload import VersionWatcher, WatchTarget
-from ..serving.servable import BatchSettings, LoadedVersion, Servable, list_versions, load_definition, load_version
+from ..serving.servable import (
+    BatchSettings, LoadedVersion, Servable, choose_versions, load_definition, load_version,
+)
 from .config import ServableStartConfig, merge_configs, validate_device_type
 
 log = logging.getLogger("mserve.server")
@@ -115,23 +117,8 @@ def load_servable(runtime: Any, config: ServableStartConfig) -> None:
     """Load the versions ``config`` asks for into ``runtime``'s registry."""
     root = Path(config.servable_directory)
     definition = load_definition(root, config.servable_name)
-    present = list_versions(root / config.servable_name)
-    if not present:
-        raise ServableLoadError(
-            f"servable '{config.servable_name}': no version folder (1/, 2/, ...) in {root / config.servable_name}"
-        )
-    wanted = []
-    for number in config.versions():
-        if number == 0:
-            wanted.append(present[-1])
-        elif number in present:
-            wanted.append(number)
-        else:
-            raise ServableLoadError(
-                f"servable '{config.servable_name}': version {number} not found in {root / config.servable_name} "
-                f"(present: {', '.join(map(str, present))})"
-            )
-    devices = resolve_devices(config.device_type, config.device_list())
+    wanted = choose_versions(root, config.servable_name, bool(definition.models), config.versions())
+    devices = resolve_devices(config.target_device_type(), config.device_list())
     servable = Servable(config.servable_name, root, definition)
     entry = LoadedServable(config, servable, devices)
     for number in dict.fromkeys(wanted):

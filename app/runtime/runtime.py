@@ -26,6 +26,7 @@ from ..ops import metrics
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs, VersionWatcher
 from ..serving.servable import ServableRegistry
+from ..transport.listen_rules import ListenerSlots
 from . import listeners
 from . import loading as servable_loading
 from . import processes as process_modes
@@ -60,6 +61,7 @@ class Runtime:
     # How hot reload retires a version (a device process first lets its front-ends switch).
     retire: Callable[[str, int], None] | None = None  # None: retire_version
     follower: Any = None  # devices mode: keeps the registry following the device processes
+    listener_slots: ListenerSlots = field(default_factory=ListenerSlots)  # MindSpore: one RESTful, one gRPC server
 
     # The lifecycle, from the modules beside this one.
     start_servables = servable_loading.start_servables
@@ -96,6 +98,11 @@ class Runtime:
         metrics.READY.set(1 if self.readiness()[0] else 0)
         for listener in list(self.ready_listeners):
             listener()
+
+    def serves_something(self) -> bool:
+        """Whether servables were started (or are starting): what keeps a start
+        script's process alive after the script returns, as in MindSpore Serving."""
+        return bool(self.configured) or self.devices is not None or self.loading > 0
 
     def processes_started(self) -> bool:
         return self.devices is not None or bool(self.frontends)
@@ -157,6 +164,7 @@ class Runtime:
         if grace > 0:
             time.sleep(grace)
         with self.lock:
+            self.listener_slots.release_all()
             transports, self.transports = self.transports, []
             handlers, self.handlers = self.handlers, []
             stop_started = time.monotonic()
