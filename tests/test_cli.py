@@ -432,6 +432,25 @@ def test_new_never_overwrites(workdir):
     assert cli("new", "bad/name", "--dir", workdir).exit_code == 2
 
 
+@pytest.mark.parametrize("name, why", [
+    ("my-model", "must be a Python identifier"),
+    ("json", "the module name 'json' is already taken"),
+    ("numpy", "the module name 'numpy' is already taken"),
+])
+def test_new_refuses_up_front_the_names_the_loader_refuses(tmp_path, name, why):
+    """`mserve new` and the loader share one name check: a name `new` accepts loads."""
+    result = cli("new", name, "--dir", tmp_path)
+    assert result.exit_code == 2 and why in result.stderr, result.output
+    assert not list(tmp_path.iterdir())  # nothing written
+    (tmp_path / name / "1").mkdir(parents=True)
+    (tmp_path / name / "servable_config.py").write_text("from mserve import register\n")
+    from mserve import server
+    from mserve.errors import ServableLoadError
+
+    with pytest.raises(ServableLoadError, match=re.escape(why)):
+        server.start_servables(server.ServableStartConfig(str(tmp_path), name))
+
+
 def test_new_prints_how_to_try_it(tmp_path):
     result = cli("new", "demo2", "--dir", tmp_path)
     assert result.exit_code == 0, result.output
