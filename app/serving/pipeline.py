@@ -34,7 +34,7 @@ import re
 import time
 from typing import Any, Sequence
 
-from .model_stage import InstanceError
+from .model_stage import InstanceError, for_method
 from ..register import MethodDef, Model, StageDef, _current_version
 from .servable import LoadedVersion, ModelCallError
 from ..ops.access_log import current_request_id
@@ -105,7 +105,7 @@ def run_method(
                 results = _call_batched_function(stage, rows)
             for i, result in zip(alive, results):
                 if isinstance(result, InstanceError):
-                    errors[i] = result
+                    errors[i] = for_method(result, method, stage) if stage.is_model else result
                 else:
                     row = slots[i]
                     for slot, value in zip(stage.outputs, result):
