@@ -290,7 +290,7 @@ def call_grpc(
         if list(item) == ["error"] and isinstance(item["error"], str):
             shaped.append({"error_msg": item["error"]})
         else:
-            shaped.append({name: codec.encode_value(v) for name, v in item.items()})
+            shaped.append({name: codec.encode_value(v) for name, v in sorted(item.items())})
     return {"instances": shaped}
 
 
@@ -326,7 +326,9 @@ def reply_table(instances: list[Any]) -> Table:
         elif "error_msg" in instance:
             table.add_row(str(index), "[red]error_msg[/]", f"[red]{escape(str(instance['error_msg']))}[/]")
         else:
-            for name, value in instance.items():
+            # By name: gRPC's reply is a protobuf map, whose order is not the method's, so
+            # sorting is what makes a reply read the same over REST and gRPC.
+            for name, value in sorted(instance.items()):
                 table.add_row(str(index), escape(name), escape(show_value(value)))
     return table
 

@@ -3,14 +3,14 @@ file is wrong: a hint naming the right scheme or the file, never raw HTTP/2 byte
 ``BadStatusLine`` or a bare ``Socket closed``; and gRPC's C core does not write its
 own ``Handshake failed`` lines to the server's or the client's stderr.
 
-Two real servers (``mserve start --workers 0``, the add servable): one plain (REST and
-gRPC), one with TLS on both ports."""
+Two real servers (``mserve start --workers 0``): one plain (REST and gRPC; the add
+servable and one with three outputs), one with TLS on both ports (add)."""
 
 from __future__ import annotations
 
 import pytest
 
-from support import free_port
+from support import BUNDLED, REPO, free_port, write_servable
 from test_cli import Started, cli
 
 ADD = ["add:add_common", "-i", "x1=[[1.0,2.0],[3.0,4.0]]", "-i", "x2=[[1.0,2.0],[3.0,4.0]]"]
@@ -28,9 +28,23 @@ def certificates(tmp_path_factory):
     return root
 
 
-def _start(tmp_path_factory, name: str, extra: list[str]):
+THREE_OUTPUTS = """
+    import numpy as np
+    from mserve import register
+
+    def describe(data, text):
+        return np.int32(len(data)), text.upper(), data.tobytes()[::-1]
+
+    @register.register_method(output_names=["size", "upper", "reversed"])
+    def inspect(data, text):
+        size, upper, reversed_ = register.add_stage(describe, data, text, outputs_count=3)
+        return size, upper, reversed_
+"""
+
+
+def _start(tmp_path_factory, name: str, extra: list[str], servables: list[str] = ("--servable", "add")):
     grpc_port = free_port()
-    started = Started(["--servable", "add", "--workers", "0", "--grpc-port", str(grpc_port), *extra],
+    started = Started([*servables, "--workers", "0", "--grpc-port", str(grpc_port), *extra],
                       tmp_path_factory.mktemp(name), free_port())
     try:
         started.wait_ready(timeout=300)
@@ -43,7 +57,10 @@ def _start(tmp_path_factory, name: str, extra: list[str]):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, certificates):
-    plain = _start(tmp_path_factory, "plain", [])
+    folder = tmp_path_factory.mktemp("hint_servables")
+    (folder / "add").symlink_to(BUNDLED / "add")
+    write_servable(folder, "three", THREE_OUTPUTS, {"1/README": b"version 1: Python stages only\n"})
+    plain = _start(tmp_path_factory, "plain", [], [str(folder)])
     try:
         tls = _start(tmp_path_factory, "tls", ["--ssl-certfile", str(certificates / "server.crt"),
                                                "--ssl-keyfile", str(certificates / "server.key")])
@@ -104,3 +121,17 @@ def test_a_tls_file_that_is_not_pem_is_named(servers, tmp_path):
     junk.write_text("not a certificate\n")
     result = cli("invoke", *ADD, "--url", f"https://localhost:{tls.port}", "--cert", junk)
     assert result.exit_code == 2 and f"--cert {junk}: not a usable client certificate" in result.stderr
+
+
+def test_rest_and_grpc_tables_list_outputs_in_the_same_order(servers):
+    plain, _ = servers
+    args = ["invoke", "three:inspect", "-i", "data=@" + str(REPO / "sample_data/digits/digit_3.raw"), "-i", 'text="hi"']
+    rest = cli(*args, "--url", plain.url, env={"COLUMNS": "200"})
+    grpc = cli(*args, "--url", f"grpc://127.0.0.1:{plain.grpc_port}", env={"COLUMNS": "200"})
+    assert rest.exit_code == 0 and grpc.exit_code == 0, rest.output + grpc.output
+
+    def outputs(text: str) -> list[str]:
+        return [cells[2].strip() for line in text.splitlines() if len(cells := line.split("│")) > 3
+                and cells[1].strip().isdigit()]
+
+    assert outputs(rest.stdout) == outputs(grpc.stdout) == ["reversed", "size", "upper"], rest.stdout + grpc.stdout
