@@ -230,6 +230,19 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert readme_command in ci.splitlines(), f".ci/run does not run the README's test command: {readme_command}"
 
 
+def test_the_container_port_is_published_the_same_way_everywhere():
+    """The Dockerfile's own usage line, the README and the deployment page publish the
+    port alike, and the Dockerfile and the README warn that /models must be mounted."""
+    publish = re.compile(r"docker run [^\n]*?(-p \S+)")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    found = {name: publish.findall(text) for name, text in [
+        ("Dockerfile", dockerfile), ("README.md", README.read_text()),
+        ("docs/deployment.md", (REPO / "docs" / "deployment.md").read_text())]}
+    assert all(found.values()) and len({p for ps in found.values() for p in ps}) == 1, found
+    for text in (dockerfile, README.read_text()):
+        assert "code 2" in text and "no servables in /models" in text
+
+
 def test_the_readme_stays_short():
     lines = README.read_text().count("\n")
     assert lines <= 400, f"README.md has {lines} lines; move detail into a page under docs/"
