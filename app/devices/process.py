@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import logsetup
 from ..ops.metadata import _instances
 from .channel import Channel, ChannelClosed
 from .shm import Buffer, nbytes_of, storable
@@ -378,7 +379,7 @@ def main() -> int:
     settings = json.loads(sys.stdin.read())
     group = settings["group"]
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [device {group} {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logsetup.formatter(f"device {group}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     root = logging.getLogger("mserve")
     root.addHandler(handler)
     root.setLevel(settings["log_level"])

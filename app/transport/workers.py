@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .. import logsetup
 from ..lifetime import stop_processes
 from .balance import ConnectionBalance
 
@@ -215,8 +216,9 @@ def _worker_main() -> int:
 
     die_with_parent()  # a pool's process killed outright leaves no worker behind
     settings = json.loads(sys.stdin.read())
+    role = "front-end" if settings.get("manifest") else "worker"
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logsetup.formatter(f"{role} {settings['index']}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     mserve_log = logging.getLogger("mserve")
     mserve_log.addHandler(handler)
     mserve_log.setLevel(settings["log_level"])
@@ -226,7 +228,7 @@ def _worker_main() -> int:
     waitress_log.propagate = False
     access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
     access_handler = logging.StreamHandler()
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access_handler.setFormatter(logsetup.access_formatter())
     access.handlers = [access_handler]
     access.propagate = False
     # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
