@@ -69,3 +69,35 @@ def for_start_script() -> None:
     access_handler.setFormatter(access_formatter())
     access.addHandler(access_handler)
     access.propagate = False
+
+
+class ReadyLog:
+    """Says once, at INFO, when a start script's server is ready: servables loaded and
+    a port listening (MindSpore Serving logs the same). `mserve start`, which prints
+    its own ``ready`` line, and the server's own child processes turn it off."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.addresses: list[str] = []
+        self.said = False
+        self._log = logging.getLogger("mserve.server")
+
+    def quiet(self) -> None:
+        self.enabled = False
+
+    def listening(self, address: str) -> None:
+        self.addresses.append(address)
+
+    def check(self, ready: bool, servables: list[str]) -> None:
+        if not (self.enabled and ready and self.addresses and servables) or self.said:
+            return
+        self.said = True
+        self._log.info("ready: serving %s on %s", ", ".join(servables), ", ".join(self.addresses))
+
+    def reset(self) -> None:
+        """After a stop: a server started again in this process says it again."""
+        self.addresses.clear()
+        self.said = False
+
+
+READY_LOG = ReadyLog()

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import lifetime
+from . import lifetime, logsetup
 from .ops import metrics
 from .transport.balance import ConnectionBalance
 from .errors import ServableLoadError
@@ -356,6 +356,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _listening(address: str) -> None:
+    logsetup.READY_LOG.listening(address)
+    _log_if_ready()
+
+
+def _log_if_ready() -> None:
+    """A start script logs once that it is ready (`mserve.logsetup.ReadyLog`)."""
+    logsetup.READY_LOG.check(_state.readiness()[0], sorted(_state.registry.servables()))
+
+
 def _refresh_ready() -> None:
     metrics.READY.set(1 if _state.readiness()[0] else 0)
     for listener in list(_state.ready_listeners):  # the gRPC health services
@@ -393,6 +403,7 @@ def start_servables(
     folders and hot-reload versions that appear or disappear (see `mserve.serving.reload`);
     ``None`` (the default) or 0 leaves them alone.
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     if isinstance(servable_configs, ServableStartConfig):
         servable_configs = [servable_configs]
     if not isinstance(servable_configs, (tuple, list)):
@@ -413,6 +424,7 @@ def start_servables(
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     if processes() == "devices":
         _start_devices(configs, poll_interval)
+        _log_if_ready()
         return
     # "Loading" from the first moment: importing JAX alone takes seconds, and a server
     # already listening must answer 503 (not 404) meanwhile.
@@ -437,6 +449,7 @@ def start_servables(
         finally:
             _state.loading -= 1
             _refresh_ready()
+    _log_if_ready()
 
 
 def _start_devices(configs: list[ServableStartConfig], poll_interval: float | None) -> None:
@@ -682,6 +695,7 @@ def start_restful_server(
     From here on the process keeps serving after the calling script ends, until
     `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
     if inline_max_ms < 0:
@@ -739,6 +753,7 @@ def start_restful_server(
         lifetime.keep_serving(stop)
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
+    _listening(server.url)  # start scripts: where, and when ready (mserve.logsetup)
     return server
 
 
@@ -774,6 +789,7 @@ def start_grpc_server(
     by this process (its registry follows the device processes). Either may be
     started before or after `start_restful_server` and `start_servables`.
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     from .transport.grpc import GrpcTransport
 
     if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
@@ -808,6 +824,8 @@ def start_grpc_server(
         _state.transports.append(transport)
         _state.ready_listeners.append(transport.refresh_health)
         lifetime.keep_serving(stop)
+    log.info("Serving gRPC server listening on %s", transport.target)
+    _listening(f"gRPC {transport.target}")  # start scripts: where, and when ready (mserve.logsetup)
     return transport
 
 
@@ -853,6 +871,7 @@ def _start_frontends(
         lifetime.keep_serving(stop)
     server = RestfulServer(frontends, host)
     log.info("RESTful server listening on %s (%d front-end processes)", server.url, count)
+    _listening(server.url)  # start scripts: where, and when ready (mserve.logsetup)
     return server
 
 
@@ -905,6 +924,7 @@ def _start_grpc_frontends(
         _state.transports.append(frontends)
         lifetime.keep_serving(stop)
     log.info("Serving gRPC server listening on %s (%d front-end processes)", target, count)
+    _listening(f"gRPC {target}")  # start scripts: where, and when ready (mserve.logsetup)
     return frontends
 
 
@@ -948,6 +968,7 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
     """Stop gracefully and unload: ``/ready`` answers 503 at once; new requests are
     still served for ``grace`` seconds; then the listeners close, new predicts get
     503, and in-flight requests finish (up to ``drain_timeout`` seconds)."""
+    logsetup.READY_LOG.reset()
     begin_shutdown()
     if grace > 0:
         time.sleep(grace)

@@ -293,6 +293,9 @@ def serve(settings: StartSettings) -> None:
 
 
 def _serve(settings: StartSettings) -> None:
+    from mserve import logsetup
+
+    logsetup.READY_LOG.quiet()  # this command says "ready" itself (progress.announce_ready)
     resolved = resolve_servables(settings.servable_directory, settings.servables)
     configs = start_configs(resolved, settings.device_type, settings.device_ids, settings)
 

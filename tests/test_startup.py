@@ -109,3 +109,63 @@ def test_requests_waiting_for_a_thread_log_no_queue_depth_warning(tmp_path, capl
             caller.join()
     assert replies == [200] * 4
     assert not [r for r in caplog.records if r.name.startswith("waitress")], caplog.text
+
+
+START_SCRIPT = """
+import os
+import sys
+from mserve import server
+
+
+def start():
+    servable_dir = sys.argv[1]
+    config = server.ServableStartConfig(servable_directory=servable_dir, servable_name="add", device_ids=0)
+    server.start_servables(servable_configs=config)
+    server.start_restful_server(address="127.0.0.1:" + sys.argv[2])
+
+
+if __name__ == "__main__":
+    start()
+"""
+
+
+def _run_start_script(tmp_path, env: dict[str, str]) -> tuple[str, str]:
+    """A MindSpore-style start script, as a user runs it; its stderr once it serves."""
+    import sys
+
+    from support import BUNDLED
+
+    script = tmp_path / "serving_server.py"
+    script.write_text(START_SCRIPT)
+    port = free_port()
+    err_path = tmp_path / f"script-{port}.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(script), str(BUNDLED), str(port)], stderr=err,
+                                stdout=subprocess.DEVNULL, env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, err_path.read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.1)
+        time.sleep(0.5)  # the ready line is written right after the server listens
+        return err_path.read_text(), f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, err_path.read_text()
+
+
+def test_a_start_script_logs_where_it_listens_and_when_it_is_ready(tmp_path):
+    text, url = _run_start_script(tmp_path, {"MSERVE_PROCESSES": "single"})
+    assert re.search(rf"^\d\d:\d\d:\d\d INFO mserve.server: RESTful server listening on {url}$", text, re.M), text
+    assert re.search(rf"^\d\d:\d\d:\d\d INFO mserve.server: ready: serving add on {url}$", text, re.M), text
+
+
+def test_mserve_log_level_quiets_a_start_script(tmp_path):
+    text, _ = _run_start_script(tmp_path, {"MSERVE_PROCESSES": "single", "MSERVE_LOG_LEVEL": "warning"})
+    assert "listening" not in text and "ready" not in text, text

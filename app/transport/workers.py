@@ -217,6 +217,7 @@ def _worker_main() -> int:
     die_with_parent()  # a pool's process killed outright leaves no worker behind
     settings = json.loads(sys.stdin.read())
     role = "front-end" if settings.get("manifest") else "worker"
+    logsetup.READY_LOG.quiet()  # the server that started this process says when it is ready
     handler = logging.StreamHandler()
     handler.setFormatter(logsetup.formatter(f"{role} {settings['index']}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     mserve_log = logging.getLogger("mserve")
