@@ -116,7 +116,9 @@ class Started:
     def stderr(self) -> str:
         return self.err_path.read_text()
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
+        # A hang guard, not a timing: loading on a busy 2-core machine running the
+        # suite on every core can take minutes.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,8 +128,12 @@ class Started:
             except OSError:
                 time.sleep(0.1)
                 continue
-            # Listening: the table is printed (and flushed) right after.
-            while "serving on" not in self.stdout and time.monotonic() < deadline:
+            # Listening; the table is printed (and flushed) once the servables are served.
+            while "serving on" not in self.stdout:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"mserve start exited {self.proc.returncode}:\n{self.stderr}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"mserve start not serving after {timeout}s:\n{self.stderr}")
                 time.sleep(0.05)
             return
         raise AssertionError(f"mserve start not listening after {timeout}s:\n{self.stderr}")
