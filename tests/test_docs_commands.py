@@ -1,4 +1,4 @@
-"""Every shell example of docs/*.md, run against a real server exactly as
+"""Every shell example of the pages under docs/, run against a real server exactly as
 tests/test_readme.py runs the README's (the rules and the machinery are there). A
 module of its own so that the README's and the pages' examples run side by side on
 two test workers."""

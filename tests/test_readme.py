@@ -51,7 +51,7 @@ from support import REPO, free_port
 from test_cli import Started
 
 README = REPO / "README.md"
-DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [README, *sorted((REPO / "docs").rglob("*.md"))]  # pages in subfolders too
 CONSOLE = {"console", "shell-session"}
 SCRIPT = {"bash", "sh", "shell", "zsh"}
 HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
