@@ -73,8 +73,9 @@ def for_start_script() -> None:
 
 class ReadyLog:
     """Says once, at INFO, when a start script's server is ready: servables loaded and
-    a port listening (MindSpore Serving logs the same). `mserve start`, which prints
-    its own ``ready`` line, and the server's own child processes turn it off."""
+    a port listening (MindSpore Serving logs the same). Each `Runtime` holds one;
+    `mserve start`, which prints its own ``ready`` line, and the server's own child
+    processes turn it off."""
 
     def __init__(self) -> None:
         self.enabled = True
@@ -98,6 +99,3 @@ class ReadyLog:
         """After a stop: a server started again in this process says it again."""
         self.addresses.clear()
         self.said = False
-
-
-READY_LOG = ReadyLog()

@@ -293,9 +293,9 @@ def serve(settings: StartSettings) -> None:
 
 
 def _serve(settings: StartSettings) -> None:
-    from mserve import logsetup
+    from mserve import server
 
-    logsetup.READY_LOG.quiet()  # this command says "ready" itself (progress.announce_ready)
+    server.default_runtime().ready_log.quiet()  # this command says "ready" itself (progress.announce_ready)
     resolved = resolve_servables(settings.servable_directory, settings.servables)
     configs = start_configs(resolved, settings.device_type, settings.device_ids, settings)
 
@@ -401,7 +401,7 @@ def _serve_processes(
     if not stop_requested.is_set():
         progress.announce_ready(escape(restful.url))
     pool = restful.transport.pool
-    devices = server._state.devices
+    devices = server.default_runtime().devices
     try:
         how = f" with {workers} front-end process{'es' if workers > 1 else ''} and " \
               f"{len(devices.devices)} device process{'es' if len(devices.devices) > 1 else ''}"
