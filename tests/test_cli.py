@@ -138,7 +138,7 @@ class Started:
             return
         raise AssertionError(f"mserve start not listening after {timeout}s:\n{self.stderr}")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 120) -> int:  # a hang guard: draining on a busy machine takes time
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)

@@ -321,7 +321,7 @@ def test_progress_is_a_rich_display_on_a_terminal(workdir):
     seen = b""
     try:
         deadline = time.monotonic() + 90
-        while "loaded lenet version 1" not in _plain(seen) and time.monotonic() < deadline and proc.poll() is None:
+        while "compiled lenet version 1" not in _plain(seen) and time.monotonic() < deadline and proc.poll() is None:
             try:
                 seen += os.read(leader, 65536)
             except OSError:
@@ -333,7 +333,7 @@ def test_progress_is_a_rich_display_on_a_terminal(workdir):
     text = seen.decode("utf-8", "replace")
     assert "\x1b[" in text  # a live display (cursor control, colors), not plain lines
     plain = _plain(seen)
-    assert "loaded lenet version 1" in plain
+    assert "compiled lenet version 1" in plain
     assert "INFO mserve.load" not in plain
 
 
