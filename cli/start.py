@@ -81,16 +81,22 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     root.setLevel(level.upper())
     root.propagate = False
 
-    access_handler = StderrHandler()
+    from mserve.ops.access_log import deferred as deferred_access_records
+    from mserve.ops.batched_log import BatchedStreamHandler
+
+    access_handler = BatchedStreamHandler()  # to sys.stderr in batches, off the request path
     access_handler.setFormatter(access_formatter())
     access.handlers = [access_handler]
     # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
     access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
     access.setLevel(access_level if access_log else logging.WARNING)
     access.propagate = False
+    deferred_access_records.enable()  # records made and written off the request path
     try:
         yield
     finally:
+        deferred_access_records.disable()  # hands what is queued to the handler ...
+        access_handler.close()  # ... which writes it
         for lg, handlers, lvl, propagate in saved:
             lg.handlers = handlers
             lg.setLevel(lvl)

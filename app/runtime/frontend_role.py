@@ -22,6 +22,8 @@ import sys
 from typing import Any
 
 from .. import logsetup
+from ..ops.access_log import deferred as deferred_access_records
+from ..ops.batched_log import BatchedStreamHandler
 from ..transport.balance import ConnectionBalance
 from .config import ServableStartConfig, SSLConfig
 from .runtime import Runtime
@@ -47,12 +49,13 @@ def main() -> int:
     waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
     waitress_log.propagate = False
     access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
-    access_handler = logging.StreamHandler()
+    access_handler = BatchedStreamHandler()  # written in batches by a thread of its own, off the request path
     access_handler.setFormatter(logsetup.access_formatter())
     access.handlers = [access_handler]
     access.propagate = False
     # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
     access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
+    deferred_access_records.enable()  # records made and written off the request path
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
 
