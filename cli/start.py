@@ -65,18 +65,6 @@ LIST_EPILOG = """\
 log = logging.getLogger("mserve.cli")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (a test runner may swap it)."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[None]:
     """Server logs to stderr, ``mserve.access`` as one plain line per request
@@ -85,8 +73,10 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     access = logging.getLogger("mserve.access")
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (root, access)]
 
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    from mserve.logsetup import StderrHandler, access_formatter, formatter
+
+    handler = StderrHandler()
+    handler.setFormatter(formatter())
     root.handlers = [handler]
     root.setLevel(level.upper())
     root.propagate = False
@@ -95,7 +85,7 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     from mserve.ops.batched_log import BatchedStreamHandler
 
     access_handler = BatchedStreamHandler()  # to sys.stderr in batches, off the request path
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access_handler.setFormatter(access_formatter())
     access.handlers = [access_handler]
     # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
     access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
@@ -113,13 +103,19 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
             lg.propagate = propagate
 
 
-def _load(configs: list[Any], poll_interval: float | None = None, show_progress: bool = False) -> None:
-    """Load servables (with a progress display when asked); load failures exit 1 with
-    one line (after unloading)."""
+def _load(
+    configs: list[Any], poll_interval: float | None = None, show_progress: bool = False, frontends: int = 0
+) -> None:
+    """Load servables (with a progress display when asked; ``frontends``: how many
+    front-end processes follow the device processes); load failures exit 1 with one
+    line (after unloading)."""
     from mserve import server
     from mserve.errors import ServableLoadError
 
-    display = progress.LoadDisplay() if show_progress else contextlib.nullcontext()
+    display = (
+        progress.LoadDisplay({c.servable_name for c in configs}, frontends) if show_progress
+        else contextlib.nullcontext()
+    )
     try:
         with display:
             server.start_servables(configs, poll_interval=poll_interval)
@@ -304,6 +300,9 @@ def serve(settings: StartSettings) -> None:
 
 
 def _serve(settings: StartSettings) -> None:
+    from mserve import server
+
+    server.default_runtime().ready_log.quiet()  # this command says "ready" itself (progress.announce_ready)
     resolved = resolve_servables(settings.servable_directory, settings.servables)
     configs = start_configs(resolved, settings.device_type, settings.device_ids, settings)
 
@@ -340,6 +339,7 @@ def _serve(settings: StartSettings) -> None:
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
             return
+        progress.announce_ready(escape(restful.url))
         try:
             extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
             _announce_and_wait(
@@ -402,7 +402,11 @@ def _serve_processes(
         f"listening on {escape(restful.url)} ({workers} front-end process{'es' if workers > 1 else ''}): "
         "/health answers 200, /ready 503 until the device processes have loaded the servables"
     )
-    _load(configs, settings.poll_interval or None, show_progress=True)  # the device processes report progress
+    # The device processes report progress; start_servables returns once every
+    # front-end serves the servables, which is when /ready turns 200.
+    _load(configs, settings.poll_interval or None, show_progress=True, frontends=workers)
+    if not stop_requested.is_set():
+        progress.announce_ready(escape(restful.url))
     pool = restful.transport.pool
     devices = server.default_runtime().devices
     try:

@@ -176,6 +176,12 @@ class DeviceSupervisor:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mserve.runtime.device_role"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
+            # or a group-wide SIGTERM reaches the server, which stops the device
+            # processes last, after the front-ends drained. Without it a device process
+            # exited first and was "restarted" mid-stop. (die_with_parent covers a
+            # server killed outright.)
+            start_new_session=True,
         )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings))

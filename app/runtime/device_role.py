@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from .. import logsetup
 from ..devices.process import DeviceServer, describe, die_with_parent, local_device_ids
 from ..devices.supervisor import HEARTBEAT_SECONDS
 from ..lifetime import exit_at_once
@@ -54,7 +55,7 @@ def main() -> int:
     settings = json.loads(sys.stdin.read())
     group = settings["group"]
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [device {group} {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logsetup.formatter(f"device {group}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     root = logging.getLogger("mserve")
     root.addHandler(handler)
     root.setLevel(settings["log_level"])

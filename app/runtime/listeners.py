@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import Any
 
-from .. import lifetime
+from .. import lifetime, logsetup
 from ..serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from ..transport.balance import ConnectionBalance
 from ..transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
@@ -95,6 +95,7 @@ def start_restful_server(
     ``Serving Error: RESTful server is already running`` unless it passes
     ``additional=True`` (mserve addition: another listener beside the first).
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     if sock is None:  # MindSpore's rules (mserve.transport.listen_rules); front-ends pass their socket
         if not additional:
             runtime.listener_slots.check_free(RESTFUL)
@@ -118,6 +119,7 @@ def start_restful_server(
         runtime.listener_slots.taken(RESTFUL)
         server = RestfulServer(frontends, parse_address(address)[0])
         log.info("RESTful server listening on %s (%d front-end processes)", server.url, frontends.pool.workers)
+        _listening(runtime, server.url)
         return server
     if workers is not None and workers != 1:
         raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
@@ -166,6 +168,7 @@ def start_restful_server(
         lifetime.keep_serving(runtime.stop)
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
+    _listening(runtime, server.url)
     return server
 
 
@@ -213,6 +216,7 @@ def start_grpc_server(
     ``Serving Error: Serving gRPC server is already running`` unless it passes
     ``additional=True`` (mserve addition: another address, e.g. a ``unix:`` socket).
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     from ..transport.grpc import GrpcTransport
     from ..transport.grpc_limits import GrpcLimits
 
@@ -235,9 +239,10 @@ def start_grpc_server(
             "max_connections": max_connections, "idle_timeout": idle_timeout,
             "max_streams_per_connection": max_streams_per_connection,
         }
-        started = start_grpc_frontends(runtime, address, ssl_config, grpc, reuse_port, workers)
+        frontends = start_grpc_frontends(runtime, address, ssl_config, grpc, reuse_port, workers)
         runtime.listener_slots.taken(GRPC)
-        return started
+        _listening(runtime, f"gRPC {frontends.target}")
+        return frontends
     if workers is not None and workers != 1:
         raise RuntimeError(
             f"workers={workers} needs device processes (processes mode 'devices') and a host:port address"
@@ -264,6 +269,7 @@ def start_grpc_server(
         runtime.listener_slots.taken(GRPC)
         lifetime.keep_serving(runtime.stop)
     log.info("Serving gRPC server listening on %s", transport.target)
+    _listening(runtime, f"gRPC {transport.target}")
     return transport
 
 
@@ -288,3 +294,9 @@ def start_health_server(runtime: Any, address: str = "127.0.0.1:5501", threads: 
     probes = RestfulServer(transport, host)
     log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
     return probes
+
+
+def _listening(runtime: Any, address: str) -> None:
+    """A start script says where it listens, and once ready, that it is (mserve.logsetup)."""
+    runtime.ready_log.listening(address)
+    runtime.log_if_ready()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import logsetup
 from ..errors import ServableLoadError
 from ..ops import metrics
 from ..serving.compile_cache import enable_compile_cache
@@ -67,6 +68,7 @@ def start_servables(
     folders and hot-reload versions that appear or disappear (see `mserve.serving.reload`);
     ``None`` (the default) or 0 leaves them alone.
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     if isinstance(servable_configs, ServableStartConfig):
         servable_configs = [servable_configs]
     if not isinstance(servable_configs, (tuple, list)):
@@ -87,6 +89,7 @@ def start_servables(
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     if runtime.processes() == "devices":
         runtime.start_devices(configs, poll_interval)
+        runtime.log_if_ready()
         return
     # "Loading" from the first moment: importing JAX alone takes seconds, and a server
     # already listening must answer 503 (not 404) meanwhile.
@@ -111,6 +114,7 @@ def start_servables(
         finally:
             runtime.loading -= 1
             runtime.refresh_ready()
+    runtime.log_if_ready()
 
 
 def load_servable(runtime: Any, config: ServableStartConfig) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import lifetime, rundir
+from ..logsetup import ReadyLog
 from ..ops import metrics
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs, VersionWatcher
@@ -62,6 +63,7 @@ class Runtime:
     retire: Callable[[str, int], None] | None = None  # None: retire_version
     follower: Any = None  # devices mode: keeps the registry following the device processes
     listener_slots: ListenerSlots = field(default_factory=ListenerSlots)  # MindSpore: one RESTful, one gRPC server
+    ready_log: ReadyLog = field(default_factory=ReadyLog)  # a start script's "ready" line (mserve.logsetup)
 
     # The lifecycle, from the modules beside this one.
     start_servables = servable_loading.start_servables
@@ -103,6 +105,10 @@ class Runtime:
         """Whether servables were started (or are starting): what keeps a start
         script's process alive after the script returns, as in MindSpore Serving."""
         return bool(self.configured) or self.devices is not None or self.loading > 0
+
+    def log_if_ready(self) -> None:
+        """Log the one ``ready`` line once servables are served and a port listens."""
+        self.ready_log.check(self.readiness()[0], sorted(self.registry.servables()))
 
     def processes_started(self) -> bool:
         return self.devices is not None or bool(self.frontends)
@@ -160,6 +166,7 @@ class Runtime:
         """Stop gracefully and unload: ``/ready`` answers 503 at once; new requests are
         still served for ``grace`` seconds; then the listeners close, new predicts get
         503, and in-flight requests finish (up to ``drain_timeout`` seconds)."""
+        self.ready_log.reset()
         self.begin_shutdown()
         if grace > 0:
             time.sleep(grace)

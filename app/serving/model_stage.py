@@ -16,6 +16,7 @@ cross-request batcher can sit in front of it.
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -62,6 +63,33 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
     return sizes + [max_batch_size]
 
 
+_NAMED = re.compile(r" \(model input (\d+) is .*\)$", re.S)
+
+
+def input_label(method: Any, stage: Any, index: int) -> str | None:
+    """What feeds model input ``index`` of ``stage`` in ``method``: ``input 'x1'`` (a
+    method input) or the slot's own label (``output 0 of add_trans_datatype``)."""
+    if index >= len(stage.inputs):
+        return None
+    slot = stage.inputs[index]
+    return f"input '{method.input_names[slot.index]}'" if slot.index < len(method.input_names) else slot.label
+
+
+def for_method(error: InstanceError, method: Any, stage: Any) -> InstanceError:
+    """``error`` from checking a model's inputs, naming only what ``method`` feeds
+    the input (the check itself runs where rows of every method meet, a batcher or a
+    device process, and names what every method feeds)."""
+    found = _NAMED.search(str(error))
+    if found is None:
+        return error
+    label = input_label(method, stage, int(found.group(1)))
+    if label is None:
+        return error
+    message = str(error)[: found.start()] + f" (model input {found.group(1)} is {label})"
+    cause = message if error.cause == str(error) else error.cause
+    return InstanceError(message, status=error.status, cause=cause)
+
+
 class ModelStage:
     """One declared model, loaded on one or more devices."""
 
@@ -105,19 +133,17 @@ class ModelStage:
     def name_inputs(self, methods: Sequence[Any]) -> None:
         """Learn from the methods' wiring what feeds each model input (``input 'x1'``,
         ``output 0 of add_trans_datatype``), so a dtype or shape error names it, not
-        only its position. A model fed differently by several methods lists each."""
+        only its position. A model fed differently by several methods lists each here;
+        `for_method` then keeps only what the failing request's method feeds."""
         for i in range(len(self.inputs)):
             fed: dict[str, list[str]] = {}
             for method in methods:
                 for stage in method.stages:
-                    if stage.target is not self.model or i >= len(stage.inputs):
+                    if stage.target is not self.model:
                         continue
-                    slot = stage.inputs[i]
-                    if slot.index < len(method.input_names):
-                        label = f"input '{method.input_names[slot.index]}'"
-                    else:
-                        label = slot.label
-                    fed.setdefault(label, []).append(method.name)
+                    label = input_label(method, stage, i)
+                    if label is not None:
+                        fed.setdefault(label, []).append(method.name)
             if len(fed) == 1:
                 self.input_labels[i] = next(iter(fed))
             elif fed:

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .model_stage import InstanceError
+from .model_stage import InstanceError, for_method
 from ..register import MethodDef, Model, StageDef, current_version
 from .servable import LoadedVersion, ModelCallError
 from ..ops.access_log import current_request_id
@@ -107,7 +107,7 @@ def run_method(
                 results = _call_batched_function(stage, rows)
             for i, result in zip(alive, results):
                 if isinstance(result, InstanceError):
-                    errors[i] = result
+                    errors[i] = for_method(result, method, stage) if stage.is_model else result
                 else:
                     row = slots[i]
                     for slot, value in zip(stage.outputs, result):

@@ -24,6 +24,7 @@ from ..backends import BackendError, Device, find_backend, load_model, placement
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
+from .names import SERVABLE_PACKAGE, servable_name_problem
 from .progress import LoadProgress, report
 from ..register import MethodDef, Model, ServableDefinition
 
@@ -104,24 +105,15 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
     return definition
 
 
-_SERVABLE_PACKAGE = "__mserve_servable__"  # marks the packages made here
 
 
 def _fresh_package(root: Path, name: str) -> None:
     """Make ``sys.modules[name]`` the package of the folder ``root/name`` (running
     its ``__init__.py`` if it has one), dropping an earlier load's package and its
     modules; refuse a name that another module already has."""
-    if not name.isidentifier():
-        raise ServableLoadError(
-            f"servable '{name}': servable_config.py is imported as {name}.servable_config (as MindSpore Serving does), "
-            f"so the servable name must be a Python identifier"
-        )
-    existing = sys.modules.get(name)
-    if existing is not None and not getattr(existing, _SERVABLE_PACKAGE, False):
-        raise ServableLoadError(
-            f"servable '{name}': the module name {name!r} is already taken by {getattr(existing, '__file__', None) or existing!r}; "
-            f"servable_config.py is imported as {name}.servable_config (as MindSpore Serving does): rename the servable"
-        )
+    problem = servable_name_problem(name)
+    if problem is not None:
+        raise ServableLoadError(problem)
     for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         del sys.modules[module]
     folder = root / name
@@ -133,7 +125,7 @@ def _fresh_package(root: Path, name: str) -> None:
         spec.submodule_search_locations = [str(folder)]
     assert spec is not None
     package = importlib.util.module_from_spec(spec)
-    setattr(package, _SERVABLE_PACKAGE, True)
+    setattr(package, SERVABLE_PACKAGE, True)
     sys.modules[name] = package
     if init.is_file():
         assert spec.loader is not None
