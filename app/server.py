@@ -248,11 +248,17 @@ class _State:
     # How hot reload retires a version (a device process first lets its front-ends switch).
     retire: Any = None  # (name, version) -> None; None: _retire_version
     follower: Any = None  # devices mode: keeps the registry following the device processes
+    # Distributed servables (mserve.distributed): () -> (ready, why), asked before anything else.
+    readiness_probes: list[Callable[[], tuple[bool, str]]] = field(default_factory=list)
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
         if self.stopping:
             return False, "stopping"
+        for probe in list(self.readiness_probes):  # a distributed group names the host it waits for
+            ok, why = probe()
+            if not ok:
+                return False, why
         if self.loading:
             return False, "loading servables"
         if self.processes_started():  # devices mode: this process supervises, front-ends serve
@@ -293,6 +299,17 @@ def registry() -> ServableRegistry:
 def readiness() -> tuple[bool, str]:
     """(ready, reason): what ``GET /ready`` answers (200 when ready, else 503)."""
     return _state.readiness()
+
+
+def add_readiness_probe(probe: Callable[[], tuple[bool, str]]) -> None:
+    """Make ``/ready`` also ask ``probe()`` -> (ready, why); for parts of a servable
+    that live outside this process (the hosts of a distributed servable)."""
+    _state.readiness_probes.append(probe)
+
+
+def remove_readiness_probe(probe: Callable[[], tuple[bool, str]]) -> None:
+    if probe in _state.readiness_probes:
+        _state.readiness_probes.remove(probe)
 
 
 PROCESS_MODES = ("devices", "single")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InstanceError
+from ..errors import InstanceError, ServingError
 from ..register import Model
 
 
@@ -38,6 +38,14 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
         sizes.append(size)
         size *= 2
     return sizes + [max_batch_size]
+
+
+def model_failure(exc: Exception) -> InstanceError:
+    """A runtime's failure as the instances' error: 500, or the status a runtime
+    chose by raising a `ServingError` (a distributed group that lost a host: 503)."""
+    if isinstance(exc, ServingError):
+        return InstanceError(f"Model Failed: {exc.message}", status=exc.status)
+    return InstanceError(f"Model Failed: {exc}", status=500)
 
 
 class ModelStage:
@@ -196,7 +204,7 @@ class ModelStage:
         try:
             return tuple(self._runtime().predict(list(args)))
         except Exception as exc:  # a runtime failure fails this instance only
-            return InstanceError(f"Model Failed: {exc}", status=500)
+            return model_failure(exc)
 
     def run_batch(
         self, rows: Sequence[Sequence[np.ndarray]], runtime: Any = None, pad_to: int | None = None
@@ -218,8 +226,7 @@ class ModelStage:
         try:
             outputs = (runtime or self._runtime()).predict(arrays)
         except Exception as exc:
-            error = InstanceError(f"Model Failed: {exc}", status=500)
-            return [error] * n
+            return [model_failure(exc)] * n
         return [tuple(out[j] for out in outputs) for j in range(n)]
 
     def padded_size(self, n: int) -> int:

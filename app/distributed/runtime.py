@@ -1,0 +1,102 @@
+"""The main host's stand-in for a sharded model that spans hosts, and its backend.
+
+`group_backend(group)` is a `Backend` for ``jax_function`` models: registered while a
+server runs with a distributed group, it takes the models that declare a
+``sharding`` (the others load on this host as always). Loading one attaches it to the
+group, waits for every host (up to ``wait_agents``), and returns a
+`DistributedRuntime`: to the model stage, batcher, buckets and warm-up it is one
+more runtime whose ``predict`` runs a batch on every host of the group.
+
+The main host reads only the weights' shapes (the file header) to trace the model's
+input and output specs; the weights themselves are read by the hosts, each its slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backends import Backend, LoadRequest, ModelRuntime, TensorSpec
+from .coordinator import DistributedGroup, ModelOrders
+from .shards import WeightSlices, file_digest, model_specs
+
+
+class GroupDevice:
+    """How metrics and /models name where the model runs: ``hosts:N``."""
+
+    platform = "hosts"
+
+    def __init__(self, hosts: int):
+        self.id = hosts
+
+
+class DistributedRuntime:
+    """A model instance whose devices are every device of every host of the group."""
+
+    def __init__(self, group: DistributedGroup, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+        self.group = group
+        self.inputs = inputs
+        self.outputs = outputs
+        self.device = GroupDevice(group.settings.hosts)
+        self.devices: list[Any] = []
+        self._warm: set[tuple] = set()
+
+    def predict(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.group.run(arrays)
+
+    def warm_up(self, shapes: Sequence[Sequence[tuple[int, ...]]]) -> None:
+        listed = [tuple(tuple(s) for s in one) for one in shapes]
+        self.group.warm_up(listed)
+        self._warm.update(listed)
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._warm)
+
+
+def orders_for(request: LoadRequest) -> ModelOrders:
+    """What the hosts load, from the model's files (``DIR/NAME/VERSION/FILE``)."""
+    version_folder = request.files[0].parent
+    servable_folder = version_folder.parent
+    if not version_folder.name.isdigit():
+        raise ValueError(f"{request.files[0]}: a distributed model's files live in a version folder")
+    digests = {"servable_config.py": file_digest(servable_folder / "servable_config.py")}
+    for path in request.files:
+        digests[str(Path(path).relative_to(servable_folder))] = file_digest(path)
+    return ModelOrders(
+        servable_directory=str(servable_folder.parent.resolve()), servable=servable_folder.name,
+        version=int(version_folder.name), model_files=[Path(p).name for p in request.files], digests=digests,
+    )
+
+
+def load_on_group(group: DistributedGroup, request: LoadRequest) -> DistributedRuntime:
+    if request.config_file is not None or request.context:
+        raise ValueError("a distributed jax_function model has no use for config_file or context; remove them")
+    if len(request.files) != 1:
+        raise ValueError(f"jax_function expects one weights file, got {len(request.files)}")
+    weights = WeightSlices(request.files[0])
+    try:
+        inputs, outputs = model_specs(request.options, weights.shapes())
+    finally:
+        weights.close()
+    group.attach(orders_for(request), [spec.dtype for spec in inputs])
+    group.wait_ready()
+    return DistributedRuntime(group, inputs, outputs)
+
+
+def group_backend(group: DistributedGroup, one_host: Backend) -> Backend:
+    """``jax_function`` on the group when the model declares a sharding, else as
+    ``one_host`` (the ordinary jax_function backend) loads it."""
+
+    def load(request: LoadRequest) -> ModelRuntime:
+        if "sharding" in request.options:
+            return load_on_group(group, request)
+        return one_host.load(request)
+
+    return Backend(
+        "jax_distributed", ("jax_function",), one_host.device_types, load, can_shard=True,
+        default_device_type=one_host.default_device_type, shards=lambda options: "sharding" in options,
+        description=f"sharded jax_function models over the {group.settings.hosts} host(s) at {group.address}",
+    )
