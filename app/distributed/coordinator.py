@@ -201,8 +201,8 @@ class DistributedGroup:
         if not missing:
             return ""
         names = ", ".join(map(str, missing))
-        return (f"waiting for host{'s' if len(missing) > 1 else ''} {names} (no agent connected to "
-                f"{self.address}: run `mserve agent --distributed-address ADDRESS --host-index N` there)")
+        return (f"waiting for host{'s' if len(missing) > 1 else ''} {names} (no agent connected to {self.address}; "
+                f"start `mserve agent --distributed-address {self.address} --host-index {missing[0]}` there)")
 
     # ------------------------------------------------------------------ batches
 

@@ -31,6 +31,9 @@ class GroupDevice:
     def __init__(self, hosts: int):
         self.id = hosts
 
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.id}"
+
 
 class DistributedRuntime:
     """A model instance whose devices are every device of every host of the group."""
@@ -40,8 +43,13 @@ class DistributedRuntime:
         self.inputs = inputs
         self.outputs = outputs
         self.device = GroupDevice(group.settings.hosts)
-        self.devices: list[Any] = []
         self._warm: set[tuple] = set()
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device of the group, as ``host<I>/<platform>:<id>`` (while it serves)."""
+        return [f"host{index}/{name}" for index, report in sorted(self.group.reports.items())
+                for name in report.get("devices", [])] or [str(self.device)]
 
     def predict(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.group.run(arrays)

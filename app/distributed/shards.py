@@ -126,6 +126,7 @@ class GlobalProgram:
             out_shardings=replicated,
         )
         self.shapes_compiled: set[tuple] = set()
+        self.batches = 0  # batches run, warm-up included
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One batch: every process of the group calls this with the same arrays."""
@@ -135,6 +136,7 @@ class GlobalProgram:
         ]
         self.shapes_compiled.add(tuple(a.shape for a in arrays))
         out = self._jitted(self.params, *placed)
+        self.batches += 1
         return [np.asarray(leaf) for leaf in jax.tree.leaves(out)]
 
     def shard_report(self) -> dict[str, Any]:
@@ -146,8 +148,8 @@ class GlobalProgram:
             pieces = [list(s.data.shape) for s in array.addressable_shards]
             total += sum(int(s.data.nbytes) for s in array.addressable_shards)
             held[name] = {"shape": list(array.shape), "shards": pieces}
-        return {"weights": held, "bytes": total, "rss_bytes": resident_bytes(),
-                "devices": [str(d) for d in jax.local_devices()]}
+        return {"weights": held, "bytes": total, "rss_bytes": resident_bytes(), "batches": self.batches,
+                "pid": os.getpid(), "devices": [f"{d.platform}:{d.id}" for d in jax.local_devices()]}
 
 
 def resident_bytes() -> int:

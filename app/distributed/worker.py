@@ -109,6 +109,10 @@ def main() -> int:
         return 1
     report = program.shard_report()
     report["load_seconds"] = round(time.monotonic() - started, 3)
+    # One line for whoever reads the agent's output: what this host holds.
+    print(f"mserve host {index}: loaded in {report['load_seconds']:.1f} s, holding {report['bytes']} bytes of "
+          f"weights on {', '.join(report['devices'])}; SHARDS {json.dumps(report['weights'])}", file=sys.stderr,
+          flush=True)
     link.send(("ready", report))
     try:
         serve(link, program, index)

@@ -1,0 +1,311 @@
+"""Distributed servables: one sharded model over the JAX processes of several hosts.
+
+Two `mserve agent` processes on localhost (two forced CPU devices each, gloo
+collectives) form a 4-device mesh; this test process is the main host (the server
+API with a distributed group, REST and gRPC on real sockets). Starting a JAX group
+takes seconds on a busy machine, so the group is started once per module and the
+fault test (killing an agent) runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from support import free_port, write_servable
+
+from mserve import server
+from mserve.distributed.coordinator import GroupSettings
+from mserve.distributed.serving import start_group, stop_group
+
+pytestmark = pytest.mark.timeout(400)
+
+HIDDEN = 32
+MLP_CONFIG = """
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mserve import register
+
+
+def mlp(params, x):
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+model = register.declare_model(
+    model_file="mlp.safetensors", model_format="jax_function",
+    options={
+        "function": mlp,
+        "input_specs": [("b, 8", "float32")],
+        "sharding": {"mesh": "model", "params": {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None)}},
+    },
+)
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def mlp_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {
+        "w1": rng.normal(size=(8, HIDDEN)).astype(np.float32), "b1": rng.normal(size=(HIDDEN,)).astype(np.float32),
+        "w2": rng.normal(size=(HIDDEN, 4)).astype(np.float32), "b2": rng.normal(size=(4,)).astype(np.float32),
+    }
+
+
+def unsharded(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    return np.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def write_mlp(root: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import save
+
+    params = mlp_weights()
+    write_servable(root, "mlp", MLP_CONFIG, {"1/mlp.safetensors": save(params)})
+    return params
+
+
+def agent_env() -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env.pop("MSERVE_PROCESSES", None)
+    return env
+
+
+class Agents:
+    """`mserve agent` processes on this machine, their output in files."""
+
+    def __init__(self, address: str, logs: Path):
+        self.address = address
+        self.logs = logs
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, index: int) -> subprocess.Popen:
+        log = open(self.logs / f"agent{index}-{time.monotonic_ns()}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mserve.cli", "agent", "--distributed-address", self.address,
+             "--host-index", str(index)], stdout=log, stderr=subprocess.STDOUT, env=agent_env(),
+        )
+        proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+        self.procs[index] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                raise AssertionError(f"agent {proc.pid} did not stop on SIGTERM")
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie child of an agent that has exited counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result is not None and result is not False:  # a 503 Response is falsy
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("servables")
+    params = write_mlp(root)
+    group = start_group(GroupSettings(f"127.0.0.1:{free_port()}", hosts=2, wait_agents=240, heartbeat_timeout=2.0))
+    agents = Agents(group.address, tmp_path_factory.mktemp("logs"))
+    worker_pids: list[int] = []
+    try:
+        for index in (0, 1):
+            agents.start(index)
+        server.start_servables(server.ServableStartConfig(root, "mlp", max_batch_size=4, max_batch_delay_ms=50))
+        rest = server.start_restful_server("127.0.0.1:0")
+        grpc_port = free_port()
+        server.start_grpc_server(f"127.0.0.1:{grpc_port}")
+        yield {"url": rest.url, "grpc": f"127.0.0.1:{grpc_port}", "params": params, "group": group,
+               "agents": agents, "worker_pids": worker_pids}
+    finally:
+        worker_pids.extend(r["pid"] for r in group.reports.values())
+        server.stop()
+        stop_group(group)
+        agents.stop_all()
+    # Nothing outlives the stop: every host's JAX process is gone with its agent.
+    for pid in worker_pids:
+        wait_for(lambda pid=pid: gone(pid), 10, f"JAX process {pid} exits")
+
+
+def predict(url: str, rows: np.ndarray) -> requests.Response:
+    body = {"instances": [{"x": row.tolist()} for row in rows]}
+    return requests.post(f"{url}/model/mlp:predict", json=body, timeout=60)
+
+
+def test_rest_answers_equal_the_unsharded_model(cluster):
+    rows = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    reply = predict(cluster["url"], rows)
+    assert reply.status_code == 200, reply.text
+    got = np.array([item["y"] for item in reply.json()["instances"]], np.float32)
+    np.testing.assert_allclose(got, unsharded(cluster["params"], rows), rtol=1e-5, atol=1e-5)
+    assert requests.get(f"{cluster['url']}/ready", timeout=5).status_code == 200
+
+
+def test_grpc_answers_equal_the_unsharded_model(cluster):
+    from mserve.client import Client
+
+    rows = np.random.default_rng(2).normal(size=(3, 8)).astype(np.float32)
+    result = Client(cluster["grpc"], "mlp", "predict").infer([{"x": row} for row in rows])
+    got = np.array([item["y"] for item in result], np.float32)
+    np.testing.assert_allclose(got, unsharded(cluster["params"], rows), rtol=1e-5, atol=1e-5)
+
+
+def test_each_process_holds_only_its_shards(cluster):
+    reports = cluster["group"].process_reports()
+    assert sorted(reports) == [0, 1]
+    devices = [set(r["devices"]) for r in reports.values()]
+    assert len(devices[0]) == 2 and len(devices[1]) == 2 and not devices[0] & devices[1]
+    total = sum(a.nbytes for a in cluster["params"].values())
+    replicated = cluster["params"]["b2"].nbytes  # not split: every device holds it
+    for report in reports.values():
+        # four devices, two on each process: every split weight is held a quarter per device
+        assert report["weights"]["w1"]["shards"] == [[8, HIDDEN // 4]] * 2
+        assert report["weights"]["w2"]["shards"] == [[HIDDEN // 4, 4]] * 2
+        assert report["bytes"] == (total - replicated) // 2 + 2 * replicated
+        assert report["bytes"] < total
+    # and the agent's output says so too
+    agent0 = cluster["agents"].procs[0]
+    assert "SHARDS" in agent0.log_path.read_text()
+
+
+def test_concurrent_requests_share_batches_across_all_hosts(cluster):
+    group = cluster["group"]
+    before_group = group.batches
+    before = {i: r["batches"] for i, r in group.process_reports().items()}
+    rows = np.random.default_rng(3).normal(size=(8, 8)).astype(np.float32)
+    replies: list[requests.Response] = []
+    start = threading.Barrier(8)
+
+    def one(row: np.ndarray) -> None:
+        start.wait()
+        replies.append(predict(cluster["url"], row[None, :]))
+
+    threads = [threading.Thread(target=one, args=(row,)) for row in rows]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    got = sorted(tuple(np.round(r.json()["instances"][0]["y"], 4)) for r in replies)
+    want = sorted(tuple(np.round(y, 4)) for y in unsharded(cluster["params"], rows))
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-4)
+    ran = group.batches - before_group
+    assert 2 <= ran < 8  # 8 requests, at most 4 rows a batch: fewer batches than requests
+    after = {i: r["batches"] for i, r in group.process_reports().items()}
+    assert all(after[i] - before[i] == ran for i in after)  # every host ran every batch, once
+
+
+def test_an_agent_index_out_of_range_is_refused(cluster):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mserve.cli", "agent", "--distributed-address", cluster["group"].address,
+         "--host-index", "5"], capture_output=True, text=True, timeout=60, env=agent_env(),
+    )
+    assert proc.returncode == 2
+    assert "host index 5 is out of range" in proc.stderr and "indices 0-1" in proc.stderr
+
+
+def test_a_killed_agent_makes_it_unready_then_it_serves_again(cluster):
+    url, agents, group = cluster["url"], cluster["agents"], cluster["group"]
+    cluster["worker_pids"].extend(r["pid"] for r in group.reports.values())
+    victim = agents.procs[1]
+    victim.kill()
+    victim.wait(5)
+    started = time.monotonic()
+
+    def unavailable():
+        reply = predict(url, np.ones((1, 8), np.float32))
+        return reply if reply.status_code == 503 else None
+
+    reply = wait_for(unavailable, 10, "a predict answers 503")
+    assert reply.headers.get("Retry-After")
+    assert "host 1" in reply.json()["error_msg"]
+    ready = requests.get(f"{url}/ready", timeout=5)
+    assert ready.status_code == 503 and "host 1" in ready.json()["status"]
+    assert time.monotonic() - started < 10
+    # the surviving host's JAX process was stopped too (a collective would wait for host 1 forever)
+    for pid in cluster["worker_pids"]:
+        wait_for(lambda pid=pid: gone(pid), 10, f"JAX process {pid} of the broken generation exits")
+
+    agents.start(1)
+    wait_for(lambda: requests.get(f"{url}/ready", timeout=5).status_code == 200, 240, "the group serves again")
+    rows = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
+    reply = predict(url, rows)
+    assert reply.status_code == 200, reply.text
+    got = np.array([item["y"] for item in reply.json()["instances"]], np.float32)
+    np.testing.assert_allclose(got, unsharded(cluster["params"], rows), rtol=1e-5, atol=1e-5)
+    assert group.restarts >= 1
+
+
+def test_start_waits_for_agents_and_names_the_missing_hosts(tmp_path):
+    """`mserve start --hosts 2` with no agent: /ready names both hosts while it waits,
+    then start-up gives up after --wait-agents with an error naming them."""
+    write_mlp(tmp_path)
+    port, address = free_port(), f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mserve.cli", "start", str(tmp_path), "--servable", "mlp", "--port", str(port),
+         "--distributed-address", address, "--hosts", "2", "--wait-agents", "6"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(),
+    )
+    try:
+        def waiting():
+            try:
+                reply = requests.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+            except requests.ConnectionError:
+                return None
+            return reply if "waiting for hosts 0, 1" in reply.text else None
+
+        reply = wait_for(waiting, 60, "/ready names the missing hosts")
+        assert reply.status_code == 503 and reply.headers.get("Retry-After")
+        assert f"--distributed-address {address}" in reply.json()["status"]
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "not ready within 6 s" in err and "hosts 0, 1" in err
+
+
+def test_hosts_without_an_address_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mserve.cli", "start", "--hosts", "2"], capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "needs both --distributed-address HOST:PORT and --hosts N" in proc.stderr
