@@ -250,6 +250,7 @@ class _State:
     follower: Any = None  # devices mode: keeps the registry following the device processes
     # Distributed servables (mserve.distributed): () -> (ready, why), asked before anything else.
     readiness_probes: list[Callable[[], tuple[bool, str]]] = field(default_factory=list)
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)  # run once by stop(), after the drain
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
@@ -310,6 +311,12 @@ def add_readiness_probe(probe: Callable[[], tuple[bool, str]]) -> None:
 def remove_readiness_probe(probe: Callable[[], tuple[bool, str]]) -> None:
     if probe in _state.readiness_probes:
         _state.readiness_probes.remove(probe)
+
+
+def on_stop(hook: Callable[[], None]) -> None:
+    """Run ``hook()`` once when `stop` has drained the requests (a distributed
+    group stops its hosts' processes)."""
+    _state.stop_hooks.append(hook)
 
 
 PROCESS_MODES = ("devices", "single")
@@ -989,6 +996,12 @@ def stop(drain_timeout: float = 30.0, grace: float = 0.0) -> None:
             _state.run_dir = None
         _state.watcher = None
         _state.registry.clear()
+        hooks, _state.stop_hooks = _state.stop_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # one failing hook must not keep the others from running
+                log.exception("a stop hook failed")
         for observer in _state.observers.values():
             observer.detach()
         _state.observers.clear()

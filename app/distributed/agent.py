@@ -52,17 +52,19 @@ def jax_version() -> str:
 @dataclass
 class AgentSettings:
     distributed_address: str
-    host_index: int
+    host_index: int | None  # None: the main host places it by rank_start or address (rank table)
     coordinator_port: int = 0  # host 0's JAX coordinator port; 0: a free one
     agent_ip: str | None = None  # how other hosts reach this one (host 0 only); None: as the main host sees it
     servable_directory: str | None = None  # where the servables are here; None: the main host's path
     retry_interval: float = 1.0
+    rank_start: int | None = None  # MindSpore's startup_agents: this host's first rank in the rank table
+    model_files: tuple[str, ...] = ()  # this host's copies of the model files, used instead of the servable's
 
 
 class Agent:
     def __init__(self, settings: AgentSettings):
         parse_address(settings.distributed_address)
-        if settings.host_index < 0:
+        if settings.host_index is not None and settings.host_index < 0:
             raise ValueError(f"host index must be 0 or more, got {settings.host_index}")
         self.settings = settings
         self.stopping = threading.Event()
@@ -103,12 +105,14 @@ class Agent:
         link.send(("agent", {
             "index": self.settings.host_index, "jax": jax_version(), "hostname": socket.gethostname(),
             "coordinator_port": self.coordinator_port, "agent_ip": self.settings.agent_ip, "pid": os.getpid(),
+            "rank_start": self.settings.rank_start,
+            "model_paths": {os.path.basename(f): os.path.abspath(f) for f in self.settings.model_files},
         }))
         reply = link.recv(timeout=10.0)
         if reply[0] == "refused":
             raise AgentRefused(reply[1])
         log.info("registered with the main host at %s as host %d", self.settings.distributed_address,
-                 self.settings.host_index)
+                 reply[1].get("index", -1))
         self.connected.set()
         next_beat = 0.0
         while not self.stopping.is_set():

@@ -54,6 +54,8 @@ class ModelOrders:
     version: int
     model_files: list[str]
     digests: dict[str, str]  # path relative to the servable's folder -> sha256
+    model_format: str = "jax_function"  # or "jax_distributed": a model file (`model_module`)
+    devices: int = 0  # devices the group must have in all (MindSpore's rank_size); 0: any
 
 
 @dataclass
@@ -72,6 +74,10 @@ class GroupSettings:
     heartbeat_timeout: float = 3.0
     init_timeout: float = 120.0  # a generation's join + load + warm-up, per step
     run_timeout: float = 60.0  # one batch on the group
+    # From MindSpore's rank table (`mindspore_api`): per host, its address and first
+    # rank, so agents started without a host index are placed by either.
+    host_ips: list[str] | None = None
+    rank_starts: list[int] | None = None
 
 
 class DistributedGroup:
@@ -278,6 +284,9 @@ class DistributedGroup:
         if kind != "agent":
             link.close()
             return
+        info = dict(info)
+        if info.get("index") is None:
+            info["index"] = self._place(info, peer_ip)
         refusal = self._refusal(info)
         if refusal:
             try:
@@ -295,12 +304,24 @@ class DistributedGroup:
                 link.close()
                 return
             self._agents[agent.index] = agent
-            link.send(("welcome", {"hosts": self.settings.hosts}))
+            link.send(("welcome", {"hosts": self.settings.hosts, "index": agent.index}))
             log.info("host %d: agent connected from %s (%s)", agent.index, peer_ip, info.get("hostname"))
             if self.state == "waiting" or self.state == "broken":
                 self.reason = self._missing_text() or "starting"
             self._cond.notify_all()
         self._listen_to_agent(agent)
+
+    def _place(self, info: dict[str, Any], peer_ip: str) -> int | None:
+        """The host index of an agent that gave none: by its first rank, else by its
+        address, as listed in the rank table."""
+        starts, ips = self.settings.rank_starts or [], self.settings.host_ips or []
+        if info.get("rank_start") is not None:
+            return starts.index(info["rank_start"]) if info["rank_start"] in starts else None
+        address = info.get("agent_ip") or peer_ip
+        matches = [i for i, ip in enumerate(ips) if ip == address]
+        if len(matches) == 1:
+            return matches[0]
+        return 0 if self.settings.hosts == 1 else None
 
     def _refusal(self, info: dict[str, Any]) -> str:
         from .agent import jax_version
@@ -308,6 +329,10 @@ class DistributedGroup:
         try:
             index = int(info["index"])
         except (KeyError, TypeError, ValueError):
+            if self.settings.rank_starts:
+                return (f"no host of the rank table starts at rank {info.get('rank_start')} or has the address "
+                        f"{info.get('agent_ip') or 'this agent connects from'} (first ranks: {self.settings.rank_starts}, "
+                        f"addresses: {self.settings.host_ips}): give agent_ip and rank_start")
             return "the agent sent no host index"
         if not 0 <= index < self.settings.hosts:
             return (f"host index {index} is out of range: the main host serves {self.settings.hosts} host(s), "
@@ -408,7 +433,7 @@ class DistributedGroup:
             agent.link.send(("start", {
                 "generation": generation, "index": index, "hosts": self.settings.hosts, "coordinator": coordinator,
                 "main": self._reachable_address(agent), "init_timeout": self.settings.init_timeout,
-                **self.orders.__dict__,
+                "model_paths": agent.info.get("model_paths") or {}, **self.orders.__dict__,
             }))
 
     def _reachable_address(self, agent: AgentLink) -> str:

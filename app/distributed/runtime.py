@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..backends import Backend, LoadRequest, ModelRuntime, TensorSpec
+from ..backends import Backend, LoadRequest, ModelRuntime, TensorSpec, installed_backends, register_backend
 from .coordinator import DistributedGroup, ModelOrders
+from .model_module import load_model_module
 from .shards import WeightSlices, file_digest, model_specs
 
 
@@ -64,47 +65,74 @@ class DistributedRuntime:
         return len(self._warm)
 
 
-def orders_for(request: LoadRequest) -> ModelOrders:
+def orders_for(request: LoadRequest, model_format: str, weights: Path) -> ModelOrders:
     """What the hosts load, from the model's files (``DIR/NAME/VERSION/FILE``)."""
     version_folder = request.files[0].parent
     servable_folder = version_folder.parent
     if not version_folder.name.isdigit():
         raise ValueError(f"{request.files[0]}: a distributed model's files live in a version folder")
     digests = {"servable_config.py": file_digest(servable_folder / "servable_config.py")}
-    for path in request.files:
+    for path in [*request.files, weights]:
         digests[str(Path(path).relative_to(servable_folder))] = file_digest(path)
     return ModelOrders(
         servable_directory=str(servable_folder.parent.resolve()), servable=servable_folder.name,
         version=int(version_folder.name), model_files=[Path(p).name for p in request.files], digests=digests,
+        model_format=model_format, devices=int(request.options.get("rank_size") or 0),
     )
 
 
 def load_on_group(group: DistributedGroup, request: LoadRequest) -> DistributedRuntime:
     if request.config_file is not None or request.context:
-        raise ValueError("a distributed jax_function model has no use for config_file or context; remove them")
+        raise ValueError("a distributed model has no use for config_file or context; remove them")
     if len(request.files) != 1:
-        raise ValueError(f"jax_function expects one weights file, got {len(request.files)}")
-    weights = WeightSlices(request.files[0])
+        raise ValueError(f"a distributed model has one model file, got {len(request.files)}")
+    if request.files[0].suffix == ".py":  # distributed.declare_servable: a model file
+        model_format = "jax_distributed"
+        options, weights_file = load_model_module(request.files[0])
+    else:
+        model_format, options, weights_file = "jax_function", request.options, request.files[0]
+    weights = WeightSlices(weights_file)
     try:
-        inputs, outputs = model_specs(request.options, weights.shapes())
+        inputs, outputs = model_specs(options, weights.shapes())
     finally:
         weights.close()
-    group.attach(orders_for(request), [spec.dtype for spec in inputs])
+    group.attach(orders_for(request, model_format, weights_file), [spec.dtype for spec in inputs])
     group.wait_ready()
     return DistributedRuntime(group, inputs, outputs)
 
 
+DISTRIBUTED_FORMAT = "jax_distributed"  # the model of distributed.declare_servable
+
+
 def group_backend(group: DistributedGroup, one_host: Backend) -> Backend:
-    """``jax_function`` on the group when the model declares a sharding, else as
-    ``one_host`` (the ordinary jax_function backend) loads it."""
+    """Sharded ``jax_function`` models and declared distributed servables on the
+    group; other ``jax_function`` models as ``one_host`` (the ordinary backend) loads them."""
 
     def load(request: LoadRequest) -> ModelRuntime:
-        if "sharding" in request.options:
+        if "sharding" in request.options or "rank_size" in request.options:
             return load_on_group(group, request)
         return one_host.load(request)
 
     return Backend(
-        "jax_distributed", ("jax_function",), one_host.device_types, load, can_shard=True,
-        default_device_type=one_host.default_device_type, shards=lambda options: "sharding" in options,
+        "jax_distributed", ("jax_function", DISTRIBUTED_FORMAT), one_host.device_types, load, can_shard=True,
+        default_device_type=one_host.default_device_type,
+        shards=lambda options: "sharding" in options or "rank_size" in options,
         description=f"sharded jax_function models over the {group.settings.hosts} host(s) at {group.address}",
     )
+
+
+def refuse_without_group(request: LoadRequest) -> ModelRuntime:
+    raise ValueError(
+        "this servable spans hosts (distributed.declare_servable): start it with "
+        "mserve.server.distributed.start_servable, or `mserve start --distributed-address HOST:PORT --hosts N`"
+    )
+
+
+def ensure_refusal_registered() -> None:
+    """Without a distributed group, a declared distributed servable says how to
+    serve it (a group's backend, registered later, wins over this one)."""
+    if not any(b.serves(DISTRIBUTED_FORMAT, None) for b in installed_backends()):
+        register_backend(Backend(
+            "jax_distributed_needs_hosts", (DISTRIBUTED_FORMAT,), ("cpu", "gpu", "tpu"), refuse_without_group,
+            can_shard=True, shards=lambda options: True, description="distributed servables need a distributed group",
+        ))

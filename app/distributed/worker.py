@@ -26,12 +26,13 @@ from typing import Any
 from .links import ChannelClosed, Link, connect
 
 
-def check_same_files(folder: Path, digests: dict[str, str], index: int) -> None:
-    """Refuse to join with model files other than the main host's."""
+def check_same_files(folder: Path, digests: dict[str, str], index: int, here: dict[str, str]) -> None:
+    """Refuse to join with model files other than the main host's. ``here``: files
+    this host's agent was given (by file name), used instead of the servable's."""
     from .shards import file_digest
 
     for relative, wanted in digests.items():
-        path = folder / relative
+        path = Path(here.get(Path(relative).name) or folder / relative)
         if not path.is_file():
             raise ValueError(f"host {index}: {path} does not exist (the main host serves it: copy the servable here)")
         found = file_digest(path)
@@ -42,19 +43,34 @@ def check_same_files(folder: Path, digests: dict[str, str], index: int) -> None:
             )
 
 
-def load_program(orders: dict[str, Any]) -> Any:
-    from ..serving.servable import load_definition
-    from .shards import GlobalProgram
-
+def model_definition(orders: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The model's jax_function options and weights file on this host."""
     index = orders["index"]
     root = Path(orders["servable_directory"])
     name = orders["servable"]
-    check_same_files(root / name, orders["digests"], index)
+    folder = root / name / str(orders["version"])
+    here = orders.get("model_paths") or {}
+    if orders["model_format"] == "jax_distributed":  # a model file (distributed.declare_servable)
+        from .model_module import load_model_module
+
+        module = orders["model_files"][0]
+        return load_model_module(Path(here.get(module) or folder / module))
+    from ..serving.servable import load_definition
+
     definition = load_definition(root, name)
     matching = [m for m in definition.models if list(m.model_files) == orders["model_files"]]
     if not matching:
         raise ValueError(f"host {index}: servable '{name}' here declares no model with files {orders['model_files']}")
-    model = matching[0]
+    return matching[0].options, folder / matching[0].model_files[0]
+
+
+def load_program(orders: dict[str, Any]) -> Any:
+    from .shards import GlobalProgram
+
+    index = orders["index"]
+    folder = Path(orders["servable_directory"]) / orders["servable"]
+    check_same_files(folder, orders["digests"], index, orders.get("model_paths") or {})
+    options, weights = model_definition(orders)
 
     import jax
 
@@ -71,8 +87,13 @@ def load_program(orders: dict[str, Any]) -> Any:
             f"host {index}: could not join the JAX group through the coordinator {orders['coordinator']} "
             f"(host 0's agent; is it reachable from here?): {exc}"
         ) from None
-    folder = root / name / str(orders["version"])
-    return GlobalProgram(model.options, folder / model.model_files[0])
+    wanted = orders.get("devices") or 0
+    if wanted and len(jax.devices()) != wanted:
+        raise ValueError(
+            f"the group has {len(jax.devices())} devices ({len(jax.local_devices())} on host {index}), but the servable "
+            f"declares rank_size={wanted}: give the hosts {wanted} devices in all"
+        )
+    return GlobalProgram(options, weights)
 
 
 def serve(link: Link, program: Any, index: int) -> None:
