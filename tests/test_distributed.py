@@ -10,6 +10,7 @@ fault test (killing an agent) runs last.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,6 +264,17 @@ def test_a_killed_agent_makes_it_unready_then_it_serves_again(cluster):
     for pid in cluster["worker_pids"]:
         wait_for(lambda pid=pid: gone(pid), 10, f"JAX process {pid} of the broken generation exits")
 
+    # killed again while the new group loads: unready, naming the host, and no hang
+    agents.start(1)
+    wait_for(lambda: group.state == "starting" and len(group.reports) < 2 or None, 120, "the group starts loading")
+    agents.procs[1].kill()
+    agents.procs[1].wait(5)
+    ready = wait_for(lambda: (r := requests.get(f"{url}/ready", timeout=5)).status_code == 503
+                     and "host 1" in r.json()["status"] and "waiting" in r.json()["status"] and r or None,
+                     10, "/ready names host 1 again")
+    assert ready.headers.get("Retry-After")
+    assert predict(url, np.ones((1, 8), np.float32)).status_code == 503
+
     agents.start(1)
     wait_for(lambda: requests.get(f"{url}/ready", timeout=5).status_code == 200, 240, "the group serves again")
     rows = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
@@ -309,3 +321,53 @@ def test_hosts_without_an_address_is_a_clear_error():
     )
     assert proc.returncode == 2
     assert "needs both --distributed-address HOST:PORT and --hosts N" in proc.stderr
+
+
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "matmul_distributed"
+
+
+def test_mindspore_matmul_distributed_example(tmp_path):
+    """MindSpore's matmul_distributed, ported: its servable config and gRPC client with
+    the import swapped, its start scripts, its rank table (one server, eight devices);
+    the MindIR files replaced by a JAX model file and weights. One agent, 8 CPU devices."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "matmul_distributed"
+    shutil.copytree(EXAMPLE, folder)
+    save_file({"matmul_weight": np.full((96, 16), 0.5, np.float32)}, str(folder / "matmul" / "1" / "matmul.safetensors"))
+    distributed, grpc_port, rest_port = free_port(), free_port(), free_port()
+    for script in ("serving_server.py", "serving_agent.py", "serving_client.py"):
+        path = folder / script
+        text = path.read_text().replace("127.0.0.1:6200", f"127.0.0.1:{distributed}")
+        text = text.replace("127.0.0.1:5500", f"127.0.0.1:{grpc_port}").replace("localhost:5500", f"localhost:{grpc_port}")
+        path.write_text(text.replace("127.0.0.1:1500", f"127.0.0.1:{rest_port}"))
+    env = dict(agent_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # started from elsewhere: relative paths are the scripts' own folder's, as in MindSpore
+    main = subprocess.Popen([sys.executable, str(folder / "serving_server.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen([sys.executable, str(folder / "serving_agent.py")], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def ready():
+            try:
+                return requests.get(f"http://127.0.0.1:{rest_port}/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                assert main.poll() is None, main.stdout.read()
+                return False
+
+        wait_for(ready, 240, "the distributed matmul serves")
+        client = subprocess.run([sys.executable, str(folder / "serving_client.py")], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "'y'" in client.stdout and "-48." in client.stdout  # -(ones(128, 96) @ 0.5)
+        main.send_signal(signal.SIGINT)
+        main.wait(60)
+        assert main.returncode == 0
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        assert agent.returncode == 0
+    finally:
+        for proc in (main, agent):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -103,6 +103,8 @@ class DistributedGroup:
         self._run_lock = threading.Lock()
         self._closed = threading.Event()
         self._retry_at = 0.0
+        self._failed_starts = 0  # generations that failed since the group last served
+        self._served = False  # whether any generation has served
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._seq = 0
@@ -227,13 +229,14 @@ class DistributedGroup:
             self._seq += 1
             seq = self._seq
             message = ("run", seq, [np.ascontiguousarray(a) for a in arrays])
+            index = 0
             try:
-                for link in workers.values():
+                for index, link in sorted(workers.items()):
                     link.send(message)
                 outputs = None
                 limit = time.monotonic() + (timeout or self.settings.run_timeout)
                 for index, link in sorted(workers.items()):
-                    reply = self._reply(link, seq, limit, index)
+                    reply = self._reply(link, seq, limit)
                     if index == 0:
                         outputs = reply
             except (ChannelClosed, OSError, socket.timeout) as exc:
@@ -244,7 +247,7 @@ class DistributedGroup:
             self.batches += 1
             return list(outputs)
 
-    def _reply(self, link: Link, seq: int, limit: float, index: int) -> Any:
+    def _reply(self, link: Link, seq: int, limit: float) -> Any:
         while True:
             left = limit - time.monotonic()
             if left <= 0:
@@ -392,7 +395,9 @@ class DistributedGroup:
             if count:
                 self.restarts += 1
             self.state = "broken"
-            self._retry_at = time.monotonic() + 1.0
+            # a group that keeps failing is retried less and less often (1, 2, 4 ... 30 s)
+            self._retry_at = time.monotonic() + min(2.0 ** self._failed_starts, 30.0)
+            self._failed_starts += 1
         for link in [*self._workers.values(), *self._arrived.values()]:
             link.close()
         self._workers.clear()
@@ -422,6 +427,8 @@ class DistributedGroup:
                 self._fail(generation, str(exc))
             except GroupUnavailable:
                 pass  # _fail already ended the generation
+            except Exception as exc:  # a warm-up batch the hosts refused, say
+                self._fail(generation, f"starting the group failed: {type(exc).__name__}: {exc}")
 
     def _send_start(self, generation: int) -> None:
         assert self.orders is not None
@@ -475,7 +482,7 @@ class DistributedGroup:
                     raise _StartFailed(f"host {index}'s JAX process exited while loading") from None
                 if message[0] == "failed":
                     with self._cond:
-                        if generation == 1:  # a model error: no point retrying
+                        if not self._served:  # a model error at start-up: the load fails with it
                             self.failure = message[1]
                         self._cond.notify_all()
                     raise _StartFailed(message[1])
@@ -491,6 +498,8 @@ class DistributedGroup:
             if self.generation == generation and self.state == "starting":
                 self.state = "ready"
                 self.reason = "ready"
+                self._failed_starts = 0
+                self._served = True
                 log.info("distributed group generation %d ready on %d host(s)", generation, self.settings.hosts)
             self._cond.notify_all()
 

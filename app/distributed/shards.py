@@ -74,9 +74,13 @@ class WeightSlices:
         return np.ascontiguousarray(self._whole[1][index])
 
     def close(self) -> None:
+        """Let the file go: a .safetensors file is memory-mapped, and the pages read
+        would otherwise stay in this process's resident memory."""
         self._whole = None
+        self._file = None
         if self._npz is not None:
             self._npz.close()
+            self._npz = None
 
 
 def file_digest(path: Path) -> str:
