@@ -269,9 +269,12 @@ def test_a_killed_agent_makes_it_unready_then_it_serves_again(cluster):
     wait_for(lambda: group.state == "starting" and len(group.reports) < 2 or None, 120, "the group starts loading")
     agents.procs[1].kill()
     agents.procs[1].wait(5)
-    ready = wait_for(lambda: (r := requests.get(f"{url}/ready", timeout=5)).status_code == 503
-                     and "host 1" in r.json()["status"] and "waiting" in r.json()["status"] and r or None,
-                     10, "/ready names host 1 again")
+    def waiting_for_host_1():
+        reply = requests.get(f"{url}/ready", timeout=5)
+        status = reply.json()["status"]
+        return reply if reply.status_code == 503 and "waiting for host 1" in status else None
+
+    ready = wait_for(waiting_for_host_1, 10, "/ready names host 1 again")
     assert ready.headers.get("Retry-After")
     assert predict(url, np.ones((1, 8), np.float32)).status_code == 503
 
