@@ -1,6 +1,6 @@
 """The ``mserve`` command: a Typer app that wires up the subcommands.
 
-    mserve start | list | invoke | encode | new | completion, mserve --version
+    mserve start | list | invoke | encode | new | agent | completion, mserve --version
 
 Only Typer and rich are imported here and in the command modules at import time;
 JAX, Flask and numpy are imported inside the commands that need them, so ``mserve

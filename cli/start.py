@@ -45,10 +45,12 @@ START_EPILOG = """\
   mserve start --workers 2
   [dim]# everything in one process (no device processes)[/]
   mserve start --workers 0
+  [dim]# a sharded model over 2 hosts, each running `mserve agent` (docs/distributed.md)[/]
+  mserve start --servable mlp --distributed-address 0.0.0.0:6200 --hosts 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb, distributed_address, hosts, wait_agents); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """

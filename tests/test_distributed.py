@@ -242,6 +242,20 @@ def test_an_agent_index_out_of_range_is_refused(cluster):
     assert "host index 5 is out of range" in proc.stderr and "indices 0-1" in proc.stderr
 
 
+def test_an_agent_with_another_jax_version_is_refused(cluster):
+    from mserve.distributed.links import connect
+
+    link = connect(cluster["group"].address)
+    try:
+        link.send(("agent", {"index": 0, "jax": "0.0.1", "coordinator_port": 1}))
+        kind, reason = link.recv(timeout=10)
+    finally:
+        link.close()
+    assert kind == "refused"
+    assert "jax 0.0.1" in reason and "install the same version on every host" in reason
+    assert requests.get(f"{cluster['url']}/ready", timeout=5).status_code == 200  # the group did not notice
+
+
 def test_a_killed_agent_makes_it_unready_then_it_serves_again(cluster):
     url, agents, group = cluster["url"], cluster["agents"], cluster["group"]
     cluster["worker_pids"].extend(r["pid"] for r in group.reports.values())
@@ -318,6 +332,36 @@ def test_start_waits_for_agents_and_names_the_missing_hosts(tmp_path):
     assert "not ready within 6 s" in err and "hosts 0, 1" in err
 
 
+def test_a_host_with_other_model_files_fails_the_start(tmp_path):
+    """`mserve start --hosts 1` and an agent whose copy of the weights differs: the
+    start fails with a message naming the file and the host."""
+    main_root, other_root = tmp_path / "main", tmp_path / "other"
+    write_mlp(main_root)
+    write_mlp(other_root)
+    weights = other_root / "mlp" / "1" / "mlp.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mserve.cli", "start", str(main_root), "--servable", "mlp", "--port", str(free_port()),
+         "--distributed-address", address, "--hosts", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(),
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mserve.cli", "agent", "--distributed-address", address, "--host-index", "0",
+         "--servable-directory", str(other_root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=agent_env(),
+    )
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        for p in (proc, agent):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert proc.returncode == 1
+    assert "mlp.safetensors differs from the main host's copy" in err and "host 0" in err
+
+
 def test_hosts_without_an_address_is_a_clear_error():
     proc = subprocess.run(
         [sys.executable, "-m", "mserve.cli", "start", "--hosts", "2"], capture_output=True, text=True, timeout=60,
@@ -374,3 +418,11 @@ def test_mindspore_matmul_distributed_example(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_agent_help_has_examples():
+    proc = subprocess.run([sys.executable, "-m", "mserve.cli", "agent", "--help"], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, COLUMNS="120"))
+    assert proc.returncode == 0
+    assert "--distributed-address" in proc.stdout and "--host-index" in proc.stdout
+    assert "mserve agent --distributed-address" in proc.stdout.split("Examples", 1)[1]

@@ -185,7 +185,11 @@ class DistributedGroup:
                 if key not in self._warm_shapes:
                     self._warm_shapes.append(key)
         for key in key_list:
-            self.run([np.zeros(s, d) for s, d in zip(key, self._dtypes)], timeout=self.settings.init_timeout)
+            try:
+                self.run([np.zeros(s, d) for s, d in zip(key, self._dtypes)], timeout=self.settings.init_timeout)
+            except GroupUnavailable:  # a host went away meanwhile:
+                self.wait_ready()  # the next generation runs every listed shape before it serves
+                return
 
     # ------------------------------------------------------------------ status
 
@@ -194,15 +198,6 @@ class DistributedGroup:
             if self.state == "ready":
                 return True, "ready"
             return False, f"distributed servable: {self.reason}"
-
-    def describe(self) -> dict[str, Any]:
-        with self._cond:
-            return {
-                "address": self.address, "hosts": self.settings.hosts, "state": self.state, "reason": self.reason,
-                "generation": self.generation, "restarts": self.restarts, "batches": self.batches,
-                "agents": {i: {k: a.info.get(k) for k in ("hostname", "pid", "jax")} for i, a in self._agents.items()},
-                "processes": dict(self.reports),
-            }
 
     def _missing_text(self) -> str:
         missing = [i for i in range(self.settings.hosts) if i not in self._agents]
