@@ -2,21 +2,23 @@
 
     .venv/bin/python benchmarks/bench_distributed.py [--tiny] [--requests 200] [--concurrency 4]
 
-An MLP (``x @ w1 -> tanh -> @ w2``) whose weights alone exceed the per-process
-memory limit (``--limit-mb``, applied as ``RLIMIT_DATA`` to every JAX process, the
-agents' and the one-process server's alike) is served:
+An MLP (``x @ w1 -> tanh -> @ w2``) whose weights alone come close to the
+per-process memory limit (``--limit-mb``, ``RLIMIT_DATA``, which JAX's allocations
+count against) is served:
 
-* unsharded, in one process under the limit: it does not load (the row says why);
+* unsharded, loaded as a server loads it, in one process under the limit: it does
+  not load (the row says why);
 * unsharded, in one process without the limit (the baseline where it fits);
 * sharded over 2 and 3 `mserve agent` processes on this machine (one CPU device
-  each, gloo), each under the limit, holding its share of the weights.
+  each, gloo), each agent and its JAX process under the limit, each holding its
+  share of the weights.
 
 Each row: requests/s and latency (p50, p99) of ``--requests`` single-instance
 REST predicts from ``--concurrency`` client threads, and the weights and resident
 memory each JAX process holds. This process is the main host (the server API), so
 the hosts' reports come straight from the group. All processes share this
-machine's cores, so the sharded rows pay for their collectives without gaining
-compute: on one machine they show the cost of spanning hosts, not a speed-up.
+machine's cores: the rows show what spanning processes costs or gains here, not
+what separate machines (each with its own cores and memory) would do.
 ``--tiny``: a small model, a few requests, no limit (CI: the path works).
 """
 
