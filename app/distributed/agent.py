@@ -111,6 +111,9 @@ class Agent:
         reply = link.recv(timeout=10.0)
         if reply[0] == "refused":
             raise AgentRefused(reply[1])
+        if reply[0] == "busy":
+            log.warning("%s; retrying", reply[1])
+            return
         log.info("registered with the main host at %s as host %d", self.settings.distributed_address,
                  reply[1].get("index", -1))
         self.connected.set()

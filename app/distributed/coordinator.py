@@ -298,7 +298,8 @@ class DistributedGroup:
         with self._cond:
             if agent.index in self._agents:
                 other = self._agents[agent.index].info.get("peer_ip")
-                link.send(("refused", f"host index {agent.index} is already taken by an agent on {other}"))
+                # maybe this host's previous agent, not yet noticed gone: the agent retries
+                link.send(("busy", f"host index {agent.index} is already taken by an agent on {other}"))
                 link.close()
                 return
             self._agents[agent.index] = agent

@@ -22,6 +22,7 @@ How MindSpore's notions map (docs/distributed.md):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -170,6 +171,8 @@ def startup_agents(
                            f"or both None at the same time. agent_ip: {agent_ip}, rank_start: {rank_start}")
     if rank_start is not None:
         _int("rank_start", rank_start, 0)
+    if not logging.getLogger().handlers:  # a plain script: say what the agent does, as MindSpore's agents log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(AgentSettings(
         distributed_address, None, coordinator_port=agent_start_port, agent_ip=agent_ip, rank_start=rank_start,
         model_files=tuple(files),
