@@ -139,6 +139,56 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
+DECLARED = """
+from mserve.server import distributed, register
+
+model = distributed.declare_servable(rank_size=8, stage_size={stage_size}, with_batch_dim=False)
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def test_declare_servable_refuses_pipeline_stages(tmp_path):
+    from mserve.errors import ServableLoadError
+    from mserve.serving.servable import load_definition
+
+    write_servable(tmp_path, "matmul", DECLARED.format(stage_size=2))
+    with pytest.raises(ServableLoadError, match="stage_size=2: .* declare stage_size=1"):
+        load_definition(tmp_path, "matmul")
+
+
+def test_a_distributed_servable_without_hosts_says_how_to_start_it(tmp_path):
+    from mserve.errors import ServableLoadError
+
+    write_servable(tmp_path, "matmul", DECLARED.format(stage_size=1), {"1/jax_model.py": b"# not read"})
+    with pytest.raises(ServableLoadError, match="spans hosts .* start_servable"):
+        server.start_servables(server.ServableStartConfig(tmp_path, "matmul"))
+    server.stop()
+
+
+def test_startup_agents_refuses_what_jax_has_no_use_for(tmp_path):
+    from mserve.server import distributed
+
+    model = tmp_path / "jax_model.py"
+    model.write_text("# a model file")
+    with pytest.raises(RuntimeError, match="group_config_files: .*sharding"):
+        distributed.startup_agents("127.0.0.1:6200", [str(model)], group_config_files=["g.pb"])
+    with pytest.raises(RuntimeError, match="dec_key: .*not encrypted"):
+        distributed.startup_agents("127.0.0.1:6200", [str(model)], dec_key=b"0" * 16)
+    with pytest.raises(RuntimeError, match="a Python model file"):
+        distributed.startup_agents("127.0.0.1:6200", [str(_touch(tmp_path / "matmul.mindir"))])
+    with pytest.raises(RuntimeError, match="'agent_ip' and parameter 'rank_start' must have values at the same time"):
+        distributed.startup_agents("127.0.0.1:6200", [str(model)], rank_start=0)
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("servables")
@@ -426,3 +476,4 @@ def test_agent_help_has_examples():
     assert proc.returncode == 0
     assert "--distributed-address" in proc.stdout and "--host-index" in proc.stdout
     assert "mserve agent --distributed-address" in proc.stdout.split("Examples", 1)[1]
+
