@@ -68,7 +68,7 @@ class Model:
         if len(args) == 1 and isinstance(args[0], (tuple, list)):
             if not all(isinstance(instance, (tuple, list)) for instance in args[0]):
                 raise RuntimeError(f"{name} failed: inputs format invalid, {_CALL_FORMS}")
-        runner = _current_version.get()
+        runner = current_version.get()
         if runner is None:
             raise RuntimeError(f"{name} failed: Model.call can only be used inside a stage while mserve runs a request")
         return runner.call_model(self, args, subgraph)
@@ -122,7 +122,7 @@ _define_lock = threading.Lock()
 
 # The loaded version that the current request runs on, so Model.call can find the
 # runtime of the right version when several are served at once.
-_current_version: contextvars.ContextVar[Any] = contextvars.ContextVar("mserve_version", default=None)
+current_version: contextvars.ContextVar[Any] = contextvars.ContextVar("mserve_version", default=None)
 
 
 def _definition(api: str) -> ServableDefinition:

@@ -80,7 +80,7 @@ def mindir_rows(seconds: float) -> list[tuple[str, float, float]]:
         print("mindspore is not installed: skipping the MindIR rows (pip install -e '.[mindspore]')")
         return []
     from mserve import server
-    from mserve.server import _state
+    runtime = server.default_runtime()
 
     class Add(nn.Cell):
         def construct(self, x, y):
@@ -101,7 +101,7 @@ def mindir_rows(seconds: float) -> list[tuple[str, float, float]]:
     server.start_servables([server.ServableStartConfig(root, "msadd"),
                             server.ServableStartConfig(REPO / "servables", "add")])
     server.start_restful_server("127.0.0.1:0", inline_max_ms=0)
-    app = _state.transports[0].app.app
+    app = runtime.transports[0].app.app
     try:
         runtime = server.registry().servables()["msadd"].versions[1].stages[0].runtimes[0]
         rows.append(("mserve MindIR runtime.predict([x1, x2])", *_per_call(lambda: runtime.predict([x, x]), seconds)[:2]))

@@ -71,14 +71,14 @@ def _handed_off(call):
 
 def measure(calls: int) -> list[tuple[str, float, float]]:
     from mserve import server
-    from mserve.server import _state
+    runtime = server.default_runtime()
 
     server.start_servables([
         server.ServableStartConfig(str(REPO / "servables"), "add"),
         server.ServableStartConfig(str(REPO / "servables"), "lenet", batching=False),
     ])
     server.start_restful_server("127.0.0.1:0", inline_max_ms=0)
-    app = _state.transports[0].app.app
+    app = runtime.transports[0].app.app
     try:
         def request(path: str, body: bytes):
             def call() -> None:

@@ -123,8 +123,8 @@ class Server:
         from mserve import server
 
         pids = [p.pid for p in self.pool.procs if p is not None]
-        if self.mode == "devices" and server._state.devices is not None:
-            pids += list(server._state.devices.pids().values())
+        if self.mode == "devices" and server.default_runtime().devices is not None:
+            pids += list(server.default_runtime().devices.pids().values())
         return pids
 
     def stop(self) -> None:

@@ -123,9 +123,9 @@ def children(pid: int) -> dict[str, list[int]]:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
             continue
-        if "mserve.devices.process" in line:
+        if "mserve.runtime.device_role" in line:
             roles["device"].append(int(entry))
-        elif "mserve.transport.workers" in line:
+        elif "mserve.runtime.frontend_role" in line:
             roles["frontend"].append(int(entry))
     return roles
 

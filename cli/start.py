@@ -438,7 +438,7 @@ def _serve_processes(
     )
     _load(configs, settings.poll_interval or None, show_progress=True)  # the device processes report progress
     pool = restful.transport.pool
-    devices = server._state.devices
+    devices = server.default_runtime().devices
     try:
         how = f" with {workers} front-end process{'es' if workers > 1 else ''} and " \
               f"{len(devices.devices)} device process{'es' if len(devices.devices) > 1 else ''}"

@@ -121,9 +121,9 @@ def tree(pid: int) -> dict[str, list[int]]:
     roles: dict[str, list[int]] = {"frontend": [], "device": []}
     for child in children(pid):
         line = cmdline(child)
-        if "mserve.devices.process" in line:
+        if "mserve.runtime.device_role" in line:
             roles["device"].append(child)
-        elif "mserve.transport.workers" in line:
+        elif "mserve.runtime.frontend_role" in line:
             roles["frontend"].append(child)
     return roles
 

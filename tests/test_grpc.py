@@ -296,7 +296,7 @@ def test_rest_and_grpc_side_by_side_with_metrics_log_and_request_id(served, stub
 
 
 def test_start_errors_are_serving_errors(tmp_path):
-    running = len(server._state.transports)
+    running = len(server.default_runtime().transports)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -344,7 +344,7 @@ def test_start_errors_are_serving_errors(tmp_path):
         server.start_grpc_server("127.0.0.1:0", ssl_config=missing)
     with pytest.raises(RuntimeError, match="The type of ssl_config should be type of SSLConfig"):
         server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"})
-    assert len(server._state.transports) == running  # nothing half-started was left behind
+    assert len(server.default_runtime().transports) == running  # nothing half-started was left behind
 
 
 def test_relative_unix_socket_path(served, tmp_path, monkeypatch):

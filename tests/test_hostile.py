@@ -147,7 +147,7 @@ def own_server(servers, **restful):
         yield started.url
     finally:
         started.transport.stop(drain_timeout=5)
-        server._state.transports.remove(started.transport)
+        server.default_runtime().transports.remove(started.transport)
 
 
 def post(url: str, path: str, body, **kwargs):
@@ -228,7 +228,7 @@ def test_at_the_connection_limit_the_longest_idle_make_room(servers):
         try:
             for _ in range(5):
                 assert requests.post(url + ADD, json=ADD_BODY, timeout=10).json() == EXPECTED
-            transport = next(t for t in server._state.transports if url.endswith(f":{t.port}"))
+            transport = next(t for t in server.default_runtime().transports if url.endswith(f":{t.port}"))
             assert transport.connections <= 50
             assert transport.evicted >= 70
             # The oldest were closed: the first idle connection reads EOF.

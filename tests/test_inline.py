@@ -179,10 +179,10 @@ def test_policy_rules():
 def test_eligibility_follows_the_registry(root):
     """inline_eligible keeps its answers only while the registry is unchanged: a path
     that named nothing (answered at once) names a batched method once it loads."""
-    from mserve.server import _state
+    runtime = server.default_runtime()
 
     with serving(server.ServableStartConfig(root, "who")):
-        handler = _state.handlers[0]
+        handler = runtime.handlers[0]
         assert handler.inline_eligible("/model/who:who")
         assert handler.inline_eligible("/model/batched:who")  # unknown yet: a quick 404
         server.start_servables(server.ServableStartConfig(root, "batched", max_batch_size=4))

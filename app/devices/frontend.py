@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..runtime.loading import LoadedServable
 from ..serving.model_stage import ModelStage
 from ..serving.servable import LoadedVersion, Servable, load_definition
 from .remote import DeviceClient, RemoteBatcher, RemoteModelStage
@@ -34,7 +35,7 @@ log = logging.getLogger("mserve.devices.frontend")
 
 
 class FrontendModels:
-    """Keeps ``state`` (`mserve.server._State`) following the manifest. ``copies``:
+    """Keeps ``state`` (`mserve.runtime.runtime.Runtime`) following the manifest. ``copies``:
     load the front-end copies of small CPU models (front-ends do; the supervising
     process, which serves no requests, does not)."""
 
@@ -54,8 +55,6 @@ class FrontendModels:
         return client
 
     def apply(self, data: dict[str, Any]) -> None:
-        from .. import server
-
         registry = self.state.registry
         for group, info in data["devices"].items():
             self._client(group, info["socket"])
@@ -81,7 +80,7 @@ class FrontendModels:
                 if built is not None and built[1].stage_pool is not None:
                     built[1].stage_pool.shutdown(wait=False)  # its requests in flight finish
             if config is not None:
-                self.state.configured[name] = server._Loaded(config, servable, [])
+                self.state.configured[name] = LoadedServable(config, servable, [])
         for name, servable in list(registry.servables().items()):
             for number in list(servable.versions):
                 if (name, number) not in present:

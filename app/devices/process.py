@@ -1,8 +1,9 @@
-"""The device process: the only process that holds the models of its device (group).
+"""The device process's server: the only process that holds the models of its
+device (group).
 
-Run as ``python -m mserve.devices.process`` by `supervisor.DeviceSupervisor`, with
-its settings as JSON on stdin. It loads its servables through the ordinary
-in-process path (``mserve.server.start_servables``: definitions, version folders,
+The process (`mserve.runtime.device_role`, run by `supervisor.DeviceSupervisor`
+with its settings as JSON on stdin) loads its servables through the ordinary
+in-process path (``Runtime.start_servables``: definitions, version folders,
 warm-up of every batch bucket, one `Batcher` per model stage, hot reload when asked),
 then listens on a unix socket. Every front-end thread that calls a model has its own
 connection here (`channel.Channel` + a shared-memory `shm.Buffer`), served by its own
@@ -20,9 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ops.metadata import _instances
+from ..ops.metadata import model_instances
 from .channel import Channel, ChannelClosed
 from .shm import Buffer, nbytes_of, storable
 
@@ -69,17 +68,18 @@ def local_device_ids(device_type: str | None, ids: list[int], remapped: bool) ->
     return ids
 
 
-def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set()) -> dict[str, Any]:
-    """What this process serves, for the manifest the front-ends build their
-    stand-in model stages from: per version and model, the specs and batching
-    (``hidden``: versions being retired, which front-ends should stop calling)."""
-    from .. import server
+def describe(
+    runtime: Any, group: str, socket_path: str, hidden: set[tuple[str, int]] = set()
+) -> dict[str, Any]:
+    """What ``runtime`` (this process's) serves, for the manifest the front-ends
+    build their stand-in model stages from: per version and model, the specs and
+    batching (``hidden``: versions being retired, which front-ends should stop calling)."""
     from ..ops.metrics import device_name
 
     servables = []
     devices: set[str] = set()
-    for servable in server.registry().servables().values():
-        config = server._state.configured.get(servable.name)
+    for servable in runtime.registry.servables().values():
+        config = runtime.configured.get(servable.name)
         versions = {}
         for number, loaded in servable.versions.items():
             if (servable.name, number) in hidden:
@@ -102,7 +102,7 @@ def describe(group: str, socket_path: str, hidden: set[tuple[str, int]] = set())
                     "max_delay": batcher.max_delay if batcher is not None else None,
                     "compile_count": stage.compile_count,
                     "devices": names,
-                    "instances": _instances(stage),
+                    "instances": model_instances(stage),
                     "backend": list(loaded.backends.get(index, ("?", "?"))),
                     "files": [os.fspath(Path(servable.directory) / servable.name / str(number) / f)
                               for f in stage.model.model_files],
@@ -162,9 +162,11 @@ def _config_json(config: Any) -> dict[str, Any]:
 
 
 class DeviceServer:
-    """Accepts front-end connections on a unix socket and runs their model calls."""
+    """Accepts front-end connections on a unix socket and runs their model calls
+    on the versions ``runtime`` (this process's `mserve.runtime.runtime.Runtime`) serves."""
 
-    def __init__(self, socket_path: str, group: str = ""):
+    def __init__(self, runtime: Any, socket_path: str, group: str = ""):
+        self.runtime = runtime
         self.socket_path = socket_path
         self.group = group
         self.hidden: set[tuple[str, int]] = set()  # versions being retired
@@ -261,14 +263,12 @@ class DeviceServer:
     def report(self) -> None:
         """Tell the supervisor what this process serves now (``SERVES <json>``)."""
         with self._report_lock:
-            print("SERVES " + json.dumps(describe(self.group, self.socket_path, set(self.hidden))), flush=True)
+            print("SERVES " + json.dumps(describe(self.runtime, self.group, self.socket_path, set(self.hidden))), flush=True)
 
     def retire(self, name: str, version: int, quiet: float = 2.0, limit: float = 120.0) -> None:
         """Hot reload's retirement of a version, with front-ends in other processes:
         first stop listing it (the front-ends switch to what they are told), keep
         answering it until it has had no call for ``quiet`` seconds, then unload it."""
-        from .. import server
-
         key = (name, version)
         self.hidden.add(key)
         self.report()
@@ -277,13 +277,11 @@ class DeviceServer:
             time.sleep(0.1)
             if time.monotonic() - max(self._last_call.get(key, 0.0), started) >= quiet:
                 break
-        server._retire_version(name, version)
+        self.runtime.retire_version(name, version)
         self.hidden.discard(key)
 
     def _lookup(self, name: str, version: int) -> Any:
-        from .. import server
-
-        servable = server.registry().servables().get(name)
+        servable = self.runtime.registry.servables().get(name)
         return None if servable is None else servable.versions.get(version)
 
     def _announce(self, message: tuple) -> None:
@@ -298,7 +296,6 @@ class DeviceServer:
         left, announced, batched, subgraph) -> ("ok", results), a result per row:
         ("e", message, status), ("d", output descriptors) or ("a", output arrays).
         ``subgraph`` > 0 runs that graph of the model (unbatched, as in-process)."""
-        from .. import server
         from ..errors import InstanceError
 
         _, name, version, index, rows_in, remaining, announced, batched, subgraph = message
@@ -317,7 +314,7 @@ class DeviceServer:
         for row in rows_in:
             rows.append(tuple(buffer.read(d) if isinstance(d, tuple) else d for d in row))  # type: ignore[union-attr]
         deadline = time.monotonic() + remaining
-        epoch = server._state.epochs.enter()
+        epoch = self.runtime.epochs.enter()
         try:
             batcher = loaded.batchers.get(index) if batched and not subgraph else None
             if batcher is not None:
@@ -325,7 +322,7 @@ class DeviceServer:
             else:
                 results = stage.run(rows)
         finally:
-            server._state.epochs.leave(epoch)
+            self.runtime.epochs.leave(epoch)
         del rows
         return ("ok", _encode_results(results, buffer, InstanceError))
 
@@ -352,73 +349,3 @@ def _encode_results(results: list, buffer: Buffer | None, error_type: type) -> l
             descs, offset = buffer.write(item[1], offset)
             encoded[i] = ("d", descs, item[2])
     return encoded
-
-
-def _forward_progress(event: Any) -> None:
-    import dataclasses
-
-    print("PROGRESS " + json.dumps(dataclasses.asdict(event)), flush=True)
-
-
-def _watch_registry(device_server: DeviceServer, stop: threading.Event) -> None:
-    """Report versions that hot reload added or retired."""
-    from .. import server
-
-    seen = server.registry().servables()
-    while not stop.wait(0.05):
-        now = server.registry().servables()
-        if now is not seen:
-            seen = now
-            device_server.report()
-
-
-def main() -> int:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    die_with_parent()
-    settings = json.loads(sys.stdin.read())
-    group = settings["group"]
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [device {group} {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("mserve")
-    root.addHandler(handler)
-    root.setLevel(settings["log_level"])
-    root.propagate = False
-
-    from .. import server
-    from ..errors import ServableLoadError
-    from .supervisor import config_from_json
-
-    server.use_processes("single")  # this process is the in-process server of its device
-    device_server = DeviceServer(settings["socket"], group)
-    server._state.retire = device_server.retire
-    try:
-        from ..ops import metrics
-
-        configs = []
-        for data in settings["configs"]:
-            local = local_device_ids(data.get("device_type"), data["device_ids"], settings["remapped"])
-            for mine, machine in zip(local, data["device_ids"]):
-                if mine != machine:  # report GPUs as the machine numbers them
-                    metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
-            configs.append(config_from_json(dict(data, device_ids=local)))
-        from ..serving.progress import listening
-
-        with listening(_forward_progress):  # the supervisor's process shows it (mserve start's display)
-            server.start_servables(configs, poll_interval=settings.get("poll_interval"))
-        device_server.listen()
-    except (ServableLoadError, RuntimeError, ValueError, OSError) as exc:
-        print("FAILED " + str(exc).replace("\n", " "), flush=True)
-        return 1
-    print("READY " + json.dumps(describe(group, settings["socket"])), flush=True)
-    stop = threading.Event()
-    if settings.get("poll_interval"):
-        threading.Thread(target=_watch_registry, args=(device_server, stop), daemon=True).start()
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    stop.set()
-    device_server.stop(settings.get("drain_timeout", 30.0))
-    server.stop(drain_timeout=0)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

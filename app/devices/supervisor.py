@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 from ..errors import ServableLoadError
 from ..lifetime import stop_processes
+from ..runtime.config import ServableStartConfig
 from . import manifest
 
 log = logging.getLogger("mserve.devices.supervisor")
@@ -161,7 +162,7 @@ class DeviceSupervisor:
             "poll_interval": self.poll_interval,
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.devices.process"],
+            [sys.executable, "-m", "mserve.runtime.device_role"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         assert proc.stdin is not None
@@ -281,14 +282,12 @@ def _config_json(config: Any, keep_workers: bool = False) -> dict[str, Any]:
     return data
 
 
-def config_from_json(data: dict[str, Any]) -> Any:
-    from .. import server
-
+def config_from_json(data: dict[str, Any]) -> ServableStartConfig:
     data = dict(data)
     key = data.get("dec_key")
     if isinstance(key, dict) and "base64" in key:
         data["dec_key"] = base64.b64decode(key["base64"])
-    return server.ServableStartConfig(**data)
+    return ServableStartConfig(**data)
 
 
 def _progress(text: str) -> None:

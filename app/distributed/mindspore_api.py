@@ -126,7 +126,7 @@ def start_servable(
         ))
     except (OSError, ValueError) as exc:
         raise RuntimeError(str(exc)) from None
-    server.on_stop(lambda: stop_group(group))
+    server.default_runtime().on_stop(lambda: stop_group(group))
     server.start_servables(server.ServableStartConfig(servable_directory, servable_name,
                                                       version_number=version_number or 1))
 

@@ -19,13 +19,13 @@ def start_group(settings: GroupSettings) -> DistributedGroup:
     group = DistributedGroup(settings).start()
     one_host = next(b for b in installed_backends() if b.name == "jax_function")
     register_backend(group_backend(group, one_host))
-    server.add_readiness_probe(group.readiness)
+    server.default_runtime().add_readiness_probe(group.readiness)
     return group
 
 
 def stop_group(group: DistributedGroup) -> None:
     from .. import server
 
-    server.remove_readiness_probe(group.readiness)
+    server.default_runtime().remove_readiness_probe(group.readiness)
     unregister_backend("jax_distributed")
     group.close()

@@ -50,6 +50,13 @@ def _error(status: int, message: str) -> Response:
     return _json(status, {"error_msg": message})
 
 
+def method_not_allowed() -> Response:
+    """A predict URL asked with anything but POST (PROTOCOL.md section 1)."""
+    response = _error(405, "http message only support POST right now")
+    response.headers["Allow"] = "POST"
+    return response
+
+
 def _with_batching(version: LoadedVersion, described: dict[str, Any]) -> dict[str, Any]:
     """`describe_version` plus each model's batching settings."""
     for model, (index, stage) in zip(described["models"], version.stages.items()):
@@ -134,7 +141,7 @@ def _prefers_html(req: Any) -> bool:
 
 
 def create_blueprint(state: Any) -> Blueprint:
-    """The endpoints over ``state`` (`mserve.server._State`: registry, readiness)."""
+    """The endpoints over ``state`` (`mserve.runtime.runtime.Runtime`: registry, readiness)."""
     bp = Blueprint("mserve_ops", __name__)
     registry = state.registry
 
@@ -187,8 +194,6 @@ def create_blueprint(state: Any) -> Blueprint:
     @get("/model/<name>")
     def model(name: str) -> Response:
         if ":" in name:  # a predict URL
-            from ..transport.wsgi import method_not_allowed
-
             return method_not_allowed()
         servable = registry.servables().get(name)
         if servable is None:
@@ -198,8 +203,6 @@ def create_blueprint(state: Any) -> Blueprint:
     @get("/model/<name>/version/<version>")
     def model_version(name: str, version: str) -> Response:
         if ":" in version:  # a predict URL
-            from ..transport.wsgi import method_not_allowed
-
             return method_not_allowed()
         if not (version.isascii() and version.isdigit()):
             return _error(

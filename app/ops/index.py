@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from .metadata import describe_method
-from .openapi import _version
+from .openapi import mserve_version
 
 LINKS = {
     "docs": "/docs",
@@ -64,7 +64,7 @@ def index_json(servables: dict[str, Any]) -> dict[str, Any]:
                     "outputs": described["outputs"],
                 }
             )
-    return {"name": "mserve", "version": _version(), "methods": methods, "links": dict(LINKS)}
+    return {"name": "mserve", "version": mserve_version(), "methods": methods, "links": dict(LINKS)}
 
 
 def index_html(listing: dict[str, Any]) -> str:

@@ -53,7 +53,7 @@ def _devices(runtime: Any) -> list[Any]:
     return list(getattr(runtime, "devices", None) or [getattr(runtime, "device", "?")])
 
 
-def _instances(stage: Any) -> list[list[str]]:
+def model_instances(stage: Any) -> list[list[str]]:
     """Per model instance, its devices (a stage whose model runs in device processes
     says it itself)."""
     remote = getattr(stage, "instances", None)
@@ -74,8 +74,8 @@ def describe_version(version: LoadedVersion) -> dict[str, Any]:
                 "max_batch_size": stage.max_batch_size,
                 "backend": version.backends.get(index, ("?", "?"))[0],
                 "device_type": version.backends.get(index, ("?", "?"))[1],
-                "devices": sum(len(i) for i in _instances(stage)),
-                "instances": _instances(stage),
+                "devices": sum(len(i) for i in model_instances(stage)),
+                "instances": model_instances(stage),
                 # Which process holds the model on which device: the device processes
                 # (and front-end copies), or this process when everything runs in one.
                 "placement": placement(stage),

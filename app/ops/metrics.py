@@ -388,7 +388,7 @@ class _TimedRuntime:
 
 
 class MetricsObserver(BatchObserver):
-    """``server._state.observer``: hands each loaded version its own `VersionObserver`."""
+    """``Runtime.observer``: hands each loaded version its own `VersionObserver`."""
 
     def bind(self, servable: str, version: int) -> VersionObserver:
         return VersionObserver(servable, version)

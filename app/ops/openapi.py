@@ -409,7 +409,7 @@ def document(servables: dict[str, Any]) -> dict[str, Any]:
         "openapi": "3.0.3",
         "info": {
             "title": "mserve",
-            "version": _version(),
+            "version": mserve_version(),
             "description": "MindSpore Serving's RESTful protocol served by mserve, plus health, readiness, "
             "metadata and metrics endpoints. Every reply carries X-Request-ID.",
         },
@@ -418,7 +418,7 @@ def document(servables: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _version() -> str:
+def mserve_version() -> str:
     try:
         from importlib.metadata import version
 

@@ -35,7 +35,7 @@ import time
 from typing import Any, Sequence
 
 from .model_stage import InstanceError
-from ..register import MethodDef, Model, StageDef, _current_version
+from ..register import MethodDef, Model, StageDef, current_version
 from .servable import LoadedVersion, ModelCallError
 from ..ops.access_log import current_request_id
 
@@ -86,7 +86,7 @@ def run_method(
         if batcher is not None and alive_count:
             batcher.expect(alive_count)
             announced[position] = batcher
-    token = _current_version.set(_StageContext(version, deadline))
+    token = current_version.set(_StageContext(version, deadline))
     try:
         for position, stage in enumerate(method.stages):
             if time.monotonic() >= deadline:
@@ -111,7 +111,7 @@ def run_method(
                     for slot, value in zip(stage.outputs, result):
                         row[slot.index] = value  # type: ignore[index]
     finally:
-        _current_version.reset(token)
+        current_version.reset(token)
         for batcher in announced.values():
             batcher.arrive(alive_count)
 

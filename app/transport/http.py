@@ -291,12 +291,12 @@ class _Task(WSGITask):
             super().write(data)
 
 
-class _Channel(HTTPChannel):
+class ServingChannel(HTTPChannel):
     task_class = _Task
     error_task_class = _JsonErrorTask
     parser_class = _Parser
-    inline_pending = False  # set by _Server.add_task: serve on this thread once the read is done
-    shed_next = False  # set by _Server.add_task: answer the pending request with a fast 503
+    inline_pending = False  # set by ServingServer.add_task: serve on this thread once the read is done
+    shed_next = False  # set by ServingServer.add_task: answer the pending request with a fast 503
     head_started = 0.0  # when the first byte of the request head now being read arrived
     fresh = True  # nothing received yet on this connection
     environ_extra: dict | None = None  # per-connection WSGI environ entries (TLS)
@@ -423,8 +423,8 @@ class _Channel(HTTPChannel):
         return not self.requests and not self.total_outbufs_len and not self.will_close
 
 
-class _Server(TcpWSGIServer):
-    channel_class = _Channel
+class ServingServer(TcpWSGIServer):
+    channel_class = ServingChannel
     balance: ConnectionBalance | None = None
     inline: InlinePolicy | None = None
     shed: Callable[[int], bool] | None = None
@@ -494,7 +494,7 @@ class _Server(TcpWSGIServer):
                 channel.will_close = True
 
 
-def _poll_once(server: _Server, map: dict, me: threading.Thread) -> None:
+def _poll_once(server: ServingServer, map: dict, me: threading.Thread) -> None:
     """One turn of the event loop (Waitress's ``poll2``, with two differences): the
     timeout is chosen after every dispatcher said whether it is readable, so a worker
     whose turn at accepting has just come does not sleep a whole second first; and
@@ -549,7 +549,7 @@ class WaitressTransport:
     """A WSGI app on a listening socket, served by Waitress in a background thread."""
 
     scheme = "http"
-    server_class: type[_Server] = _Server
+    server_class: type[ServingServer] = ServingServer
 
     def __init__(
         self,

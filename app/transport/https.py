@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable
 
 from .balance import ConnectionBalance
-from .http import ConnectionLimits, WaitressTransport, _Channel, _Server, json_error_reply
+from .http import ConnectionLimits, WaitressTransport, ServingChannel, ServingServer, json_error_reply
 from .inline import InlinePolicy
 
 log = logging.getLogger("mserve.transport.https")
@@ -141,7 +141,7 @@ def build_ssl_context(ssl_config: Any) -> ssl.SSLContext:
 # ------------------------------------------------------------------------ the channel
 
 
-class _TlsChannel(_Channel):
+class _TlsChannel(ServingChannel):
     """A Waitress channel that speaks TLS through an `ssl.SSLObject` on memory BIOs.
 
     Reads: raw bytes from the socket go into the incoming BIO; the handshake, then
@@ -321,7 +321,7 @@ def _tls_environ(tls: ssl.SSLObject, verify_client: bool) -> dict[str, Any]:
     return env
 
 
-class _TlsServer(_Server):
+class _TlsServer(ServingServer):
     channel_class = _TlsChannel
     ssl_context: ssl.SSLContext
     handshake_failures = 0

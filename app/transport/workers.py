@@ -11,7 +11,7 @@ say) can create an accelerator client. Without one, each worker loads every
 servable itself (a whole server per process, as before device processes).
 Workers and front-ends may also serve gRPC (``grpc`` settings): it is not inherited,
 every process binds the gRPC port itself with SO_REUSEPORT, so the kernel spreads new
-gRPC connections over them. With device processes, `mserve.server.start_grpc_server`
+gRPC connections over them. With device processes, ``start_grpc_server``
 starts a pool of its own with no REST socket (``sock=None``): its front-ends serve
 gRPC only.
 
@@ -21,7 +21,7 @@ each new connection to whichever worker accepts it first. The pool restarts a
 worker that dies, and on stop sends SIGTERM to all, which drain their in-flight
 requests.
 
-Run as ``python -m mserve.transport.workers`` it is one worker: it reads its
+Each worker runs ``python -m mserve.runtime.frontend_role``: it reads its
 settings as JSON on stdin, reports ``LISTENING`` once the port is served (a
 front-end answers ``/health`` 200 and ``/ready`` 503 while the device processes
 load) and ``READY <json description>`` once it serves the servables.
@@ -108,7 +108,7 @@ class WorkerPool:
         if self.manifest is not None:
             env.update(frontend_env())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.transport.workers"],
+            [sys.executable, "-m", "mserve.runtime.frontend_role"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=fds,
@@ -204,112 +204,3 @@ def frontend_env() -> dict[str, str]:
     """What a front-end process runs with: JAX (if a servable_config.py imports it)
     on the CPU only, no GPU visible, and the in-process server mode."""
     return {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "MSERVE_PROCESSES": "single"}
-
-
-def _worker_main() -> int:
-    # Block the stop signals first, so one that comes while loading is held until
-    # the worker serves and then drains like any other stop.
-    # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
-    from ..devices.process import die_with_parent
-
-    die_with_parent()  # a pool's process killed outright leaves no worker behind
-    settings = json.loads(sys.stdin.read())
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
-    mserve_log = logging.getLogger("mserve")
-    mserve_log.addHandler(handler)
-    mserve_log.setLevel(settings["log_level"])
-    waitress_log = logging.getLogger("waitress")  # its warnings (e.g. task queue depth) at the same level
-    waitress_log.addHandler(handler)
-    waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
-    waitress_log.propagate = False
-    access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
-    access_handler = logging.StreamHandler()
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    access.handlers = [access_handler]
-    access.propagate = False
-    # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
-    access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
-    from .. import server
-    from ..errors import ServableLoadError
-    from ..ops.metadata import describe_servable
-
-    sock = socket.socket(fileno=settings["fd"]) if settings["fd"] is not None else None
-    balance_fd = settings.get("balance_fd")
-    balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
-    server.use_processes("single")  # this process is one of the server's front-ends or workers
-    ssl = settings["ssl_config"]
-    if settings.get("manifest"):
-        return _frontend(settings, sock, balance)
-    try:
-        server.start_servables(
-            [server.ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
-        )
-        server.start_restful_server(
-            sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
-        )
-        if settings.get("grpc"):
-            server.start_grpc_server(ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["grpc"])
-    except (ServableLoadError, RuntimeError) as exc:
-        print("FAILED " + str(exc).replace("\n", " "), flush=True)
-        return 1
-    described = [describe_servable(s) for s in server.registry().servables().values()]
-    print("READY " + json.dumps(described), flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    server.stop()
-    return 0
-
-
-def _frontend(settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None) -> int:
-    """A front-end: serve the port at once (``/ready`` 503 while loading), then the
-    servables of the manifest, following it (device restarts, hot reload). Its
-    ports: REST on ``sock`` (None: none), gRPC per the ``grpc`` settings (health
-    NOT_SERVING while loading)."""
-    from .. import server
-    from ..devices.frontend import FrontendModels
-    from ..devices.manifest import Follower
-    from ..errors import ServableLoadError
-    from ..ops.metadata import describe_servable
-
-    ssl = settings["ssl_config"]
-    state = server._state
-    state.loading += 1  # until the device processes serve
-    server._refresh_ready()
-    try:
-        if sock is not None:
-            server.start_restful_server(
-                sock=sock, ssl_config=server.SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
-            )
-        if settings.get("grpc"):
-            server.start_grpc_server(ssl_config=server.SSLConfig(**ssl) if ssl else None, **settings["grpc"])
-    except RuntimeError as exc:
-        print("FAILED " + str(exc).replace("\n", " "), flush=True)
-        return 1
-    print("LISTENING", flush=True)
-    # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
-    models = FrontendModels(state, settings["index"] if sock is not None else f"grpc-{settings['index']}")
-    follower = Follower(settings["manifest"], models.apply)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    try:
-        while not follower.poll():
-            if signal.sigtimedwait(stop_signals, 0.05) is not None:
-                server.stop(drain_timeout=0)
-                return 0
-    except ServableLoadError as exc:
-        print("FAILED " + str(exc).replace("\n", " "), flush=True)
-        return 1
-    state.loading -= 1
-    server._refresh_ready()
-    follower.start()
-    described = [describe_servable(s) for s in server.registry().servables().values()]
-    print("READY " + json.dumps(described), flush=True)
-    while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
-        server.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
-    follower.stop()
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main())

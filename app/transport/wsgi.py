@@ -140,7 +140,7 @@ _STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 class MserveApp:
     """The WSGI callable: POST -> the predict handler, anything else -> Flask.
 
-    ``state`` is the server's state (`mserve.server._State`): readiness, the request
+    ``state`` is the server's state (`mserve.runtime.runtime.Runtime`): readiness, the request
     epochs, and what the GET endpoints describe.
     """
 
@@ -249,21 +249,18 @@ class MserveApp:
 
 
 def create_app(
-    handler: PredictHandler, max_body_bytes: int, state: Any = None, inline: InlinePolicy | None = None
+    handler: PredictHandler, max_body_bytes: int, state: Any, inline: InlinePolicy | None = None
 ) -> MserveApp:
-    """The WSGI app serving ``handler``'s servables; ``state`` (the server's, by
-    default) answers readiness and the metadata endpoints; ``inline`` learns what
-    predicts cost (the transport asks it which may run on its I/O thread)."""
-    if state is None:
-        from .. import server
-
-        state = server._state
+    """The WSGI app serving ``handler``'s servables; ``state`` (the server's
+    `mserve.runtime.runtime.Runtime`) answers readiness and the metadata endpoints;
+    ``inline`` learns what predicts cost (the transport asks it which may run on its
+    I/O thread)."""
     return MserveApp(handler, create_flask_app(state), max_body_bytes, state, inline)
 
 
 def create_flask_app(state: Any = None) -> Flask:
     """The non-predict side: the GET endpoints, and 405 on predict URLs."""
-    from ..ops.endpoints import create_blueprint, is_get_path
+    from ..ops.endpoints import create_blueprint, is_get_path, method_not_allowed
 
     app = Flask("mserve")
     if state is not None:
@@ -291,10 +288,3 @@ def create_flask_app(state: Any = None) -> Flask:
         return error_response(500, INTERNAL_MESSAGE)
 
     return app
-
-
-def method_not_allowed() -> Response:
-    """A predict URL asked with anything but POST (PROTOCOL.md section 1)."""
-    response = error_response(405, "http message only support POST right now")
-    response.headers["Allow"] = "POST"
-    return response

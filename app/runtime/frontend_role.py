@@ -1,0 +1,132 @@
+"""The front-end process role: ``python -m mserve.runtime.frontend_role``, one of
+the processes of a `mserve.transport.workers.WorkerPool`, with its settings as JSON
+on stdin.
+
+It builds a single-process `Runtime` of its own. With a ``manifest`` (devices mode)
+it is a front-end: it serves its ports at once (``/ready`` 503 while the device
+processes load), then follows the manifest, its registry holding stand-in model
+stages that call the device processes. Without one it is a whole server: it loads
+every servable itself. It reports ``LISTENING``, ``READY <json>`` or ``FAILED`` on
+stdout for the pool; SIGUSR1 begins shutdown (``/ready`` 503, requests still
+served), SIGTERM or SIGINT stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from ..transport.balance import ConnectionBalance
+from .config import ServableStartConfig, SSLConfig
+from .runtime import Runtime
+
+
+def main() -> int:
+    # Block the stop signals first, so one that comes while loading is held until
+    # the worker serves and then drains like any other stop.
+    # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    from ..devices.process import die_with_parent
+
+    die_with_parent()  # a pool's process killed outright leaves no worker behind
+    settings = json.loads(sys.stdin.read())
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    mserve_log = logging.getLogger("mserve")
+    mserve_log.addHandler(handler)
+    mserve_log.setLevel(settings["log_level"])
+    waitress_log = logging.getLogger("waitress")  # its warnings (e.g. task queue depth) at the same level
+    waitress_log.addHandler(handler)
+    waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
+    waitress_log.propagate = False
+    access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
+    access_handler = logging.StreamHandler()
+    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access.handlers = [access_handler]
+    access.propagate = False
+    # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
+    access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
+    from ..errors import ServableLoadError
+    from ..ops.metadata import describe_servable
+
+    sock = socket.socket(fileno=settings["fd"]) if settings["fd"] is not None else None
+    balance_fd = settings.get("balance_fd")
+    balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
+    runtime = Runtime(processes_mode="single")  # this process is one of the server's front-ends or workers
+    ssl = settings["ssl_config"]
+    if settings.get("manifest"):
+        return _frontend(runtime, settings, sock, balance)
+    try:
+        runtime.start_servables(
+            [ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
+        )
+        runtime.start_restful_server(
+            sock=sock, ssl_config=SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
+        )
+        if settings.get("grpc"):
+            runtime.start_grpc_server(ssl_config=SSLConfig(**ssl) if ssl else None, **settings["grpc"])
+    except (ServableLoadError, RuntimeError) as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    described = [describe_servable(s) for s in runtime.registry.servables().values()]
+    print("READY " + json.dumps(described), flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    runtime.stop()
+    return 0
+
+
+def _frontend(runtime: Runtime, settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None) -> int:
+    """A front-end: serve the port at once (``/ready`` 503 while loading), then the
+    servables of the manifest, following it (device restarts, hot reload). Its
+    ports: REST on ``sock`` (None: none), gRPC per the ``grpc`` settings (health
+    NOT_SERVING while loading)."""
+    from ..devices.frontend import FrontendModels
+    from ..devices.manifest import Follower
+    from ..errors import ServableLoadError
+    from ..ops.metadata import describe_servable
+
+    ssl = settings["ssl_config"]
+    runtime.loading += 1  # until the device processes serve
+    runtime.refresh_ready()
+    try:
+        if sock is not None:
+            runtime.start_restful_server(
+                sock=sock, ssl_config=SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
+            )
+        if settings.get("grpc"):
+            runtime.start_grpc_server(ssl_config=SSLConfig(**ssl) if ssl else None, **settings["grpc"])
+    except RuntimeError as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    print("LISTENING", flush=True)
+    # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
+    models = FrontendModels(runtime, settings["index"] if sock is not None else f"grpc-{settings['index']}")
+    follower = Follower(settings["manifest"], models.apply)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    try:
+        while not follower.poll():
+            if signal.sigtimedwait(stop_signals, 0.05) is not None:
+                runtime.stop(drain_timeout=0)
+                return 0
+    except ServableLoadError as exc:
+        print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        return 1
+    runtime.loading -= 1
+    runtime.refresh_ready()
+    follower.start()
+    described = [describe_servable(s) for s in runtime.registry.servables().values()]
+    print("READY " + json.dumps(described), flush=True)
+    while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
+        runtime.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
+    follower.stop()
+    runtime.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
