@@ -164,7 +164,7 @@ def test_a_distributed_servable_without_hosts_says_how_to_start_it(tmp_path):
     from mserve.errors import ServableLoadError
 
     write_servable(tmp_path, "matmul", DECLARED.format(stage_size=1), {"1/jax_model.py": b"# not read"})
-    with pytest.raises(ServableLoadError, match="spans hosts .* start_servable"):
+    with pytest.raises(ServableLoadError, match="spans hosts .*start_servable"):
         server.start_servables(server.ServableStartConfig(tmp_path, "matmul"))
     server.stop()
 
