@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import logging
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -147,16 +149,60 @@ def _on_signal(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
 
-def stop_processes(procs: Sequence[subprocess.Popen], drain_timeout: float) -> None:
-    """SIGTERM every live process (each drains its work), wait for all of them up to
-    ``drain_timeout`` plus 5 s of grace, and kill whichever outlives that."""
+def stop_processes(
+    procs: Sequence[subprocess.Popen],
+    drain_timeout: float,
+    ask: Callable[[subprocess.Popen], None] | None = None,
+    grace: float = 1.0,
+) -> None:
+    """Ask every live process to stop (``ask``; by default SIGTERM), each draining
+    its work within ``drain_timeout``; wait for all of them up to ``drain_timeout``
+    plus ``grace`` seconds, and kill whichever outlives that."""
     live = [p for p in procs if p.poll() is None]
     for proc in live:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + drain_timeout + 5
+        if ask is None:
+            proc.send_signal(signal.SIGTERM)
+        else:
+            ask(proc)
+    deadline = time.monotonic() + drain_timeout + grace
     for proc in live:
         try:
             proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
+            log.warning("process %d still running %gs after its drain timeout: killed", proc.pid, grace)
             proc.kill()
             proc.wait()
+
+
+def exit_at_once(code: int) -> None:
+    """End a device or front-end process whose servers are stopped, without the
+    interpreter's teardown (finalizing JAX's runtime and every module takes a second
+    or more under load, counted against the whole server's drain timeout)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def stop_concurrently(stoppers: Sequence[Callable[[float], None]], drain_timeout: float) -> None:
+    """Call every ``stop(drain_timeout)`` at once, in threads, and wait for all: the
+    servers of one process (REST, gRPC, their front-end pools) drain side by side,
+    so the whole stop takes one drain timeout, not one per server."""
+    threads = [
+        threading.Thread(target=_stop_logged, args=(stop, drain_timeout), name="mserve-stop", daemon=True)
+        for stop in stoppers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _stop_logged(stop: Callable[[float], None], drain_timeout: float) -> None:
+    try:
+        stop(drain_timeout)
+    except Exception:  # noqa: BLE001 - one server failing to stop must not keep the others up
+        log.exception("stopping a server failed")

@@ -80,7 +80,6 @@ def mindir_rows(seconds: float) -> list[tuple[str, float, float]]:
         print("mindspore is not installed: skipping the MindIR rows (pip install -e '.[mindspore]')")
         return []
     from mserve import server
-    runtime = server.default_runtime()
 
     class Add(nn.Cell):
         def construct(self, x, y):
@@ -98,10 +97,10 @@ def mindir_rows(seconds: float) -> list[tuple[str, float, float]]:
     rows = [("MindSpore directly: GraphCell(Tensor(x1), Tensor(x2)).asnumpy()",
              *_per_call(lambda: cell(Tensor(x), Tensor(x)).asnumpy(), seconds)[:2])]
 
+    server.use_processes("single")  # the models in this process, where the runtime is timed
     server.start_servables([server.ServableStartConfig(root, "msadd"),
                             server.ServableStartConfig(REPO / "servables", "add")])
-    server.start_restful_server("127.0.0.1:0", inline_max_ms=0)
-    app = runtime.transports[0].app.app
+    app = server.start_restful_server("127.0.0.1:0", inline_max_ms=0).transport.app.app
     try:
         runtime = server.registry().servables()["msadd"].versions[1].stages[0].runtimes[0]
         rows.append(("mserve MindIR runtime.predict([x1, x2])", *_per_call(lambda: runtime.predict([x, x]), seconds)[:2]))
@@ -163,6 +162,7 @@ def sharding_rows(seconds: float) -> list[tuple[str, float]]:
         (folder / "servable_config.py").write_text(textwrap.dedent(MLP_CONFIG.format(sharded=sharded)))
         np.savez(folder / "1" / "weights.npz", w1=w1, w2=w2)
         configs.append(server.ServableStartConfig(root, name, device_ids=ids, batching=False))
+    server.use_processes("single")  # the model stages in this process, called directly below
     server.start_servables(configs)
     rows = []
     try:

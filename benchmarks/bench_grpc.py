@@ -41,6 +41,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from proc_cpu import tree_cpu  # noqa: E402
+
 
 def _anchor() -> Path:
     """The MindSpore Serving anchor scripts: $MSS_ANCHOR, else shared/ beside the repository
@@ -155,25 +159,6 @@ def drive(target: str, concurrency: int, seconds: float, clients: int) -> dict[s
 
 
 # ------------------------------------------------------------------ servers
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        total += stats.get(current, (0, 0.0))[1]
-        todo.extend(child for child, (parent, _) in stats.items() if parent == current)
-    return total
 
 
 BARE_SERVER = """
@@ -308,7 +293,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="load generator processes (at most the concurrency)")
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving 2.0.2 (the anchor)")
     parser.add_argument("--bare", action="store_true", help="also measure a bare grpcio server (constant reply)")
+    parser.add_argument("--tiny", action="store_true", help="the smallest run (one 0.5 s row per server): checks that it runs")
     args = parser.parse_args()
+    if args.tiny:
+        args.seconds, args.concurrency, args.clients = 0.5, "1", 1
     levels = [int(c) for c in args.concurrency.split(",")]
 
     servers: list = []
@@ -342,7 +330,8 @@ def main() -> None:
         print(f"{name:<28} {c:>4} {r['rps']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['cpu_us']:>11.0f}"
               f" {r['errors']:>6}")
     # Last: it loads JAX into this process, which must not fork load generators after it.
-    print(f"\nmserve's Predict handler alone, in-process (no grpcio): {handler_cpu():.0f} µs CPU per call")
+    print(f"\nmserve's Predict handler alone, in-process (no grpcio): "
+          f"{handler_cpu(200 if args.tiny else 20000):.0f} µs CPU per call")
     if args.mindspore:
         print("\nmserve / MindSpore Serving (req/s):")
         anchor = {c: r["rps"] for name, c, r in rows if name == MindSporeServer.name}

@@ -71,14 +71,14 @@ def _handed_off(call):
 
 def measure(calls: int) -> list[tuple[str, float, float]]:
     from mserve import server
-    runtime = server.default_runtime()
 
+    server.use_processes("single")  # models and HTTP in this process: the app is callable here
     server.start_servables([
         server.ServableStartConfig(str(REPO / "servables"), "add"),
         server.ServableStartConfig(str(REPO / "servables"), "lenet", batching=False),
     ])
-    server.start_restful_server("127.0.0.1:0", inline_max_ms=0)
-    app = runtime.transports[0].app.app
+    started = server.start_restful_server("127.0.0.1:0", inline_max_ms=0)
+    app = started.transport.app.app  # the WSGI app inside the transport's in-flight counter
     try:
         def request(path: str, body: bytes):
             def call() -> None:

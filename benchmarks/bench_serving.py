@@ -1,10 +1,18 @@
 """Serving throughput, latency, batch sizes and memory: mserve's process architecture
 against MindSpore Serving and against mserve before device processes.
 
-    .venv/bin/python benchmarks/bench_serving.py [--seconds 5] [--mindspore] [--only add|lenet|mlp|memory]
+    .venv/bin/python benchmarks/bench_serving.py [--seconds 5] [--mindspore] [--only add|cost|lenet|mlp|memory]
+    .venv/bin/python benchmarks/bench_serving.py --only cost --mindspore --rounds 3   # the cost of one request
+    .venv/bin/python benchmarks/bench_serving.py --tiny                               # every group, smallest size
 
 Rows (one run, so they share the machine's noise; compare rows, not runs):
 
+* cost: server CPU per request (the whole process tree, from /proc) next to req/s
+  and latency, for the default ``mserve start --servable add`` over REST, gRPC and
+  HTTPS and (``--mindspore``) MindSpore Serving's add, all running side by side and
+  measured in alternating rounds (medians of ``--rounds``); ``--against REF`` adds
+  the mserve of another commit, ``--variant NAME=FLAGS`` an mserve with other flags
+  (see benchmarks/cost_compare.py).
 * add: MindSpore Serving 2.0.2's add example (``--mindspore``, from
   ../shared/anchors/mindspore_serving after its setup.sh) and the default
   ``mserve start`` (no flags but the port: front-ends, a device process, the
@@ -119,13 +127,11 @@ class Server:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def pids(self) -> list[int]:
-        """Every process of this server (the benchmark's own process excluded)."""
-        from mserve import server
+        """Every process of this server (the benchmark's own process excluded): the
+        processes this benchmark started, one server running at a time."""
+        from proc_cpu import descendants
 
-        pids = [p.pid for p in self.pool.procs if p is not None]
-        if self.mode == "devices" and server.default_runtime().devices is not None:
-            pids += list(server.default_runtime().devices.pids().values())
-        return pids
+        return descendants(os.getpid())
 
     def stop(self) -> None:
         if self.mode == "devices":
@@ -304,12 +310,13 @@ def write_heavy_servable(root: Path, mib: int = 256) -> None:
     np.savez(root / "heavy" / "1" / "weights.npz", w=w)
 
 
-def memory_rows() -> list[tuple[str, dict]]:
+def memory_rows(mib: int = 256, counts: tuple[int, ...] = (1, 4),
+                modes: tuple[str, ...] = ("devices", "legacy")) -> list[tuple[str, dict]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_heavy_servable(Path(tmp))
-        for mode in ("devices", "legacy"):
-            for workers in (1, 4):
+        write_heavy_servable(Path(tmp), mib)
+        for mode in modes:
+            for workers in counts:
                 srv = Server("heavy", workers, root=Path(tmp), mode=mode, max_batch_size=4)
                 try:
                     time.sleep(1.0)
@@ -317,7 +324,7 @@ def memory_rows() -> list[tuple[str, dict]]:
                 finally:
                     srv.stop()
                 what = "front-end(s) + 1 device process" if mode == "devices" else "complete server(s), legacy"
-                rows.append((f"memory: 256 MiB weights, {workers} {what}", {"rss": rss, "pss": pss}))
+                rows.append((f"memory: {mib} MiB weights, {workers} {what}", {"rss": rss, "pss": pss}))
     return rows
 
 
@@ -325,10 +332,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--mindspore", action="store_true", help="also measure MindSpore Serving's add (anchor)")
-    parser.add_argument("--only", choices=["add", "lenet", "mlp", "memory"], help="run one group")
+    parser.add_argument("--only", choices=["add", "cost", "lenet", "mlp", "memory"], help="run one group")
+    parser.add_argument("--tiny", action="store_true",
+                        help="every group at the smallest size (1 s rows, fewer configurations): checks that it runs")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the cost group (medians)")
+    parser.add_argument("--concurrency", default="4,16", help="connections of the cost group, comma-separated")
+    parser.add_argument("--protocols", default="REST,gRPC,HTTPS", help="what the cost group measures, comma-separated")
+    parser.add_argument("--against", help="cost group: also run mserve as of this git ref (before/after a change)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="cost group: also run `mserve start FLAGS` as 'mserve NAME' (repeatable)")
+    parser.add_argument("--mserve-flags", default="", help="extra `mserve start` flags for the cost group")
     args = parser.parse_args()
+    if args.tiny:
+        args.seconds, args.rounds, args.concurrency = 1, 1, "4"
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
+    if args.only in (None, "cost"):
+        from cost_compare import compare
+
+        levels = [int(c) for c in args.concurrency.split(",")]
+        protocols = tuple(p.strip() for p in args.protocols.split(","))
+        print("\n".join(compare(args.rounds, args.seconds, levels, args.mindspore, ADD_BODY,
+                                 tuple(args.mserve_flags.split()), protocols, args.against,
+                                 {n: tuple(f.split()) for n, _, f in (v.partition("=") for v in args.variant)})))
+        if args.only == "cost":
+            return
     import logging
 
     logging.getLogger("mserve").setLevel(logging.ERROR)  # the servers started here: no access log
@@ -339,11 +367,12 @@ def main() -> None:
     rows: list[tuple[str, dict]] = []
     ratios: list[str] = []
     if args.only in (None, "add"):
-        anchor = dict(mindspore_add(args.seconds, [1, 4, 16])) if args.mindspore else {}
+        levels = [4] if args.tiny else [1, 4, 16]
+        anchor = dict(mindspore_add(args.seconds, levels)) if args.mindspore else {}
         rows += list(anchor.items())
         started = Started()
         try:
-            for c in (1, 4, 16):
+            for c in levels:
                 result = wrk(started.url("/model/add:add_common"), ADD_BODY, c, args.seconds)
                 rows.append((f"default `mserve start` add, c{c}", result))
                 ms = anchor.get(f"MindSpore Serving 2.0.2 add, c{c}")
@@ -362,7 +391,9 @@ def main() -> None:
             if write is not None:
                 write(Path(tmp))
                 root = Path(tmp)
-            for mode, workers in (("legacy", 1), ("legacy", 2), ("devices", 1), ("devices", 2)):
+            plans = (("devices", 1),) if args.tiny else (
+                ("legacy", 1), ("legacy", 2), ("devices", 1), ("devices", 2))
+            for mode, workers in plans:
                 srv = Server(name, workers, root=root, mode=mode, max_batch_size=32,
                              **({"env": _metrics_env(tmp)} if mode == "legacy" else {}))
                 label = (f"{workers} front-end(s) + device process" if mode == "devices"
@@ -374,7 +405,7 @@ def main() -> None:
         if name == "lenet":
             rows.append(("raw jitted LeNet, batch 32, in-process loop (images/s)", raw_lenet(32, args.seconds)))
     if args.only in (None, "memory"):
-        rows += memory_rows()
+        rows += memory_rows(16, (1,), ("devices",)) if args.tiny else memory_rows()
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"python {platform.python_version()}; load generator: wrk -t1, keep-alive, {args.seconds:g}s per row")

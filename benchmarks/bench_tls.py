@@ -121,8 +121,9 @@ def wrk_client(url: str, connections: int, seconds: float, close: bool) -> dict:
         'wrk.headers["Content-Type"] = "application/json"\n'
         + ('wrk.headers["Connection"] = "close"\n' if close else "")
     )
+    seconds = max(1, round(seconds))  # wrk takes whole seconds
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, timeout=seconds + 30, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))

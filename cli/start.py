@@ -93,16 +93,22 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     root.setLevel(level.upper())
     root.propagate = False
 
-    access_handler = _StderrHandler()
+    from mserve.ops.access_log import deferred as deferred_access_records
+    from mserve.ops.batched_log import BatchedStreamHandler
+
+    access_handler = BatchedStreamHandler()  # to sys.stderr in batches, off the request path
     access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     access.handlers = [access_handler]
     # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
     access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
     access.setLevel(access_level if access_log else logging.WARNING)
     access.propagate = False
+    deferred_access_records.enable()  # records made and written off the request path
     try:
         yield
     finally:
+        deferred_access_records.disable()  # hands what is queued to the handler ...
+        access_handler.close()  # ... which writes it
         for lg, handlers, lvl, propagate in saved:
             lg.handlers = handlers
             lg.setLevel(lvl)
@@ -226,12 +232,13 @@ def start(
     ),
     max_connections: Optional[int] = typer.Option(
         None,
-        help="Open connections per process; at the limit the longest-idle are closed to make room."
-        "  \\[default: 10000, or what `ulimit -n` allows]",
+        help="Open connections per process; at the limit the longest-idle are closed to make room (gRPC: new"
+        " connections are refused).  \\[default: 10000, or what `ulimit -n` allows]",
         show_default=False,
     ),
     idle_timeout: Optional[float] = typer.Option(
-        None, help="Seconds a connection may sit idle between requests.  \\[default: 60]", show_default=False
+        None, help="Seconds a connection may sit idle between requests (REST and gRPC).  \\[default: 60]",
+        show_default=False,
     ),
     header_timeout: Optional[float] = typer.Option(
         None, help="Seconds to receive a request's line and headers once they start.  \\[default: 30]",

@@ -594,6 +594,10 @@ def test_default_workers(monkeypatch):
     monkeypatch.setenv("MSERVE_WORKERS", "none")
     with pytest.raises(RuntimeError, match="MSERVE_WORKERS"):
         server.default_workers()
+    monkeypatch.delenv("MSERVE_WORKERS")
+    for cores, front_ends in ((1, 1), (2, 1), (4, 3), (16, 8)):  # a core left for the device process
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert server.default_workers() == front_ends
 
 
 def test_a_sharded_model_lives_in_one_device_process_for_all_its_devices(tmp_path):

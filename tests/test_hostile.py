@@ -508,7 +508,7 @@ def test_a_servable_with_a_non_ascii_name_is_callable(servers):
 
 def test_nan_outputs_are_an_error_not_null(servers):
     r = post(servers.http, "/model/stages:nan", one(1.0))
-    assert r.status_code == 500
+    assert r.status_code == 400  # the values, not the server: in practice the inputs took the model there
     assert "nan" in r.json()["error_msg"] and "index [1]" in r.json()["error_msg"]
     assert "null" not in r.text
 

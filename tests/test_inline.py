@@ -169,6 +169,33 @@ def test_policy_rules():
     policy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.05)
     assert not policy.allows("POST", "/model/a:m", 100)  # two in a row: backs off
 
+    busy = InlinePolicy(0.001, lambda path: True)
+    for _ in range(4):
+        busy.observe("/model/a:m", 0.0001)
+    for _ in range(5):  # slow but hardly blocked: preempted on a busy machine
+        busy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.2, blocked_seconds=0.0005)
+    assert busy.allows("POST", "/model/a:m", 100)
+    busy.observe("/model/a:m", 0.0001, inline_wall_seconds=0.2, blocked_seconds=0.15)
+    assert not busy.allows("POST", "/model/a:m", 100)  # blocked 100 ms or more: backs off at once
+
+
+def test_thread_clock_tells_blocked_from_busy():
+    """A sleep is blocked time (wall - CPU - run-queue wait), a busy loop is CPU time."""
+    import time
+
+    from mserve.transport.inline import ThreadClock
+
+    clock = ThreadClock()
+    wall, (cpu, queued) = time.perf_counter(), clock.sample()
+    time.sleep(0.05)
+    elapsed, (cpu2, queued2) = time.perf_counter() - wall, clock.sample()
+    assert elapsed - (cpu2 - cpu) - (queued2 - queued) > 0.04
+    wall, (cpu, queued) = time.perf_counter(), clock.sample()
+    while time.perf_counter() - wall < 0.05:
+        pass
+    elapsed, (cpu2, queued2) = time.perf_counter() - wall, clock.sample()
+    assert (cpu2 - cpu) + (queued2 - queued) > 0.04  # on a CPU, or waiting for one: not blocked
+
     costly = InlinePolicy(0.001, lambda path: True)
     for _ in range(10):
         costly.observe("/model/a:m", 0.004)

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,12 @@ class DeviceServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def say(self, line: str) -> None:
+        """One line to the supervisor (stdout), never interleaved with a report."""
+        with self._report_lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def report(self) -> None:
         """Tell the supervisor what this process serves now (``SERVES <json>``)."""

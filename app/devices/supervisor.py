@@ -16,6 +16,11 @@ Each device process sees only its devices and gets JAX's memory settings
 calls to it fail at once with 503 meanwhile) and rewrites the manifest when it is
 back or when hot reload changed what it serves. `stop` sends SIGTERM: a device
 process finishes its calls in flight and exits.
+
+Watchdog: a serving device process writes ``ALIVE`` every `HEARTBEAT_SECONDS`; one
+silent for ``hang_timeout`` seconds (``MSERVE_DEVICE_HANG_TIMEOUT``, default 10:
+stopped by SIGSTOP, or hung with the interpreter locked) is logged, marked down in
+the manifest, killed and restarted like one that died.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from ..runtime.config import ServableStartConfig
 from . import manifest
 
 log = logging.getLogger("mserve.devices.supervisor")
+
+HEARTBEAT_SECONDS = 1.0  # how often a serving device process says ALIVE
+DEFAULT_HANG_TIMEOUT = 10.0  # silent this long: stopped or hung, restarted
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class _DeviceProcess:
         self.described: dict[str, Any] | None = None
         self.up = False
         self.restarts = 0
+        self.heard = time.monotonic()  # its last report (``ALIVE`` or any other line)
 
 
 class DeviceSupervisor:
@@ -132,8 +141,10 @@ class DeviceSupervisor:
         poll_interval: float | None = None,
         ready_timeout: float = 600.0,
         env: dict[str, str] | None = None,
+        hang_timeout: float | None = None,
     ):
         self.env = env
+        self.hang_timeout = hang_timeout if hang_timeout is not None else _hang_timeout_from_env()
         self.run_dir = Path(run_dir)
         self.manifest_path = self.run_dir / manifest.FILE_NAME
         self.log_level = log_level
@@ -178,6 +189,7 @@ class DeviceSupervisor:
                 _progress(line[9:])
                 continue
             if line.startswith("READY "):
+                device.heard = time.monotonic()
                 device.described = json.loads(line[6:])
                 threading.Thread(target=self._follow, args=(device, proc), daemon=True).start()
                 return
@@ -191,6 +203,7 @@ class DeviceSupervisor:
         """Read what a serving device process reports (hot reload: ``SERVES``)."""
         assert proc.stdout is not None
         for line in proc.stdout:
+            device.heard = time.monotonic()
             if line.startswith("SERVES ") and device.proc is proc:
                 device.described = json.loads(line[7:])
                 self.publish()
@@ -230,7 +243,10 @@ class DeviceSupervisor:
             time.sleep(0.2)
             for device in self.devices:
                 proc = device.proc
-                if self._stopping or proc is None or proc.poll() is None:
+                if self._stopping or proc is None:
+                    continue
+                if proc.poll() is None:
+                    self._check_alive(device, proc)
                     continue
                 log.error(
                     "device process %s (pid %d) exited with code %s; starting a new one",
@@ -249,6 +265,17 @@ class DeviceSupervisor:
                 except Exception as exc:
                     log.error("restarting device process %s failed: %s; trying again", device.group.key, exc)
                     time.sleep(1.0)
+
+    def _check_alive(self, device: _DeviceProcess, proc: subprocess.Popen) -> None:
+        silent = time.monotonic() - device.heard
+        if device.up and silent > self.hang_timeout:
+            log.error(
+                "device process %s (pid %d) has not reported for %.0fs (stopped or hung): marking it down and "
+                "restarting it", device.group.key, proc.pid, silent,
+            )
+            device.up = False
+            self.publish()
+            proc.kill()  # the loop restarts it as one that died
 
     def down(self) -> list[str]:
         """Device groups whose process is restarting."""
@@ -269,6 +296,19 @@ class DeviceSupervisor:
                 os.unlink(device.socket_path)
             except OSError:
                 pass
+
+
+def _hang_timeout_from_env() -> float:
+    raw = os.environ.get("MSERVE_DEVICE_HANG_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_HANG_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RuntimeError(f"MSERVE_DEVICE_HANG_TIMEOUT must be seconds (a number), got {raw!r}") from None
+    if value < 3 * HEARTBEAT_SECONDS:
+        raise RuntimeError(f"MSERVE_DEVICE_HANG_TIMEOUT must be at least {3 * HEARTBEAT_SECONDS:g} seconds, got {raw}")
+    return value
 
 
 def _config_json(config: Any, keep_workers: bool = False) -> dict[str, Any]:

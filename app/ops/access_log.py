@@ -21,12 +21,16 @@ failure can be matched with its access-log line. Probes (``/health``, ``/ready``
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextvars
 import datetime
 import itertools
 import logging
 import os
 import re
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -57,26 +61,94 @@ def request_id(environ: dict[str, Any]) -> str:
 def log_request(
     method: str, path: str, status: int, seconds: float, rid: str, environ: dict[str, Any], bytes_out: int | None
 ) -> None:
-    """One access-log record (cheap when the logger is off for that level)."""
+    """One access-log record (cheap when the logger is off for that level; cheaper
+    still when `deferred` is on: then the record is made on its writer thread)."""
     level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
     if not access_log.isEnabledFor(level):
         return
-    ms = seconds * 1e3
-    access_log.log(
-        level,
-        "%s %s %d %.2fms request_id=%s",
-        method, path, status, ms, rid,
-        extra={
-            "request_id": rid,
-            "http_method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(ms, 3),
-            "remote_addr": environ.get("REMOTE_ADDR"),
-            "bytes_in": int(environ.get("CONTENT_LENGTH") or 0),
-            "bytes_out": bytes_out,
-        },
+    facts = (method, path, status, round(seconds * 1e3, 3), rid, environ.get("REMOTE_ADDR"),
+             int(environ.get("CONTENT_LENGTH") or 0), bytes_out)
+    if deferred.active:
+        deferred.submit(level, time.time(), facts)
+    else:
+        access_log.handle(_record(level, time.time(), facts))
+
+
+def _record(level: int, created: float, facts: tuple) -> logging.LogRecord:
+    method, path, status, ms, rid, remote, bytes_in, bytes_out = facts
+    record = access_log.makeRecord(
+        access_log.name, level, __file__, 0, "%s %s %d %.2fms request_id=%s", (method, path, status, ms, rid), None,
+        extra={"request_id": rid, "http_method": method, "path": path, "status": status, "duration_ms": ms,
+               "remote_addr": remote, "bytes_in": bytes_in, "bytes_out": bytes_out},
     )
+    record.created, record.msecs = created, (created - int(created)) * 1000
+    return record
+
+
+class DeferredRecords:
+    """Access records made and handled on a writer thread instead of the request's.
+
+    Making a `logging.LogRecord` and passing it through the logger costs a request
+    thread more than the add servable's model call; with `enable` (what `mserve
+    start` and its front-end processes do), `log_request` only queues the record's
+    facts and its time, and a writer thread turns what has queued into records every
+    ``interval`` seconds, hands them to the ``mserve.access`` logger (its filters and
+    handlers, unchanged) and flushes its handlers once per batch. Records keep the
+    time of their request; lines appear up to ``interval`` later. The queue holds at
+    most ``max_pending`` records: beyond, records are dropped, counted, and the
+    count logged as a warning, so a stuck log stream cannot eat the memory."""
+
+    def __init__(self, interval: float = 0.05, max_pending: int = 100_000):
+        self.interval = interval
+        self.max_pending = max_pending
+        self.active = False
+        self.dropped = 0
+        self._pending: collections.deque[tuple[int, float, tuple]] = collections.deque()
+        self._lock = threading.Lock()  # one batch at a time (writer thread, flush)
+        self._thread: threading.Thread | None = None
+
+    def enable(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mserve-access-log", daemon=True)
+                self._thread.start()
+            self.active = True
+        atexit.register(self.flush)
+
+    def disable(self) -> None:
+        """Back to records made on the request thread (after writing what is queued)."""
+        self.active = False
+        self.flush()
+
+    def submit(self, level: int, created: float, facts: tuple) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.dropped += 1  # without a lock: a lost increment only understates
+            return
+        self._pending.append((level, created, facts))
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            if self._pending or self.dropped:
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand every queued record to the logger now."""
+        with self._lock:
+            pending = self._pending
+            if not pending and not self.dropped:
+                return
+            while pending:
+                level, created, facts = pending.popleft()
+                access_log.handle(_record(level, created, facts))
+            dropped, self.dropped = self.dropped, 0
+            if dropped:
+                access_log.warning("%d access-log record(s) dropped: the log could not keep up", dropped)
+            for handler in access_log.handlers:
+                handler.flush()
+
+
+deferred = DeferredRecords()
 
 
 class RequestIdFilter(logging.Filter):

@@ -13,7 +13,8 @@ sections 2 (2.3: MindSpore Serving's parse order) and 3:
   `BytesArray` -> ``{"b64"}``.
   NaN and infinities have no JSON form (orjson, like MindSpore Serving's JSON library,
   would print ``null``, which a client cannot tell from a missing value): an output
-  holding one is an `OutputError` naming where, so that instance fails visibly.
+  holding one is a `NonFiniteOutput` naming where, so that instance fails visibly
+  (a 400: the inputs took the model out of its float range).
 """
 
 from __future__ import annotations
@@ -372,6 +373,11 @@ class OutputError(Exception):
     """A stage produced a value the wire cannot carry."""
 
 
+class NonFiniteOutput(OutputError):
+    """An output holds NaN or an infinity: in practice the inputs took the model out
+    of its float range (1e38 + 1e38 in float32), so the client's to change (a 4xx)."""
+
+
 def encode_value(value: Any) -> Any:
     """Turn one output value into something ``orjson`` (with numpy support) prints."""
     if isinstance(value, np.ndarray):
@@ -385,7 +391,7 @@ def encode_value(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         raise OutputError(f"output integer {value} does not fit in 64 bits")
     if isinstance(value, float) and not math.isfinite(value):
-        raise OutputError(f"output value {value!r} has no JSON form (NaN and infinities cannot be sent)")
+        raise NonFiniteOutput(f"output value {value!r} has no JSON form (NaN and infinities cannot be sent)")
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
@@ -422,7 +428,7 @@ def _check_finite(array: np.ndarray) -> None:
     if not finite.all():
         where = np.argwhere(~finite)[0].tolist() if array.ndim else []
         value = array[tuple(where)] if array.ndim else array[()]
-        raise OutputError(
+        raise NonFiniteOutput(
             f"output value {float(value)!r} at index {where} has no JSON form (NaN and infinities cannot be sent)"
         )
 

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import BadRequest, InstanceError
 from ..register import MethodDef
 from . import ms_service_pb2 as pb
+from .codec import MAX_DIMS
 
 # DataType enum <-> numpy dtype (little-endian on the wire, which numpy reads natively here).
 DTYPES: dict[int, np.dtype] = {
@@ -121,6 +122,9 @@ def decode_tensor(tensor: Any) -> Any:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("Tensor check failed: MS_STRING value is not valid UTF-8") from None
+    if len(dims) > MAX_DIMS:
+        raise BadRequest(f"Tensor check failed: input shape has {len(dims)} dimensions, more than the {MAX_DIMS} "
+                         "a tensor can have")
     zero_seen = False
     for dim in dims:
         if dim < 0 or zero_seen:

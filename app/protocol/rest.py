@@ -17,7 +17,8 @@ import orjson
 
 from ..errors import BadRequest, InstanceError
 from ..register import MethodDef
-from .codec import OutputError, ShapedText, decode_value, encode_value
+from .codec import NonFiniteOutput, OutputError, ShapedText, decode_value, encode_value
+from .prescan import PRESCAN_MIN_BYTES, scan_top_level
 from .urls import PredictTarget, parse_predict_path
 
 PARSE_FAILED = "Parser request failed, "
@@ -31,9 +32,59 @@ def read_request(
     ``check_count(n)`` may refuse the number of instances before any is decoded;
     everything wrong raises `BadRequest`. The method's own input checks come after
     the lookup (`method_inputs`)."""
+    if len(body) >= PRESCAN_MIN_BYTES:
+        # Refuse what the body holds before building it (10^6 instances: seconds, GBs).
+        top = scan_top_level(body)
+        if top is not None:
+            if top.keys.count("instances") > 1:
+                raise _repeated("instances", top.keys.count("instances"))
+            if top.instances:
+                check_count(top.instances)
     request = _load_json(body)
     target = parse_predict_path(path)  # MindSpore checks the JSON syntax before the URL
-    return target, parse_instances(request, check_count)
+    instances = parse_instances(request, check_count)
+    _refuse_repeated_keys(body, request)
+    return target, instances
+
+
+def _repeated(key: str, times: int, where: str = "") -> BadRequest:
+    return _parse_failed(f"key '{key}' expects to exist once, but actually {times} times", where)
+
+
+def _refuse_repeated_keys(body: bytes, request: dict[str, Any]) -> None:
+    """A key given twice in one object (the parser keeps the last one silently):
+    refused, naming the key. Cheap first: a key that occurs in the body no more often
+    than the parsed objects hold it cannot be repeated; only a suspect body is parsed
+    again, keeping every pair."""
+    instances = request["instances"]
+    objects = [instances] if type(instances) is dict else instances
+    expected: dict[str, int] = dict.fromkeys(request, 1)
+    for instance in objects:
+        for key in instance:
+            expected[key] = expected.get(key, 0) + 1
+    for key, times in expected.items():
+        quoted = orjson.dumps(key)
+        if body.count(quoted) > times:
+            _find_repeated_key(body)
+            return
+
+
+def _find_repeated_key(body: bytes) -> None:
+    import json
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, int] = {}
+        for key, _ in items:
+            seen[key] = seen.get(key, 0) + 1
+        for key, times in seen.items():
+            if times > 1:
+                raise _repeated(key, times)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:  # parsed by orjson already; the stricter library may differ on edge cases
+        pass
 
 
 def _load_json(body: bytes) -> Any:
@@ -124,6 +175,8 @@ def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError])
             continue
         try:
             encoded.append({name: encode_value(v) for name, v in zip(method.output_names, result)})
+        except NonFiniteOutput as exc:  # from the client's values, not a server fault
+            encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=400))
         except OutputError as exc:
             encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=500))
 

@@ -5,8 +5,8 @@ It builds a single-process `Runtime`, loads its device's servables into it, and
 serves their model calls to the front-ends through a `DeviceServer`, whose
 retirement of versions (hot reload) lets the front-ends switch first. It prints
 ``PROGRESS``, ``READY``, ``SERVES`` and ``FAILED`` lines for the supervisor (see
-`mserve.devices.process`). SIGTERM: stop listening, let calls in flight finish,
-unload, exit 0.
+`mserve.devices.process`), and ``ALIVE`` every second for the supervisor's
+watchdog. SIGTERM: stop listening, let calls in flight finish, unload, exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import threading
 from typing import Any
 
 from ..devices.process import DeviceServer, describe, die_with_parent, local_device_ids
+from ..devices.supervisor import HEARTBEAT_SECONDS
+from ..lifetime import exit_at_once
 from .runtime import Runtime
 
 
@@ -37,6 +39,13 @@ def _watch_registry(runtime: Runtime, device_server: DeviceServer, stop: threadi
         if now is not seen:
             seen = now
             device_server.report()
+
+
+def _heartbeat(device_server: DeviceServer, stop: threading.Event) -> None:
+    """``ALIVE`` on stdout every `HEARTBEAT_SECONDS`: the supervisor restarts a device
+    process that falls silent (stopped, or hung with the interpreter locked)."""
+    while not stop.wait(HEARTBEAT_SECONDS):
+        device_server.say("ALIVE")
 
 
 def main() -> int:
@@ -77,12 +86,14 @@ def main() -> int:
         return 1
     print("READY " + json.dumps(describe(runtime, group, settings["socket"])), flush=True)
     stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(device_server, stop), name="mserve-heartbeat", daemon=True).start()
     if settings.get("poll_interval"):
         threading.Thread(target=_watch_registry, args=(runtime, device_server, stop), daemon=True).start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     stop.set()
     device_server.stop(settings.get("drain_timeout", 30.0))
     runtime.stop(drain_timeout=0)
+    exit_at_once(0)  # everything is closed; the interpreter's teardown would eat into the drain timeout
     return 0
 
 

@@ -8,7 +8,9 @@ processes load), then follows the manifest, its registry holding stand-in model
 stages that call the device processes. Without one it is a whole server: it loads
 every servable itself. It reports ``LISTENING``, ``READY <json>`` or ``FAILED`` on
 stdout for the pool; SIGUSR1 begins shutdown (``/ready`` 503, requests still
-served), SIGTERM or SIGINT stops it gracefully.
+served); the pool's ``STOP <seconds>`` on stdin (or a SIGTERM) stops it gracefully
+within that drain timeout; SIGINT is ignored (Ctrl+C reaches the whole process
+group: the pool decides how its workers stop).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import socket
 import sys
 from typing import Any
 
+from ..lifetime import exit_at_once
+from ..ops.access_log import deferred as deferred_access_records
+from ..ops.batched_log import BatchedStreamHandler
 from ..transport.balance import ConnectionBalance
+from ..transport.workers import PoolOrders
 from .config import ServableStartConfig, SSLConfig
 from .runtime import Runtime
 
@@ -30,11 +36,13 @@ def main() -> int:
     # Block the stop signals first, so one that comes while loading is held until
     # the worker serves and then drains like any other stop.
     # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool stops its workers (see the module docstring)
     from ..devices.process import die_with_parent
 
     die_with_parent()  # a pool's process killed outright leaves no worker behind
-    settings = json.loads(sys.stdin.read())
+    settings = json.loads(sys.stdin.readline())
+    orders = PoolOrders()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     mserve_log = logging.getLogger("mserve")
@@ -45,26 +53,32 @@ def main() -> int:
     waitress_log.setLevel(max(settings["log_level"], logging.WARNING))
     waitress_log.propagate = False
     access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
-    access_handler = logging.StreamHandler()
+    access_handler = BatchedStreamHandler()  # written in batches by a thread of its own, off the request path
     access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     access.handlers = [access_handler]
     access.propagate = False
     # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
     access.setLevel(min(settings["log_level"], logging.INFO) if settings.get("access_log", True) else logging.WARNING)
+    deferred_access_records.enable()  # records made and written off the request path
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
 
     sock = socket.socket(fileno=settings["fd"]) if settings["fd"] is not None else None
     balance_fd = settings.get("balance_fd")
-    balance = ConnectionBalance(balance_fd, settings["workers"], settings["index"]) if balance_fd is not None else None
+    balance = (
+        ConnectionBalance(balance_fd, settings["workers"], settings["index"], settings.get("bells", ()))
+        if balance_fd is not None else None
+    )
     runtime = Runtime(processes_mode="single")  # this process is one of the server's front-ends or workers
     ssl = settings["ssl_config"]
     if settings.get("manifest"):
-        return _frontend(runtime, settings, sock, balance)
+        return _frontend(runtime, settings, sock, balance, orders)
     try:
         runtime.start_servables(
             [ServableStartConfig(**c) for c in settings["configs"]], poll_interval=settings.get("poll_interval")
         )
+        if balance is not None:
+            balance.serving = True
         runtime.start_restful_server(
             sock=sock, ssl_config=SSLConfig(**ssl) if ssl else None, balance=balance, **settings["restful"]
         )
@@ -75,12 +89,19 @@ def main() -> int:
         return 1
     described = [describe_servable(s) for s in runtime.registry.servables().values()]
     print("READY " + json.dumps(described), flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    runtime.stop()
+    signal.sigwait({signal.SIGTERM})
+    runtime.stop(drain_timeout=orders.drain_timeout)
+    exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
 
-def _frontend(runtime: Runtime, settings: dict[str, Any], sock: socket.socket | None, balance: ConnectionBalance | None) -> int:
+def _frontend(
+    runtime: Runtime,
+    settings: dict[str, Any],
+    sock: socket.socket | None,
+    balance: ConnectionBalance | None,
+    orders: PoolOrders,
+) -> int:
     """A front-end: serve the port at once (``/ready`` 503 while loading), then the
     servables of the manifest, following it (device restarts, hot reload). Its
     ports: REST on ``sock`` (None: none), gRPC per the ``grpc`` settings (health
@@ -107,7 +128,7 @@ def _frontend(runtime: Runtime, settings: dict[str, Any], sock: socket.socket | 
     # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
     models = FrontendModels(runtime, settings["index"] if sock is not None else f"grpc-{settings['index']}")
     follower = Follower(settings["manifest"], models.apply)
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    stop_signals = {signal.SIGTERM}
     try:
         while not follower.poll():
             if signal.sigtimedwait(stop_signals, 0.05) is not None:
@@ -118,13 +139,16 @@ def _frontend(runtime: Runtime, settings: dict[str, Any], sock: socket.socket | 
         return 1
     runtime.loading -= 1
     runtime.refresh_ready()
+    if balance is not None:
+        balance.serving = True  # new clients come here now, not to a front-end still loading
     follower.start()
     described = [describe_servable(s) for s in runtime.registry.servables().values()]
     print("READY " + json.dumps(described), flush=True)
     while signal.sigwait(stop_signals | {signal.SIGUSR1}) == signal.SIGUSR1:
         runtime.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
     follower.stop()
-    runtime.stop()
+    runtime.stop(drain_timeout=orders.drain_timeout)
+    exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
 

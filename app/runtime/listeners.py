@@ -161,6 +161,9 @@ def start_grpc_server(
     reuse_port: bool = False,
     max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
     workers: int | None = None,
+    max_connections: int | None = None,
+    idle_timeout: float = 60.0,
+    max_streams_per_connection: int = 100,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -173,6 +176,9 @@ def start_grpc_server(
     server), ``threads`` (calls served at once), ``max_enqueued_requests``,
     ``request_timeout`` and ``max_instances_per_request`` as for
     `start_restful_server`, and ``reuse_port`` (worker processes sharing one port).
+    Limits per process (`mserve.transport.grpc_limits`): ``max_connections``,
+    ``idle_timeout`` (seconds without a call), ``max_streams_per_connection``; calls
+    at once in a process: twice ``max_enqueued_requests`` plus ``threads``.
 
     In devices mode (the default, see the module docstring) a ``host:port`` address
     is served by ``workers`` front-end processes of its own (``None``:
@@ -184,6 +190,7 @@ def start_grpc_server(
     started before or after `start_restful_server` and `start_servables`.
     """
     from ..transport.grpc import GrpcTransport
+    from ..transport.grpc_limits import GrpcLimits
 
     if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
         raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
@@ -198,6 +205,8 @@ def start_grpc_server(
         grpc = {
             "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
             "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
+            "max_connections": max_connections, "idle_timeout": idle_timeout,
+            "max_streams_per_connection": max_streams_per_connection,
         }
         return start_grpc_frontends(runtime, address, ssl_config, grpc, reuse_port, workers)
     if workers is not None and workers != 1:
@@ -209,8 +218,13 @@ def start_grpc_server(
         max_instances=max_instances_per_request,
     )
     with runtime.lock:
+        # Calls at once: room beyond the queue limit, so that MindSpore's own "enqueued requests
+        # count exceeds the limit" answers first; grpcio's RESOURCE_EXHAUSTED is the backstop.
+        limits = GrpcLimits(max_connections, idle_timeout, max_streams_per_connection,
+                            2 * max_enqueued_requests + threads)
         transport = GrpcTransport(
-            dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, ssl_config, threads, reuse_port
+            dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, ssl_config, threads, reuse_port,
+            limits,
         )
         transport.start()
         runtime.handlers.append(dataplane)

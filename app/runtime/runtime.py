@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import lifetime
+from .. import lifetime, rundir
 from ..ops import metrics
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs, VersionWatcher
@@ -148,7 +147,7 @@ class Runtime:
     def run_directory(self) -> str:
         """Sockets, manifest and metrics of this server's processes (made on first use)."""
         if self.run_dir is None:
-            self.run_dir = tempfile.mkdtemp(prefix="mserve-")
+            self.run_dir = rundir.create()  # and removes those of servers killed outright
         return self.run_dir
 
     def child_env(self) -> dict[str, str]:
@@ -183,10 +182,11 @@ class Runtime:
         with self.lock:
             transports, self.transports = self.transports, []
             handlers, self.handlers = self.handlers, []
+            stop_started = time.monotonic()
+            # Side by side; each answers what it has received, then closes (mserve.lifetime).
+            lifetime.stop_concurrently([t.stop for t in transports], drain_timeout)
             for handler in handlers:
                 handler.draining = True
-            for transport in transports:
-                transport.stop(drain_timeout)
             self.ready_listeners.clear()
             self.frontends.clear()
             # Device processes after the front-ends: their calls in flight are done by now.
@@ -194,7 +194,8 @@ class Runtime:
                 self.follower.stop()
                 self.follower = None
             if self.devices is not None:
-                self.devices.stop(drain_timeout)
+                # Idle by now: they get what is left of the drain (and a moment to exit).
+                self.devices.stop(max(drain_timeout - (time.monotonic() - stop_started), 0.0))
                 self.devices = None
             if self.run_dir is not None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)

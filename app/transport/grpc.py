@@ -37,6 +37,9 @@ from ..protocol import ms_service_pb2_grpc as pb_grpc
 from ..protocol.urls import PredictTarget
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
+from .grpc_limits import ConnectionWatch, GrpcLimits
+from .http import connection_capacity
+from .memory import RELEASE_AFTER_BYTES, release_memory
 
 log = logging.getLogger("mserve.transport.grpc")
 
@@ -200,9 +203,12 @@ class PredictServicer(pb_grpc.MSServiceServicer):
             context.set_trailing_metadata((("x-request-id", rid),))
             elapsed = time.perf_counter() - started
             self.metrics.observe(path, outcome.status, elapsed)
+            size = request.ByteSize()
             if access_log.isEnabledFor(logging.INFO):
-                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": request.ByteSize()}
+                peer = {"REMOTE_ADDR": context.peer(), "CONTENT_LENGTH": size}
                 log_request("gRPC", path, outcome.status, elapsed, rid, peer, reply.ByteSize())
+            if size >= RELEASE_AFTER_BYTES:
+                release_memory(collect=outcome.status >= 400)
             return reply
         finally:
             current_request_id.reset(token)
@@ -223,8 +229,13 @@ class GrpcTransport:
         ssl_config: Any = None,
         threads: int = 16,
         reuse_port: bool = False,
+        limits: GrpcLimits | None = None,
     ):
         check_address(address)
+        limits = limits or GrpcLimits()
+        limits.check()
+        self.limits = limits
+        max_connections = connection_capacity(limits.max_connections)  # raises the descriptor limit as REST does
         self.address = address
         self.dataplane = dataplane
         self.ssl_config = ssl_config
@@ -238,8 +249,14 @@ class GrpcTransport:
                 # As MindSpore Serving: a port in use is an error, unless worker
                 # processes share it on purpose (mserve start --workers N).
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
+                # What one client may hold (docs/operations.md, "Limits").
+                ("grpc.max_allowed_incoming_connections", max_connections),
+                ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
+                ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
             ],
+            maximum_concurrent_rpcs=limits.max_calls,
         )
+        self._watch = ConnectionWatch(max_connections, limits.max_calls, lambda: dataplane.active)
         pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs or RequestEpochs()), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port = 0
@@ -273,17 +290,20 @@ class GrpcTransport:
             )
         self.port = 0 if unix else port
         self._server.start()
+        self._watch.start()
         log.info("%s server listening on %s%s", _TAG, self.target, " (TLS)" if self.ssl_config else "")
 
     def refresh_health(self) -> None:
         self.health.refresh()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Health answers NOT_SERVING, new calls are refused, calls in flight get up
-        to ``drain_timeout`` seconds."""
+        """Health answers NOT_SERVING; the listener closes and open connections get a
+        GOAWAY (new calls are refused); every call already received, running or
+        waiting for a thread, gets up to ``drain_timeout`` seconds to finish."""
         self.health.shut_down()
+        self._watch.stop()
+        self._server.stop(grace=drain_timeout).wait(drain_timeout + 0.5)
         self.dataplane.draining = True
-        self._server.stop(grace=drain_timeout).wait()
 
 
 def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str]:

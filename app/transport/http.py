@@ -22,8 +22,11 @@ What Waitress does not do out of the box, done here:
   is answered 503 at once on the I/O thread, not queued behind the others.
 * Worker processes sharing the socket take turns accepting (balance.py).
 * A reply goes out in one ``send``.
-* `WaitressTransport.stop` stops accepting, lets in-flight requests finish (up to a
-  drain timeout), then closes every connection.
+* `WaitressTransport.stop` stops accepting at once, so the kernel refuses new
+  connections (what it had already accepted is taken and served first), answers
+  every request already received, in flight or waiting for a thread, each with
+  ``Connection: close``, closes idle connections, and then every connection once
+  that is done or the drain timeout is up, whichever comes first.
 
 The HTTPS transport (https.py) is this one with a TLS layer in the channel, so both
 share every limit and the same parser.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import copy
 import heapq
 import logging
+import os
 import resource
 import select
 import socket
@@ -61,6 +65,9 @@ _FD_HEADROOM = 256  # descriptors kept for everything else (model files, pipes, 
 _STALL_SECONDS = 0.1  # an inline request running longer than this gets the loop handed off
 _MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions; real ones are a few bytes
 _LINGER_SECONDS = 1.0  # after a closing reply: how long to drain what the client still sends
+_ACCEPT_BATCH = 64  # connections accepted per turn of the loop at most
+_FRESH_GRACE_SECONDS = 1.0  # at stop: how long a new connection may take to send its request
+_CLOSE_SECONDS = 0.5  # at stop, after the drain: for replies to leave and threads to end
 _TLS_RECORD = b"\x16\x03"  # a TLS handshake record, as a ClientHello starts
 _TLS_ON_PLAIN_MESSAGE = "this port speaks plain HTTP: the client started a TLS handshake, use http://"
 
@@ -242,6 +249,8 @@ class _Task(WSGITask):
     def __init__(self, channel: Any, request: Any):
         super().__init__(channel, request)
         self._reply_lock = threading.Lock()
+        if channel.server.draining:
+            self.close_on_finish = True  # stopping: the client reconnects elsewhere
 
     def get_environment(self) -> dict:
         environ = super().get_environment()
@@ -422,6 +431,22 @@ class ServingChannel(HTTPChannel):
     def evictable(self) -> bool:
         return not self.requests and not self.total_outbufs_len and not self.will_close
 
+    def idle_at_stop(self, wall: float) -> bool:
+        """Whether a stopping server may close this connection now: nothing of a
+        request received (not even unread bytes in the kernel), nothing left to send;
+        a connection taken from the backlog gets a moment to send its request."""
+        if self.requests or self.request is not None or self.total_outbufs_len or self.half_closed:
+            return False
+        if self.fresh and wall - self.creation_time < _FRESH_GRACE_SECONDS:
+            return False
+        try:
+            pending = self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True  # reset by the client
+        return not pending  # b"": the client closed it; else a request is on its way in
+
 
 class ServingServer(TcpWSGIServer):
     channel_class = ServingChannel
@@ -456,6 +481,84 @@ class ServingServer(TcpWSGIServer):
             self.trigger.pull_trigger()
 
     declined = False  # the balance said another worker's turn at the last look
+    draining = False  # stopping: no more accepts, every reply closes its connection
+    drain_checked = 0.0  # monotonic time of the last pass closing idle connections
+
+    def handle_accept(self) -> None:
+        """Accept what the kernel has queued, up to `_ACCEPT_BATCH` per turn of the
+        loop (every turn polls every connection: one accept a turn makes a burst of
+        n connections cost n turns), while the balance still gives this worker the
+        turn; then let the workers that declined look again at once."""
+        balance = self.balance
+        before = len(self.active_channels)
+        for _ in range(_ACCEPT_BATCH):
+            count = len(self.active_channels)
+            if count >= self.max_connections:
+                break
+            super().handle_accept()
+            if len(self.active_channels) == count:
+                break  # nothing more queued (or a connection already gone)
+            if balance is not None and not balance.may_accept(len(self.active_channels)):
+                break
+        if balance is not None and len(self.active_channels) > before:
+            balance.ring_others()
+
+    def stop_accepting(self) -> None:
+        """On the loop thread: take the connections the kernel has already accepted
+        (their requests count as received), then shut the listening socket down,
+        which makes the kernel refuse new connections in every process sharing it
+        (front-ends inherit one socket), and stop polling it."""
+        self.draining = True
+        sock = self.socket
+        taken = 0
+        if sock.fileno() >= 0:  # not already closed (another front-end shut it down: handle_close)
+            try:
+                sock.setblocking(False)
+                while True:
+                    try:
+                        conn, addr = sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break  # another front-end shut it down first
+                    try:
+                        self.set_socket_options(conn)
+                        self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+                        taken += 1
+                    except OSError:
+                        conn.close()
+            finally:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        wasyncore.dispatcher.close(self)  # this process's descriptor of it
+        log.info("stopped accepting connections (%d taken from the backlog); %d open", taken,
+                 len(self.active_channels))
+
+    def handle_close(self) -> None:
+        # The listening socket hung up: another front-end sharing it is stopping and
+        # shut it down. Stop polling it; Waitress's own close would also close the
+        # wake-up pipe that this process's stop still needs.
+        wasyncore.dispatcher.close(self)
+
+    def close_idle(self) -> None:
+        """While draining, at most every 100 ms: close connections with nothing to do."""
+        now = time.monotonic()
+        if now - self.drain_checked < 0.1:
+            return
+        self.drain_checked = now
+        wall = time.time()
+        for channel in list(self.active_channels.values()):
+            if channel.idle_at_stop(wall):
+                channel.handle_close()
+
+    def unanswered(self) -> int:
+        """Connections with a request received (or arriving) and not fully answered."""
+        return sum(
+            1 for ch in list(self.active_channels.values())
+            if ch.requests or ch.request is not None or ch.total_outbufs_len
+        )
 
     def readable(self) -> bool:
         # Called on every turn of the loop, which is when a worker process takes or
@@ -499,7 +602,10 @@ def _poll_once(server: ServingServer, map: dict, me: threading.Thread) -> None:
     timeout is chosen after every dispatcher said whether it is readable, so a worker
     whose turn at accepting has just come does not sleep a whole second first; and
     the turn stops as soon as the loop has been handed to another thread."""
-    server.make_room()
+    if server.draining:
+        server.close_idle()
+    else:
+        server.make_room()
     pollster = select.poll()
     for fd, obj in list(map.items()):
         flags = 0
@@ -510,7 +616,7 @@ def _poll_once(server: ServingServer, map: dict, me: threading.Thread) -> None:
         if flags:
             pollster.register(fd, flags)
     try:
-        ready = pollster.poll(50 if server.declined else 1000)
+        ready = pollster.poll(50 if server.declined or server.draining else 1000)
     except InterruptedError:
         return
     for fd, flags in ready:
@@ -519,6 +625,26 @@ def _poll_once(server: ServingServer, map: dict, me: threading.Thread) -> None:
         obj = map.get(fd)
         if obj is not None:
             wasyncore.readwrite(obj, flags)
+
+
+class _Bell(wasyncore.file_dispatcher):
+    """This worker's end of the balance's bell: being rung only wakes the loop,
+    which then asks the balance again whether to accept (see balance.py)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        try:
+            os.read(self._fileno, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def handle_close(self) -> None:
+        self.close()
 
 
 class InFlight:
@@ -589,6 +715,8 @@ class WaitressTransport:
             self.app, self._map, True, sock, dispatcher=self._dispatcher, adj=adj, bind_socket=False, sockinfo=sockinfo
         )
         self._server.balance = balance
+        if balance is not None and balance.bell is not None:
+            _Bell(balance.bell, self._map)
         self._server.inline = inline
         self._server.shed = shed
         self._server.limits = limits
@@ -661,23 +789,33 @@ class WaitressTransport:
         self._watchdog.start()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish, then close all connections."""
+        """Stop accepting (the kernel refuses new connections), answer every request
+        already received, then close all connections; returns within
+        ``drain_timeout`` plus about half a second."""
         if not self._thread.is_alive():
             return
-        self._server.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(self._server))
-        if not self.app.wait_idle(drain_timeout):
-            log.warning("drain timeout: %d request(s) still running", self.app.count)
-        # Give written replies a moment to leave the output buffers.
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(
-            getattr(ch, "total_outbufs_len", 0) for ch in list(self._map.values())
-        ):
-            time.sleep(0.01)
+        deadline = time.monotonic() + drain_timeout
+        accepting_stopped = threading.Event()
+
+        def stop_accepting() -> None:
+            try:
+                self._server.stop_accepting()
+            finally:
+                accepting_stopped.set()
+
+        self._server.trigger.pull_trigger(stop_accepting)
+        accepting_stopped.wait(min(drain_timeout, 5.0) + 0.1)
+        while time.monotonic() < deadline and (self.app.count or self._server.unanswered()):
+            time.sleep(0.02)
+        left = self._server.unanswered() + self.app.count
+        if left:
+            log.warning("drain timeout (%gs): %d request(s) still unanswered; closing their connections",
+                        drain_timeout, left)
         self._stopping.set()
-        self._dispatcher.shutdown(cancel_pending=True, timeout=5)
+        self._dispatcher.shutdown(cancel_pending=True, timeout=_CLOSE_SECONDS / 2)
         trigger = self._server.trigger
         trigger.pull_trigger(self._close_connections)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=_CLOSE_SECONDS / 2)
         if not self._thread.is_alive():
             # A request thread outliving the drain may still wake the loop; let it
             # find a no-op rather than a closed (or reused) file descriptor.

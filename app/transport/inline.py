@@ -16,14 +16,17 @@ connections one request at a time, like an event-loop server.
 * the path's average cost is at most ``max_seconds`` (1 ms by default) over recent
   requests, in thread CPU time (wall time in a worker thread includes waiting for
   the GIL under load, and on a busy machine any thread gets preempted now and then);
-* two inline requests in a row that took more than twice the limit in wall time send
-  the path back to the worker threads for a while (5 s, doubling on each repeat up to
-  10 minutes): CPU time does not show waiting (on a device, on I/O, in a sleep),
-  which wall time on the I/O thread reveals. One slow request alone is taken for
-  preemption, unless it took 100 ms or more: then the path goes back at once. (A
-  request that holds the I/O thread over 100 ms gets the event loop moved to a new
-  thread meanwhile, `mserve.transport.http`, so the other connections are not held
-  up behind it.)
+* two inline requests in a row that spent more than twice the limit blocked (waiting
+  on a device, on I/O, in a sleep, for the GIL) send the path back to the worker
+  threads for a while (5 s, doubling on each repeat up to 10 minutes): CPU time does
+  not show waiting, which the time on the I/O thread reveals. A request blocked
+  100 ms or more sends the path back at once. (A request that holds the I/O thread
+  over 100 ms gets the event loop moved to a new thread meanwhile,
+  `mserve.transport.http`, so the other connections are not held up behind it.)
+  Blocked time is wall time less the time on a CPU and the time spent runnable but
+  waiting for one (`ThreadClock`, from the kernel's per-thread scheduler counters):
+  on a busy machine a 0.3 ms request is often preempted for several milliseconds,
+  which says nothing about the path.
 
 While a request runs inline the other connections of that process wait, so the limit
 bounds their extra latency. A client can still make one request of a cheap path
@@ -37,6 +40,8 @@ an estimate.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -56,6 +61,39 @@ class _PathCost:
     slow_in_a_row: int = 0
     backoff: float = 0.0
     banned_until: float = 0.0
+
+
+class ThreadClock:
+    """The calling thread's time on a CPU and time spent runnable but waiting for one,
+    in seconds: one ``pread`` of ``/proc/thread-self/schedstat`` (a descriptor kept
+    per thread). Where that file is missing (not Linux, or a kernel without scheduler
+    statistics) the CPU time comes from `time.thread_time` and the wait is 0."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self.precise = os.path.exists("/proc/thread-self/schedstat")
+
+    def sample(self) -> tuple[float, float]:
+        if not self.precise:
+            return time.thread_time(), 0.0
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._local.handle = _SchedStat()
+        on_cpu, queued, _ = handle.read().split(maxsplit=2)
+        return int(on_cpu) * 1e-9, int(queued) * 1e-9
+
+
+class _SchedStat:
+    """An open ``/proc/thread-self/schedstat`` of the thread that made it (closed with it)."""
+
+    def __init__(self):
+        self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, 128, 0)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 class InlinePolicy:
@@ -80,9 +118,14 @@ class InlinePolicy:
             return False
         return self._eligible(path)
 
-    def observe(self, path: str, cpu_seconds: float, inline_wall_seconds: float | None = None) -> None:
-        """Record one request to ``path``: its thread CPU time, and its wall time when
-        it ran inline. The caller leaves out requests to unknown paths."""
+    def observe(
+        self, path: str, cpu_seconds: float, inline_wall_seconds: float | None = None,
+        blocked_seconds: float | None = None,
+    ) -> None:
+        """Record one request to ``path``: its thread CPU time, and, when it ran
+        inline, its wall time and the part of it the thread was blocked (None:
+        unknown, the wall time counts). The caller leaves out requests to unknown
+        paths."""
         cost = self._paths.get(path)
         if cost is None:
             if len(self._paths) >= _MAX_PATHS:
@@ -92,11 +135,12 @@ class InlinePolicy:
         cost.average = cpu_seconds if cost.count == 1 else cost.average + _WEIGHT * (cpu_seconds - cost.average)
         if inline_wall_seconds is None:
             return
-        if inline_wall_seconds <= 2 * self.max_seconds:
+        blocked = inline_wall_seconds if blocked_seconds is None else blocked_seconds
+        if blocked <= 2 * self.max_seconds:
             cost.slow_in_a_row = 0
             return
         cost.slow_in_a_row += 1
-        if cost.slow_in_a_row >= 2 or inline_wall_seconds >= _STALL_SECONDS:
+        if cost.slow_in_a_row >= 2 or blocked >= _STALL_SECONDS:
             cost.slow_in_a_row = 0
             cost.backoff = min(max(cost.backoff * 2, _FIRST_BACKOFF), _MAX_BACKOFF)
             cost.banned_until = time.monotonic() + cost.backoff

@@ -18,11 +18,15 @@ gRPC only.
 Over plain HTTP the workers take turns accepting through a shared table
 (balance.py), so keep-alive connections spread evenly; over HTTPS the kernel hands
 each new connection to whichever worker accepts it first. The pool restarts a
-worker that dies, and on stop sends SIGTERM to all, which drain their in-flight
-requests.
+worker that dies. On stop it writes ``STOP <drain seconds>`` to every worker's
+stdin: each stops accepting, answers what it has received within that drain
+timeout and exits; the pool kills whichever is still running a second later. A
+worker ignores SIGINT (Ctrl+C reaches the whole process group: the pool decides
+how the workers stop); a SIGTERM from elsewhere drains with the default 30 s.
 
 Each worker runs ``python -m mserve.runtime.frontend_role``: it reads its
-settings as JSON on stdin, reports ``LISTENING`` once the port is served (a
+settings as one line of JSON on stdin (then its orders, as above), reports
+``LISTENING`` once the port is served (a
 front-end answers ``/health`` 200 and ``/ready`` 503 while the device processes
 load) and ``READY <json description>`` once it serves the servables.
 """
@@ -39,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..lifetime import stop_processes
 from .balance import ConnectionBalance
@@ -94,6 +98,8 @@ class WorkerPool:
             ConnectionBalance.create_table(workers) if sock is not None and ssl_config is None and workers > 1 else None
         )
         self.settings["balance_fd"] = self.balance_fd
+        self.bells = ConnectionBalance.create_bells(workers) if self.balance_fd is not None else []
+        self.settings["bells"] = self.bells
         self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self.restarts = 0  # replacements that came up and serve
@@ -104,6 +110,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> subprocess.Popen:
         fds = [self.sock.fileno()] if self.sock is not None else []
         fds += [self.balance_fd] if self.balance_fd is not None else []
+        fds += [fd for bell in self.bells for fd in bell]
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
@@ -116,8 +123,8 @@ class WorkerPool:
             env=env,
         )
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps({**self.settings, "index": index}))
-        proc.stdin.close()
+        proc.stdin.write(json.dumps({**self.settings, "index": index}) + "\n")
+        proc.stdin.flush()  # stdin stays open: the pool's orders (STOP) follow
         return proc
 
     def _wait_ready(self, proc: subprocess.Popen, listening: bool = False) -> Any:
@@ -190,7 +197,7 @@ class WorkerPool:
     def stop(self, drain_timeout: float = 30.0) -> None:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
-        stop_processes([p for p in self.procs if p is not None], drain_timeout)
+        stop_processes([p for p in self.procs if p is not None], drain_timeout, ask=_order_stop(drain_timeout))
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         if self.sock is not None:
@@ -198,6 +205,42 @@ class WorkerPool:
         if self.balance_fd is not None:
             os.close(self.balance_fd)
             self.balance_fd = None
+        for bell in self.bells:
+            for fd in bell:
+                os.close(fd)
+        self.bells = []
+
+
+def _order_stop(drain_timeout: float) -> Callable[[subprocess.Popen], None]:
+    def order(proc: subprocess.Popen) -> None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(f"STOP {drain_timeout}\n")
+            proc.stdin.flush()
+        except (OSError, ValueError):  # its stdin is gone: a signal still reaches it
+            proc.send_signal(signal.SIGTERM)
+
+    return order
+
+
+class PoolOrders:
+    """The pool's orders to this worker, read from stdin by a thread: ``STOP
+    <seconds>`` sets the drain timeout and raises SIGTERM, which the main thread
+    waits for."""
+
+    def __init__(self) -> None:
+        self.drain_timeout = 30.0
+        threading.Thread(target=self._read, name="mserve-orders", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            word, _, value = line.strip().partition(" ")
+            if word == "STOP":
+                try:
+                    self.drain_timeout = max(float(value), 0.0)
+                except ValueError:
+                    log.error("pool order %r: not a drain timeout; draining up to %gs", line, self.drain_timeout)
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 def frontend_env() -> dict[str, str]:

@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 from ..ops.access_log import current_request_id, log_request, request_id
 from ..protocol.codec import dumps
 from ..errors import PayloadTooLarge
-from .inline import InlinePolicy
+from .inline import InlinePolicy, ThreadClock
 from ..ops.metrics import RequestMetrics
 from ..serving.dataplane import INTERNAL_MESSAGE, PredictHandler
 from ..serving.reload import RequestEpochs
@@ -160,6 +160,7 @@ class MserveApp:
         self.epochs: RequestEpochs = state.epochs if state is not None else RequestEpochs()
         self.metrics = RequestMetrics(handler.registry.servables)
         self.deadlines = DeadlineWatch(handler.request_timeout)
+        self.clock = ThreadClock()  # what a predict cost its thread (InlinePolicy)
 
     def _arm_deadline(self, environ: dict[str, Any], rid: str) -> int | None:
         """Have the deadline reply sent when the handler is still busy at the
@@ -192,7 +193,7 @@ class MserveApp:
     def _predict(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
         path = request_path(environ)
         inline = environ.get("mserve.inline", False)
-        cpu_started = time.thread_time() if self.inline is not None else 0.0
+        clock = self.clock.sample() if self.inline is not None else (0.0, 0.0)
         headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
         body = b""
         if environ.get("mserve.shed"):
@@ -226,11 +227,13 @@ class MserveApp:
         start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
         elapsed = time.perf_counter() - started
         if self.inline is not None and status not in (404, 503):  # 404s would let clients fill its table
-            self.inline.observe(path, time.thread_time() - cpu_started, elapsed if inline else None)
+            on_cpu, queued = self.clock.sample()
+            cpu = on_cpu - clock[0]
+            self.inline.observe(path, cpu, elapsed if inline else None, elapsed - cpu - (queued - clock[1]))
         self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
         if len(body) >= RELEASE_AFTER_BYTES:
-            release_memory()
+            release_memory(collect=status >= 400)
         return [reply]
 
     def _other(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
