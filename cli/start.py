@@ -45,10 +45,12 @@ START_EPILOG = """\
   mserve start --workers 2
   [dim]# everything in one process (no device processes)[/]
   mserve start --workers 0
+  [dim]# a sharded model over 2 hosts, each running `mserve agent` (docs/distributed.md)[/]
+  mserve start --servable mlp --distributed-address 0.0.0.0:6200 --hosts 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb, distributed_address, hosts, wait_agents); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -244,6 +246,18 @@ def start(
     max_header_kb: Optional[int] = typer.Option(
         None, help="Largest request line + headers in KiB; more get 431.  \\[default: 64]", show_default=False
     ),
+    distributed_address: Optional[str] = typer.Option(
+        None, metavar="HOST:PORT",
+        help="Serve sharded models over several hosts: the address their `mserve agent`s connect to "
+        "(docs/distributed.md). Needs --hosts.", show_default=False,
+    ),
+    hosts: Optional[int] = typer.Option(
+        None, metavar="N", help="How many hosts (agents) a distributed servable spans.", show_default=False
+    ),
+    wait_agents: Optional[float] = typer.Option(
+        None, metavar="SECONDS", help="How long start-up waits for every host's agent (0: no limit).  \\[default: 0]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -288,6 +302,9 @@ def start(
             "header_timeout": header_timeout,
             "handshake_timeout": handshake_timeout,
             "max_header_kb": max_header_kb,
+            "distributed_address": distributed_address,
+            "hosts": hosts,
+            "wait_agents": wait_agents,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -322,8 +339,9 @@ def _serve(settings: StartSettings) -> None:
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    group = _start_distributed(settings, stop_requested)
     try:
-        if settings.workers != 0:
+        if settings.workers != 0 and group is None:
             _serve_processes(settings, configs, stop_requested, signals_seen)
             return
         from mserve import server
@@ -349,8 +367,31 @@ def _serve(settings: StartSettings) -> None:
             server.stop(settings.drain_timeout)
         render.note("stopped")
     finally:
+        if group is not None:
+            from mserve.distributed.serving import stop_group
+
+            stop_group(group)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_distributed(settings: StartSettings, stop_requested: threading.Event) -> Any:
+    """With --hosts: listen for the hosts' agents (docs/distributed.md); a port in
+    use exits 1 with one line. A stop while start-up waits for agents ends the wait."""
+    if settings.hosts is None:
+        return None
+    from mserve.distributed.coordinator import GroupSettings
+    from mserve.distributed.serving import start_group
+
+    try:
+        group = start_group(GroupSettings(settings.distributed_address, settings.hosts, settings.wait_agents))
+    except (OSError, ValueError) as exc:
+        render.fail(str(exc), code=1)
+    threading.Thread(target=lambda: stop_requested.wait() and group.close(), name="mserve-distributed-stop",
+                     daemon=True).start()
+    render.note(f"distributed: waiting for {settings.hosts} host(s) on {escape(group.address)} "
+                f"(mserve agent --distributed-address {escape(group.address)} --host-index I)")
+    return group
 
 
 def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, Any, str | None]:

@@ -14,6 +14,7 @@ first argument is the runtime; the class below makes them its methods.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -33,6 +34,8 @@ from . import loading as servable_loading
 from . import processes as process_modes
 from .loading import LoadedServable
 from .processes import PROCESS_MODES
+
+log = logging.getLogger("mserve.runtime")
 
 
 @dataclass(eq=False, repr=False)  # one object per process: compared and hashed by identity
@@ -64,6 +67,10 @@ class Runtime:
     follower: Any = None  # devices mode: keeps the registry following the device processes
     listener_slots: ListenerSlots = field(default_factory=ListenerSlots)  # MindSpore: one RESTful, one gRPC server
     ready_log: ReadyLog = field(default_factory=ReadyLog)  # a start script's "ready" line (mserve.logsetup)
+    # Parts of a servable outside this process (the hosts of a distributed servable,
+    # mserve.distributed): () -> (ready, why), asked before anything else.
+    readiness_probes: list[Callable[[], tuple[bool, str]]] = field(default_factory=list)
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)  # run once by stop(), after the drain
 
     # The lifecycle, from the modules beside this one.
     start_servables = servable_loading.start_servables
@@ -74,10 +81,26 @@ class Runtime:
     start_grpc_server = listeners.start_grpc_server
     start_health_server = listeners.start_health_server
 
+    def add_readiness_probe(self, probe: Callable[[], tuple[bool, str]]) -> None:
+        """Make ``/ready`` also ask ``probe()`` -> (ready, why)."""
+        self.readiness_probes.append(probe)
+
+    def remove_readiness_probe(self, probe: Callable[[], tuple[bool, str]]) -> None:
+        if probe in self.readiness_probes:
+            self.readiness_probes.remove(probe)
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once when `stop` has drained the requests."""
+        self.stop_hooks.append(hook)
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
         if self.stopping:
             return False, "stopping"
+        for probe in list(self.readiness_probes):  # a distributed group names the host it waits for
+            ok, why = probe()
+            if not ok:
+                return False, why
         if self.loading:
             return False, "loading servables"
         if self.processes_started():  # devices mode: this process supervises, front-ends serve
@@ -194,6 +217,12 @@ class Runtime:
                 self.run_dir = None
             self.watcher = None
             self.registry.clear()
+            hooks, self.stop_hooks = self.stop_hooks, []
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:  # one failing hook must not keep the others from running
+                    log.exception("a stop hook failed")
             for observer in self.observers.values():
                 observer.detach()
             self.observers.clear()

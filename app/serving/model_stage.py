@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InstanceError
+from ..errors import InstanceError, ServingError
 from ..register import Model
 
 
@@ -88,6 +88,14 @@ def for_method(error: InstanceError, method: Any, stage: Any) -> InstanceError:
     message = str(error)[: found.start()] + f" (model input {found.group(1)} is {label})"
     cause = message if error.cause == str(error) else error.cause
     return InstanceError(message, status=error.status, cause=cause)
+
+
+def model_failure(exc: Exception) -> InstanceError:
+    """A runtime's failure as the instances' error: 500, or the status a runtime
+    chose by raising a `ServingError` (a distributed group that lost a host: 503)."""
+    if isinstance(exc, ServingError):
+        return InstanceError(f"Model Failed: {exc.message}", status=exc.status)
+    return InstanceError(f"Model Failed: {exc}", status=500)
 
 
 class ModelStage:
@@ -266,7 +274,7 @@ class ModelStage:
         try:
             return tuple(self._runtime().predict(list(args)))
         except Exception as exc:  # a runtime failure fails this instance only
-            return InstanceError(f"Model Failed: {exc}", status=500)
+            return model_failure(exc)
 
     def run_batch(
         self, rows: Sequence[Sequence[np.ndarray]], runtime: Any = None, pad_to: int | None = None
@@ -288,8 +296,7 @@ class ModelStage:
         try:
             outputs = (runtime or self._runtime()).predict(arrays)
         except Exception as exc:
-            error = InstanceError(f"Model Failed: {exc}", status=500)
-            return [error] * n
+            return [model_failure(exc)] * n
         return [tuple(out[j] for out in outputs) for j in range(n)]
 
     def padded_size(self, n: int) -> int:
