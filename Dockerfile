@@ -4,7 +4,11 @@
 #   docker build -t mserve:cuda --build-arg DEVICE=cuda . # NVIDIA GPUs: jax[cuda12], whose CUDA
 #                                                          # libraries come as pip wheels; run it
 #                                                          # with --gpus all (NVIDIA container toolkit)
-#   docker run --rm -p 5500:5500 -v "$PWD/servables:/models:ro" mserve
+#   docker run --rm -p 127.0.0.1:5500:5500 -v "$PWD/servables:/models:ro" mserve
+#
+# (-p 5500:5500 publishes on every interface of the host.) Mount a servable directory
+# at /models: without one the container exits at once with code 2 and
+# "no servables in /models".
 #
 # The arguments after the image name replace CMD (`mserve start` options; the directory
 # first). /ready on the plain-HTTP health port (127.0.0.1:5501 inside the container) is

@@ -9,10 +9,14 @@ exit while it waits. It ends when
 
 * the script calls ``server.stop()`` (`release`), or
 * SIGINT or SIGTERM arrives: the handler installed here wakes the waiter, which
-  runs ``server.stop()`` (drain and unload) and ends, so the process exits 0.
+  runs ``server.stop()`` (drain and unload) and ends, so the process exits 0, or
+* the script returns and nothing is served (no servable was started, `serve_while`):
+  as in MindSpore Serving the process then stops its servers and ends.
 
 The handlers are installed only from the main thread and only over Python's
-defaults, so a program with its own handlers (``mserve start``) keeps them. While
+defaults, so a program with its own handlers (``mserve start``) keeps them. A
+SIGINT ignored from the start counts as the default: shells start background jobs
+that way, and MindSpore Serving stops on SIGINT there as well. While
 the script itself is still running, a signal also does what it would have done
 without mserve (SIGINT raises KeyboardInterrupt, SIGTERM exits with status 0
 after the graceful stop); once the script has returned, it only stops the server.
@@ -45,9 +49,11 @@ _lock = threading.Lock()
 _waiter: threading.Thread | None = None
 _wake = threading.Event()
 _signalled: list[int] = []  # the signal that woke the waiter, if one did
+_stop_now: list[bool] = []  # the script ended with nothing to serve: stop without a signal
 _previous: dict[int, Any] = {}  # handlers replaced by ours, restored on release
 _exit_hooked = False
 _script_returned = False  # the main thread is in the interpreter's exit, waiting here
+_serves: Callable[[], bool] = lambda: True  # whether there is anything to keep serving (see `serve_while`)
 
 
 def keep_serving(stop: Callable[[], None]) -> None:
@@ -72,6 +78,14 @@ def keep_serving(stop: Callable[[], None]) -> None:
         waiter.join()
 
 
+def serve_while(serves: Callable[[], bool]) -> None:
+    """What keeps the process alive once the script returns: MindSpore Serving keeps
+    serving only when servables were started; a script that started a server and
+    nothing to serve ends (after a graceful `stop`)."""
+    global _serves
+    _serves = serves
+
+
 def release() -> None:
     """The servers were stopped (``server.stop()``): let the process end."""
     with _lock:
@@ -81,6 +95,13 @@ def release() -> None:
 
 def _wait(stop: Callable[[], None]) -> None:
     _wake.wait()
+    if _stop_now:
+        _stop_now.clear()
+        try:
+            stop()
+        except Exception:
+            log.exception("stopping at exit failed")
+        return
     if _signalled:
         name = signal.Signals(_signalled[0]).name
         log.info("%s received: stopping gracefully", name)
@@ -103,6 +124,11 @@ def _hook_interpreter_exit() -> None:
 def _join_waiter() -> None:
     global _script_returned
     _script_returned = True
+    waiter = _waiter
+    if waiter is not None and waiter.is_alive() and not _wake.is_set() and not _serves():
+        _signalled.clear()
+        _wake.set()  # nothing to serve: the waiter ends without a signal ...
+        _stop_now.append(True)  # ... and stops the servers on its way out
     while True:
         waiter = _waiter
         if waiter is None or not waiter.is_alive():
@@ -118,6 +144,11 @@ def _install_handlers() -> None:
         if sig in _previous:
             continue
         current = signal.getsignal(sig)
+        if sig == signal.SIGINT and current is signal.SIG_IGN:
+            # Inherited, not chosen: a shell starts background jobs (`python serve.py &`)
+            # with SIGINT ignored. MindSpore Serving stops on SIGINT there too, so it is
+            # taken as Python's default (and left as that default after the stop).
+            current = signal.default_int_handler
         if current is defaults[sig]:
             _previous[sig] = current
             signal.signal(sig, _on_signal)

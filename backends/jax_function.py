@@ -43,7 +43,7 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: weights must be .npz or .safetensors")
 
 
-def _input_specs(options: dict[str, Any]) -> list[jax.ShapeDtypeStruct]:
+def parse_input_specs(options: dict[str, Any]) -> list[jax.ShapeDtypeStruct]:
     raw = options.get("input_specs")
     if not raw:
         raise ValueError("jax_function needs options['input_specs'], e.g. [('b, 4', 'float32')]")
@@ -68,7 +68,7 @@ def load(files: list[Path], options: dict[str, Any], devices: Sequence[Any]) -> 
     if len(files) != 1:
         raise ValueError(f"jax_function expects one weights file, got {len(files)}")
     params = load_weights(files[0])
-    specs = _input_specs(options)
+    specs = parse_input_specs(options)
     param_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
     try:
         exported = export.export(jax.jit(fn))(param_specs, *specs)

@@ -50,6 +50,30 @@ def _dtype(code: int, where: str) -> np.dtype:
 
 def read_signature(path: Path, dec_key: bytes | None, dec_mode: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs as the MindIR graph declares them."""
+    proto = _read_proto(path, dec_key, dec_mode)
+
+    def specs(items: Any, kind: str) -> list[TensorSpec]:
+        out = []
+        for i, item in enumerate(items):
+            if not item.tensor:
+                raise ValueError(f"{path}: {kind} {i} ({item.name}) is not a tensor")
+            tensor = item.tensor[0]
+            shape = tuple(None if d < 0 else int(d) for d in tensor.dims)
+            out.append(TensorSpec(_dtype(tensor.data_type, f"{path}: {kind} {i}"), shape))
+        return out
+
+    return specs(proto.graph.input, "input"), specs(proto.graph.output, "output")
+
+
+def exported_by(path: Path, dec_key: bytes | None, dec_mode: str) -> str:
+    """The MindSpore version that exported the file (its ``model_version``), or ""."""
+    try:
+        return str(_read_proto(path, dec_key, dec_mode).model_version)
+    except ValueError:
+        return ""
+
+
+def _read_proto(path: Path, dec_key: bytes | None, dec_mode: str) -> Any:
     from mindspore.train.mind_ir_pb2 import ModelProto
 
     if dec_key is None:
@@ -66,18 +90,24 @@ def read_signature(path: Path, dec_key: bytes | None, dec_mode: str) -> tuple[li
     except Exception as exc:
         hint = "" if dec_key else " (an encrypted MindIR needs dec_key and dec_mode)"
         raise ValueError(f"{path} is not a MindIR file{hint}: {exc}") from None
+    return proto
 
-    def specs(items: Any, kind: str) -> list[TensorSpec]:
-        out = []
-        for i, item in enumerate(items):
-            if not item.tensor:
-                raise ValueError(f"{path}: {kind} {i} ({item.name}) is not a tensor")
-            tensor = item.tensor[0]
-            shape = tuple(None if d < 0 else int(d) for d in tensor.dims)
-            out.append(TensorSpec(_dtype(tensor.data_type, f"{path}: {kind} {i}"), shape))
-        return out
 
-    return specs(proto.graph.input, "input"), specs(proto.graph.output, "output")
+def load_failure(path: Path, reason: str, exported: str, installed: str, step: str = "mindspore.load") -> str:
+    """Why ``mindspore.load`` refused a file, and what to do. MindSpore 2.10 cannot
+    read some graphs that MindSpore 2.0 exported (those with side-effect nodes, such as
+    a Parameter's Load/UpdateState/Depend: ``Got null AbstractBasePtr ... Depend``); no
+    load option changes that, so the way out is a new export. MindSpore reports it at
+    the graph's first run (``step``), which warm-up does while the model loads."""
+    text = f"{step}({path.name}) failed: {reason}"
+    if exported and exported.split(".")[:2] != installed.split(".")[:2]:
+        text += (
+            f". The file was exported by MindSpore {exported}; the installed MindSpore {installed} cannot load this "
+            f"graph, and no load option changes that. Export the model again with MindSpore {installed} "
+            f"(mindspore.export(net, *inputs, file_format='MINDIR') from the model's code), or export it to JAX "
+            f"(model_format='jax_export')"
+        )
+    return text
 
 
 def _bind(device: Device) -> None:
@@ -123,7 +153,10 @@ class MindIRGraph:
                 self._cell = nn.GraphCell(ms.load(str(path), **kwargs))
             except (RuntimeError, ValueError) as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ValueError(f"mindspore.load({path.name}) failed: {reason}") from None
+                raise ValueError(
+                    load_failure(path, reason, exported_by(path, dec_key, dec_mode), ms.__version__)
+                ) from None
+        self._exported = exported_by(path, dec_key, dec_mode)
         self._shapes: set[tuple[tuple[int, ...], ...]] = set()
 
     @property
@@ -135,7 +168,15 @@ class MindIRGraph:
 
         tensors = [Tensor.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         with _ms_lock:
-            out = self._cell(*tensors)
+            try:
+                out = self._cell(*tensors)
+            except RuntimeError as exc:
+                import mindspore as ms
+
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeError(
+                    load_failure(self.path, reason, self._exported, ms.__version__, "running the MindIR graph")
+                ) from None
             results = [t.asnumpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
         self._shapes.add(tuple(a.shape for a in arrays))
         return results

@@ -22,6 +22,19 @@ def check_base(base: str) -> str:
     return base.rstrip("/")
 
 
+def check_files(**options: Optional[Path]) -> None:
+    """Each TLS file given must be a readable file: the error names the option and the file."""
+    for option, path in options.items():
+        if path is None:
+            continue
+        if not path.is_file():
+            fail(f"--{option} {path}: no such file" if not path.exists() else f"--{option} {path}: not a file")
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            fail(f"--{option} {path}: cannot be read ({exc.strerror or exc})")
+
+
 def ssl_context(url: str, cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool) -> Any:
     """The TLS context for an https:// URL (None for http://)."""
     if not url.lower().startswith("https://"):
@@ -30,15 +43,21 @@ def ssl_context(url: str, cacert: Optional[Path], cert: Optional[Path], key: Opt
         return None
     if key and not cert:
         fail("--key needs --cert")
+    check_files(cacert=cacert, cert=cert, key=key)
     try:
         context = ssl.create_default_context(cafile=str(cacert) if cacert else None)
-        if insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if cert:
-            context.load_cert_chain(str(cert), str(key) if key else None)
     except (OSError, ssl.SSLError) as exc:
-        fail(f"TLS setup failed: {exc}")
+        fail(f"--cacert {cacert}: not a usable CA bundle (PEM): {exc}")
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        try:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+        except (OSError, ssl.SSLError) as exc:
+            given = f"--cert {cert}" + (f" --key {key}" if key else "")
+            fail(f"{given}: not a usable client certificate and key (PEM; the key inside --cert or given with "
+                 f"--key): {exc}")
     context.mserve_has_cert = bool(cert)  # type: ignore[attr-defined]  # for the hint below
     return context
 
@@ -58,6 +77,23 @@ def _tls_failure(url: str, exc: BaseException, context: Any) -> str:
         return (f"TLS error talking to {url}: the server refused the client certificate given with --cert "
                 f"(is it signed by the CA the server trusts, --ssl-ca?) [{text}]")
     return f"TLS error talking to {url}: {text}"
+
+
+def _not_http_answer(url: str, exc: Exception) -> str:
+    """An answer that is not HTTP/1.1: say which port it looks like, never print its bytes."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url).netloc
+    line = exc.args[0] if isinstance(exc, http.client.BadStatusLine) and exc.args else ""
+    if isinstance(line, str) and line and not line.isprintable():
+        # HTTP/2 frames (a gRPC server's SETTINGS or GOAWAY), not a status line.
+        return (f"{url} answered in binary HTTP/2 frames, not HTTP/1.1: that is a gRPC port; use "
+                f"--url grpc://{where} (grpcs:// if it serves TLS), or the server's REST port")
+    if isinstance(exc, http.client.RemoteDisconnected) and url.lower().startswith("https://"):
+        return (f"{url} closed the connection without an HTTP answer: if it is a gRPC port, use "
+                f"--url grpcs://{where}")
+    return f"no valid HTTP answer from {url}: {type(exc).__name__}"
 
 
 def request(url: str, body: bytes | None, timeout: float, context: Any) -> tuple[int, bytes]:
@@ -97,8 +133,8 @@ def request(url: str, body: bytes | None, timeout: float, context: Any) -> tuple
         fail(f"no answer from {url} within {timeout:g}s (--timeout)")
     except ssl.SSLError as exc:
         fail(_tls_failure(url, exc, context))
-    except http.client.HTTPException as exc:  # not HTTP at all (e.g. http:// to an HTTPS port)
-        fail(f"no valid HTTP answer from {url}: {type(exc).__name__} {exc}")
+    except http.client.HTTPException as exc:  # not HTTP/1.1 at all
+        fail(_not_http_answer(url, exc))
     except (ConnectionError, OSError) as exc:
         fail(f"connection to {url} failed: {exc.strerror or exc}")
 

@@ -36,7 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import render
-from .client import DEFAULT_URL, check_base, get_json, request, ssl_context
+from .client import DEFAULT_URL, check_base, check_files, get_json, request, ssl_context
 from .render import CliError, fail
 from .schema import NpyValue, conform_instances, find_method, save_dtype
 
@@ -217,6 +217,20 @@ def grpc_address(url: str, cacert: Optional[Path], cert: Optional[Path]) -> tupl
     return address, scheme.lower() in ("grpcs", "https") or bool(cacert or cert)
 
 
+def _grpc_scheme_hint(text: str, address: str, tls: bool) -> str:
+    """What the failure of a gRPC call says about the port: which --url fits it."""
+    if "http1.x server" in text or "Expected SETTINGS frame" in text:
+        scheme = "https" if tls else "http"
+        return (f"\nhint: {address} answers HTTP/1.1, a REST port: use --url {scheme}://{address} (without --grpc), "
+                f"or the server's --grpc-port")
+    if not tls and "Socket closed" in text:
+        return (f"\nhint: if {address} serves TLS (mserve start --ssl-certfile), use --url grpcs://{address} "
+                f"--cacert CA.pem")
+    if tls and "WRONG_VERSION_NUMBER" in text:
+        return f"\nhint: {address} does not speak TLS: use --url grpc://{address}"
+    return ""
+
+
 def grpc_value(name: str, value: Any) -> Any:
     """One JSON input as the gRPC client sends it, decoded as the REST server would."""
     from mserve.errors import BadRequest
@@ -247,6 +261,7 @@ def call_grpc(
         fail("--insecure is not available over gRPC (grpcio always verifies the server); give --cacert CA.pem")
     if key and not cert:
         fail("--key needs --cert")
+    check_files(cacert=cacert, cert=cert, key=key)
     address, tls = grpc_address(url, cacert, cert)
     ssl_config = None
     if tls:
@@ -270,14 +285,14 @@ def call_grpc(
     if isinstance(result, dict):
         text = str(result.get("error"))
         if text.startswith("Grpc Error, "):
-            fail(f"gRPC call to {address} failed: {text}")
+            fail(f"gRPC call to {address} failed: {text}{_grpc_scheme_hint(text, address, tls)}")
         return {"error_msg": text}
     shaped = []
     for item in result:
         if list(item) == ["error"] and isinstance(item["error"], str):
             shaped.append({"error_msg": item["error"]})
         else:
-            shaped.append({name: codec.encode_value(v) for name, v in item.items()})
+            shaped.append({name: codec.encode_value(v) for name, v in sorted(item.items())})
     return {"instances": shaped}
 
 
@@ -313,7 +328,9 @@ def reply_table(instances: list[Any]) -> Table:
         elif "error_msg" in instance:
             table.add_row(str(index), "[red]error_msg[/]", f"[red]{escape(str(instance['error_msg']))}[/]")
         else:
-            for name, value in instance.items():
+            # By name: gRPC's reply is a protobuf map, whose order is not the method's, so
+            # sorting is what makes a reply read the same over REST and gRPC.
+            for name, value in sorted(instance.items()):
                 table.add_row(str(index), escape(name), escape(show_value(value)))
     return table
 

@@ -1,6 +1,6 @@
 """The ``mserve`` command: a Typer app that wires up the subcommands.
 
-    mserve start | list | invoke | encode | new | completion, mserve --version
+    mserve start | list | invoke | encode | new | agent | completion, mserve --version
 
 Only Typer and rich are imported here and in the command modules at import time;
 JAX, Flask and numpy are imported inside the commands that need them, so ``mserve
@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from . import agent as agent_cmd
 from . import encode as encode_cmd
 from . import invoke as invoke_cmd
 from . import scaffold
@@ -73,6 +74,7 @@ app.command("list", epilog=start_cmd.LIST_EPILOG)(start_cmd.list_servables)
 app.command("invoke", epilog=invoke_cmd.EPILOG)(invoke_cmd.invoke)
 app.command("encode", epilog=encode_cmd.EPILOG)(encode_cmd.encode)
 app.command("new", epilog=scaffold.EPILOG)(scaffold.new)
+app.command("agent", epilog=agent_cmd.EPILOG)(agent_cmd.agent)
 
 
 class Shell(str, enum.Enum):

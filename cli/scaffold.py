@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 import runpy
 import shlex
 import shutil
@@ -263,13 +262,18 @@ TEMPLATES: dict[Template, Spec] = {
     ),
 }
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-
-
 def scaffold(name: str, parent: Path, template: Template) -> Path:
     """Create ``parent/name``; returns it. Refuses an existing path."""
-    if not _NAME.match(name) or name.endswith("."):
-        fail(f"servable name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter")
+    # The loader's own rule, with what a server process has imported by the time it
+    # loads servables (the template's model is made with JAX below anyway).
+    import jax  # noqa: F401
+
+    from mserve import server  # noqa: F401
+    from mserve.serving.names import servable_name_problem
+
+    problem = servable_name_problem(name)
+    if problem is not None:
+        fail(problem)
     if not parent.is_dir():
         fail(f"--dir {parent} is not a directory")
     target = parent / name

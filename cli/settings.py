@@ -60,6 +60,10 @@ class StartSettings:
     header_timeout: float = 30.0
     handshake_timeout: float = 10.0
     max_header_kb: int = 64
+    # A servable spanning hosts (docs/distributed.md): agents connect to this address.
+    distributed_address: str | None = None
+    hosts: int | None = None  # hosts (agents) of the group, with --distributed-address
+    wait_agents: float = 0.0  # seconds start-up waits for every host's agent; 0: no limit
 
     # ------------------------------------------------------------------ building
 
@@ -132,6 +136,15 @@ class StartSettings:
                 fail(f"health_port {self.health_port} is out of range (0-65535)")
             if self.health_port and self.health_port == self.port and self.health_host == self.host:
                 fail(f"--health-port {self.health_port} is the serving port; pick another one")
+        if (self.distributed_address is None) != (self.hosts is None):
+            fail("a distributed servable needs both --distributed-address HOST:PORT and --hosts N")
+        if self.hosts is not None:
+            if self.hosts < 1:
+                fail(f"hosts must be at least 1, got {self.hosts}")
+            if self.workers:
+                fail("a distributed servable is served by this one process: leave out --workers (or give 0)")
+        if self.wait_agents < 0:
+            fail(f"wait_agents must be >= 0 seconds (0: wait without limit), got {self.wait_agents}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             fail(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -188,7 +201,7 @@ class StartSettings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(StartSettings)}
-_OPTIONAL_INTS = {"threads", "workers", "health_port", "max_connections", "grpc_port"}
+_OPTIONAL_INTS = {"threads", "workers", "health_port", "max_connections", "grpc_port", "hosts"}
 _PATH_FIELDS = {"servable_directory", "ssl_certfile", "ssl_keyfile", "ssl_ca"}
 
 

@@ -45,10 +45,12 @@ START_EPILOG = """\
   mserve start --workers 2
   [dim]# everything in one process (no device processes)[/]
   mserve start --workers 0
+  [dim]# a sharded model over 2 hosts, each running `mserve agent` (docs/distributed.md)[/]
+  mserve start --servable mlp --distributed-address 0.0.0.0:6200 --hosts 2
   [dim]# settings from a file; flags override it[/]
   mserve start --config mserve.yaml --port 6000
 
-[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb); paths are relative to the file.
+[bold]Config file[/]: YAML, keys are the option names (servable_directory, servables, host, port, grpc_port, device_type, device_ids, max_msg_mb, threads, ssl_certfile, ssl_keyfile, ssl_ca, verify_client, drain_timeout, access_log, log_level, workers, max_batch_size, max_batch_delay_ms, batching, max_enqueued_requests, request_timeout, poll_interval, inline_max_ms, frontend_copy_max_kb, health_port, health_host, max_instances, max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb, distributed_address, hosts, wait_agents); paths are relative to the file.
 
 [bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 load or listen failure, 2 bad options or config.
 """
@@ -65,18 +67,6 @@ LIST_EPILOG = """\
 log = logging.getLogger("mserve.cli")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (a test runner may swap it)."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[None]:
     """Server logs to stderr, ``mserve.access`` as one plain line per request
@@ -85,8 +75,10 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     access = logging.getLogger("mserve.access")
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (root, access)]
 
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    from mserve.logsetup import StderrHandler, access_formatter, formatter
+
+    handler = StderrHandler()
+    handler.setFormatter(formatter())
     root.handlers = [handler]
     root.setLevel(level.upper())
     root.propagate = False
@@ -95,7 +87,7 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
     from mserve.ops.batched_log import BatchedStreamHandler
 
     access_handler = BatchedStreamHandler()  # to sys.stderr in batches, off the request path
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access_handler.setFormatter(access_formatter())
     access.handlers = [access_handler]
     # Probes (/health, /ready, /metrics) are access-logged at DEBUG: --log-level debug shows them.
     access_level = logging.DEBUG if level.lower() == "debug" else logging.INFO
@@ -113,13 +105,19 @@ def logging_to_stderr(level: str = "info", access_log: bool = True) -> Iterator[
             lg.propagate = propagate
 
 
-def _load(configs: list[Any], poll_interval: float | None = None, show_progress: bool = False) -> None:
-    """Load servables (with a progress display when asked); load failures exit 1 with
-    one line (after unloading)."""
+def _load(
+    configs: list[Any], poll_interval: float | None = None, show_progress: bool = False, frontends: int = 0
+) -> None:
+    """Load servables (with a progress display when asked; ``frontends``: how many
+    front-end processes follow the device processes); load failures exit 1 with one
+    line (after unloading)."""
     from mserve import server
     from mserve.errors import ServableLoadError
 
-    display = progress.LoadDisplay() if show_progress else contextlib.nullcontext()
+    display = (
+        progress.LoadDisplay({c.servable_name for c in configs}, frontends) if show_progress
+        else contextlib.nullcontext()
+    )
     try:
         with display:
             server.start_servables(configs, poll_interval=poll_interval)
@@ -248,6 +246,18 @@ def start(
     max_header_kb: Optional[int] = typer.Option(
         None, help="Largest request line + headers in KiB; more get 431.  \\[default: 64]", show_default=False
     ),
+    distributed_address: Optional[str] = typer.Option(
+        None, metavar="HOST:PORT",
+        help="Serve sharded models over several hosts: the address their `mserve agent`s connect to "
+        "(docs/distributed.md). Needs --hosts.", show_default=False,
+    ),
+    hosts: Optional[int] = typer.Option(
+        None, metavar="N", help="How many hosts (agents) a distributed servable spans.", show_default=False
+    ),
+    wait_agents: Optional[float] = typer.Option(
+        None, metavar="SECONDS", help="How long start-up waits for every host's agent (0: no limit).  \\[default: 0]",
+        show_default=False,
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", metavar="FILE.yaml", help="Settings file (same names as the options; options win)."
     ),
@@ -292,6 +302,9 @@ def start(
             "header_timeout": header_timeout,
             "handshake_timeout": handshake_timeout,
             "max_header_kb": max_header_kb,
+            "distributed_address": distributed_address,
+            "hosts": hosts,
+            "wait_agents": wait_agents,
         }
         settings = StartSettings.build(config, flags)
         serve(settings)
@@ -304,6 +317,9 @@ def serve(settings: StartSettings) -> None:
 
 
 def _serve(settings: StartSettings) -> None:
+    from mserve import server
+
+    server.default_runtime().ready_log.quiet()  # this command says "ready" itself (progress.announce_ready)
     resolved = resolve_servables(settings.servable_directory, settings.servables)
     configs = start_configs(resolved, settings.device_type, settings.device_ids, settings)
 
@@ -323,8 +339,9 @@ def _serve(settings: StartSettings) -> None:
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    group = _start_distributed(settings, stop_requested)
     try:
-        if settings.workers != 0:
+        if settings.workers != 0 and group is None:
             _serve_processes(settings, configs, stop_requested, signals_seen)
             return
         from mserve import server
@@ -340,6 +357,7 @@ def _serve(settings: StartSettings) -> None:
         if stop_requested.is_set():
             server.stop(settings.drain_timeout)
             return
+        progress.announce_ready(escape(restful.url))
         try:
             extra = f"\nprobes without a client certificate: {probes.url}/health  {probes.url}/ready" if probes else ""
             _announce_and_wait(
@@ -349,8 +367,31 @@ def _serve(settings: StartSettings) -> None:
             server.stop(settings.drain_timeout)
         render.note("stopped")
     finally:
+        if group is not None:
+            from mserve.distributed.serving import stop_group
+
+            stop_group(group)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_distributed(settings: StartSettings, stop_requested: threading.Event) -> Any:
+    """With --hosts: listen for the hosts' agents (docs/distributed.md); a port in
+    use exits 1 with one line. A stop while start-up waits for agents ends the wait."""
+    if settings.hosts is None:
+        return None
+    from mserve.distributed.coordinator import GroupSettings
+    from mserve.distributed.serving import start_group
+
+    try:
+        group = start_group(GroupSettings(settings.distributed_address, settings.hosts, settings.wait_agents))
+    except (OSError, ValueError) as exc:
+        render.fail(str(exc), code=1)
+    threading.Thread(target=lambda: stop_requested.wait() and group.close(), name="mserve-distributed-stop",
+                     daemon=True).start()
+    render.note(f"distributed: waiting for {settings.hosts} host(s) on {escape(group.address)} "
+                f"(mserve agent --distributed-address {escape(group.address)} --host-index I)")
+    return group
 
 
 def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, Any, str | None]:
@@ -402,7 +443,11 @@ def _serve_processes(
         f"listening on {escape(restful.url)} ({workers} front-end process{'es' if workers > 1 else ''}): "
         "/health answers 200, /ready 503 until the device processes have loaded the servables"
     )
-    _load(configs, settings.poll_interval or None, show_progress=True)  # the device processes report progress
+    # The device processes report progress; start_servables returns once every
+    # front-end serves the servables, which is when /ready turns 200.
+    _load(configs, settings.poll_interval or None, show_progress=True, frontends=workers)
+    if not stop_requested.is_set():
+        progress.announce_ready(escape(restful.url))
     pool = restful.transport.pool
     devices = server.default_runtime().devices
     try:

@@ -13,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The tests drive the server API in this process (server.registry() and friends);
 # tests of device and front-end processes ask for them explicitly.
 os.environ.setdefault("MSERVE_PROCESSES", "single")
+# Tables the tests read are as wide as the CLI makes them off a terminal: pytest-xdist
+# hands its workers COLUMNS=80, which would wrap and cut them (and a user's terminal
+# width must not decide a test either).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 from support import BUNDLED, serving  # noqa: E402
 

@@ -96,8 +96,9 @@ def test_registered_backend_serves_on_a_device_type_jax_does_not_know(affine_dir
         assert all(size <= 4 for r in made for size in r.batches)
 
         wrong = requests.post(url + "/model/affine:predict", json={"instances": [{"x": [1, 2, 3]}]}, timeout=10)
-        assert wrong.json() == {"error_msg": "Given model input 0 data type int32 not match the data type float32"
-                                             " defined in model (model input 0 is input 'x')"}
+        assert wrong.json() == {"error_msg": "Given model input 0 data type kMSI_Int32 not match the data type "
+                                             "kMSI_Float32 defined in model (model input 0 is input 'x': int32 given, "
+                                             "float32 expected)"}
 
 
 @contextlib.contextmanager
@@ -432,5 +433,5 @@ def test_without_the_mindspore_extra_errors_say_what_to_install(tmp_path):
                              "no installed backend serves model_format 'jax_export' on device type 'ascend'. ")
     assert "mindspore: MindIR on cpu, gpu, ascend (not installed: pip install 'mserve[mindspore]')" in ascend
     assert mindir == ("ServableLoadError servable 'msadd' version 1: model tensor_add.mindir (MindIR): no installed "
-                      "backend serves model_format 'MindIR'; backend 'mindspore' serves it but is "
+                      "backend serves model_format 'MindIR' on device type 'cpu'; backend 'mindspore' serves it but is "
                       "not installed: pip install 'mserve[mindspore]'")

@@ -119,7 +119,7 @@ def test_request_larger_than_max_batch_is_split(batched):
 def test_one_bad_instance_does_not_fail_its_batch(batched):
     reply = _post(batched, [{"x": [1.0, 1.0, 1.0]}, {"x": [1, 2, 3]}, {"x": [0.0, 0.0, 0.0]}]).json()
     assert reply["instances"][0] == {"y": [3.0, 3.0, 3.0]}
-    assert "data type int32 not match the data type float32" in reply["instances"][1]["error_msg"]
+    assert "data type kMSI_Int32 not match the data type kMSI_Float32" in reply["instances"][1]["error_msg"]
     assert reply["instances"][2] == {"y": [1.0, 1.0, 1.0]}
 
 
@@ -137,7 +137,7 @@ def test_no_compilation_after_warm_up(batched):
 
 def test_batching_off_still_batches_a_request_without_compiling(servable_dir):
     config = server.ServableStartConfig(servable_dir, "affine", max_batch_size=4, batching=False)
-    with serving(config) as url:
+    with serving(config, additional=True) as url:  # beside the module's server
         version = server.registry().servables()["affine"].versions[1]
         assert version.batchers == {}
         before = version.compile_count

@@ -116,7 +116,9 @@ class Started:
     def stderr(self) -> str:
         return self.err_path.read_text()
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
+        # A hang guard, not a timing: loading on a busy 2-core machine running the
+        # suite on every core can take minutes.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -126,13 +128,17 @@ class Started:
             except OSError:
                 time.sleep(0.1)
                 continue
-            # Listening: the table is printed (and flushed) right after.
-            while "serving on" not in self.stdout and time.monotonic() < deadline:
+            # Listening; the table is printed (and flushed) once the servables are served.
+            while "serving on" not in self.stdout:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"mserve start exited {self.proc.returncode}:\n{self.stderr}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"mserve start not serving after {timeout}s:\n{self.stderr}")
                 time.sleep(0.05)
             return
         raise AssertionError(f"mserve start not listening after {timeout}s:\n{self.stderr}")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 120) -> int:  # a hang guard: draining on a busy machine takes time
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
@@ -430,6 +436,25 @@ def test_new_never_overwrites(workdir):
     assert (workdir / "demo" / "servable_config.py").read_text() == before
     assert not [p for p in workdir.iterdir() if p.name.startswith(".demo.")]  # no leftovers
     assert cli("new", "bad/name", "--dir", workdir).exit_code == 2
+
+
+@pytest.mark.parametrize("name, why", [
+    ("my-model", "must be a Python identifier"),
+    ("json", "the module name 'json' is already taken"),
+    ("numpy", "the module name 'numpy' is already taken"),
+])
+def test_new_refuses_up_front_the_names_the_loader_refuses(tmp_path, name, why):
+    """`mserve new` and the loader share one name check: a name `new` accepts loads."""
+    result = cli("new", name, "--dir", tmp_path)
+    assert result.exit_code == 2 and why in result.stderr, result.output
+    assert not list(tmp_path.iterdir())  # nothing written
+    (tmp_path / name / "1").mkdir(parents=True)
+    (tmp_path / name / "servable_config.py").write_text("from mserve import register\n")
+    from mserve import server
+    from mserve.errors import ServableLoadError
+
+    with pytest.raises(ServableLoadError, match=re.escape(why)):
+        server.start_servables(server.ServableStartConfig(str(tmp_path), name))
 
 
 def test_new_prints_how_to_try_it(tmp_path):

@@ -97,10 +97,10 @@ def grpc_servers(tmp_path_factory, certs):
         mutual = server.SSLConfig(certs["server.pem"], certs["server.key"], certs["ca.pem"], verify_client=True)
         yield {
             "tcp": server.start_grpc_server("127.0.0.1:0").target,
-            "unix": server.start_grpc_server(f"unix:{socket_path}").target,
-            "tls": server.start_grpc_server("127.0.0.1:0", ssl_config=one_way).target,
-            "mtls": server.start_grpc_server("127.0.0.1:0", ssl_config=mutual).target,
-            "small": server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=1).target,
+            "unix": server.start_grpc_server(f"unix:{socket_path}", additional=True).target,
+            "tls": server.start_grpc_server("127.0.0.1:0", ssl_config=one_way, additional=True).target,
+            "mtls": server.start_grpc_server("127.0.0.1:0", ssl_config=mutual, additional=True).target,
+            "small": server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=1, additional=True).target,
         }
     finally:
         server.stop()
@@ -175,7 +175,7 @@ def test_every_instance_failing_alike_is_one_error(address):
     bad = {"x1": X.astype(np.float64), "x2": X}
     result = Client(address, "add", "add_common").infer([bad, bad])
     assert list(result) == ["error"]  # one dict for the whole request, not a list
-    assert result["error"].startswith("Given model input 0 data type float64 not match the data type float32 defined in model")
+    assert result["error"].startswith("Given model input 0 size 32 not match the size 16 defined in model")
 
 
 @pytest.mark.parametrize(

@@ -677,11 +677,11 @@ def test_model_call_of_a_subgraph_runs_that_graph_in_the_device_process(tmp_path
         # graph 1 takes 8 rows: 128 are refused before anything is sent, in the model's words
         wrong = post(served.url, "/model/matmul:predict_second", {"instances": [{"y": x}]})
         assert wrong.status_code == 400 and wrong.json() == {"error_msg": (
-            "second Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=1).call() failed: Given model input 0 size "
-            "(128, 96) not match the size (8, 96) defined in model")}, wrong.text
+            "Call Function 'matmul.second' Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=1).call() failed: Given model input 0 size "
+            "49152 not match the size 3072 defined in model (shape (128, 96) float32 given, (8, 96) float32 expected)")}, wrong.text
         bad = post(served.url, "/model/matmul:predict_bad", {"instances": [{"x": x, "y": y}]})
         assert bad.status_code == 400 and bad.json() == {"error_msg": (
-            "bad_subgraph Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=2).call() failed: The model does not have "
+            "Call Function 'matmul.bad_subgraph' Failed: Model(matmul_0.npz;matmul_1.npz, subgraph=2).call() failed: The model does not have "
             "subgraph of index 2, the subgraph count of the model is 2")}, bad.text
         # the front-ends keep serving after the failed calls
         assert post(served.url, "/model/matmul:predict_second", {"instances": [{"y": y}]}).json() == second.json()

@@ -1,7 +1,7 @@
 """mserve as a drop-in for MindSpore Serving: its examples, its start scripts, its API.
 
 * MindSpore Serving's examples (``tests/examples``: tensor_add, add_sub_pipeline,
-  lenet with both ``Model.call`` patterns), each exported to JAX here and started
+  lenet with both ``Model.call`` patterns), shipped with their JAX models and started
   as a user starts it: ``python serving_server.py`` in a subprocess, a script that
   ends after ``start_restful_server``. The process keeps serving until SIGTERM or
   SIGINT, then exits 0; the clients are MindSpore's REST idiom.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import signal
@@ -47,31 +48,15 @@ RUN_SCRIPT = (
 START_DEADLINE = 300.0  # loading and compiling on a busy 2-core machine; a hang guard, not a timing
 
 
-def _add(a, b):
-    return a + b
-
-
-def _sub(a, b):
-    return a - b
-
-
 def _example(tmp_path: Path, name: str, port: int, grpc_port: int | None = None) -> Path:
-    """A copy of the example, listening on ``port`` (and gRPC on ``grpc_port``), with
-    its models exported."""
+    """A copy of the example as shipped (its models in its version folders), listening
+    on ``port`` for REST and on ``grpc_port`` (default: another free port) for gRPC:
+    never on the example's own 5500, which a user's `mserve start` may hold."""
     folder = tmp_path / name
     shutil.copytree(EXAMPLES / name, folder)
     script = folder / "serving_server.py"
     script.write_text(script.read_text().replace("127.0.0.1:1500", f"127.0.0.1:{port}")
-                      .replace("127.0.0.1:5500", f"127.0.0.1:{grpc_port}" if grpc_port else "127.0.0.1:5500"))
-    square = spec((2, 2))
-    if name == "tensor_add":
-        export_to(folder / "add/1/tensor_add.jaxexport", _add, square, square)
-    elif name == "add_sub_pipeline":
-        export_to(folder / "add_sub/1/tensor_add.jaxexport", _add, square, square)
-        export_to(folder / "add_sub/1/tensor_sub.jaxexport", _sub, square, square)
-    elif name == "lenet":
-        (folder / "lenet/1").mkdir()
-        shutil.copy(BUNDLED / "lenet/1/lenet.jaxexport", folder / "lenet/1/lenet.jaxexport")
+                      .replace("127.0.0.1:5500", f"127.0.0.1:{grpc_port or free_port()}"))
     return folder
 
 
@@ -132,6 +117,21 @@ def _run_example(tmp_path: Path, name: str, grpc_port: int | None = None, env: d
 
 
 # --------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("name", ["tensor_add", "add_sub_pipeline", "lenet"])
+def test_examples_ship_their_models_and_copies_never_listen_on_5500(tmp_path, name):
+    """A user runs ``python tests/examples/NAME/serving_server.py`` as shipped: every
+    model file its servable_config.py declares is in version folder 1. The tests'
+    copies listen on free ports only."""
+    config = next((EXAMPLES / name).glob("*/servable_config.py"))
+    declared = re.findall(r'model_file="([^"]+)"', config.read_text())
+    assert declared
+    for model_file in declared:
+        shipped = config.parent / "1" / model_file
+        assert shipped.is_file() and shipped.stat().st_size > 0, f"{shipped} is missing"
+    copy = _example(tmp_path, name, free_port())
+    assert "5500" not in (copy / "serving_server.py").read_text()
 
 
 def test_tensor_add_example_serves_after_its_script_returns_until_sigterm(tmp_path):
@@ -229,6 +229,7 @@ def test_lenet_example_with_both_model_call_patterns(tmp_path):
 
 STOPPING_SCRIPT = """
 import json
+import re
 import os
 import sys
 
@@ -446,7 +447,7 @@ def test_declare_model_takes_mindspores_positional_order(tmp_path):
         ('"m.jaxexport", "jax_export", 1', "Parameter 'with_batch_dim' should be bool, but actually <class 'int'>"),
         ('["a.jaxexport", "a.jaxexport"], "jax_export"', "The item value 'a.jaxexport' in parameter 'model_file' should not be repeated"),
         ('"m.jaxexport", "jax_export", without_batch_dim_inputs=[-1]', "The item value '-1' in parameter 'without_batch_dim_inputs' should be >= 0"),
-        ('"m.jaxexport", "jax_export", options=[1]', "Parameter 'options' should be None or dict"),
+        ('"m.jaxexport", "jax_export", options=[1]', "Parameter 'options' should be None, GpuOptions or AclOptions"),
     ],
 )
 def test_declare_model_checks(tmp_path, call, text):
@@ -579,7 +580,7 @@ def test_model_call_with_several_outputs(call_url):
         ("subgraph", "Model(two.jaxexport, subgraph=1).call() failed: The model does not have subgraph of index 1, the subgraph count of the model is 1"),
         ("format", "Model(two.jaxexport).call() failed: inputs format invalid"),
         ("none", "Model(two.jaxexport).call() failed: no inputs provided"),
-        ("dtype", "Model(two.jaxexport).call() failed: Given model input 0 data type int32 not match the data type float32"),
+        ("dtype", "Model(two.jaxexport).call() failed: Given model input 0 data type kMSI_Int32 not match the data type kMSI_Float32"),
     ],
 )
 def test_model_call_errors(call_url, kind, text):

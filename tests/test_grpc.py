@@ -137,7 +137,7 @@ def served(tmp_path_factory):
         server.start_servables([server.ServableStartConfig(BUNDLED, "add"), server.ServableStartConfig(root, "slow")])
         rest = server.start_restful_server("127.0.0.1:0")
         grpc_server = server.start_grpc_server("127.0.0.1:0")
-        tiny_queue = server.start_grpc_server("127.0.0.1:0", max_enqueued_requests=1)
+        tiny_queue = server.start_grpc_server("127.0.0.1:0", max_enqueued_requests=1, additional=True)
         channel = grpc.insecure_channel(grpc_server.target)
         yield {"rest": rest.url, "stub": pb_grpc.MSServiceStub(channel), "channel": channel,
                "tiny_queue": tiny_queue.target}
@@ -200,7 +200,7 @@ def test_per_instance_failure_structure(stub):
     assert [e.error_code for e in reply.error_msg] == [0, 2, 0]
     assert reply.error_msg[0].error_msg == b"" and reply.error_msg[2].error_msg == b""
     assert reply.error_msg[1].error_msg.decode().startswith(
-        "Given model input 0 data type float64 not match the data type float32"
+        "Given model input 0 size 32 not match the size 16 defined in model"
     )
     assert len(reply.instances[1].items) == 0  # the failed instance is an empty Instance
     assert reply.instances[0].items["y"].data == (X * 2).tobytes()
@@ -316,7 +316,7 @@ def test_start_errors_are_serving_errors(tmp_path):
     port = taken.getsockname()[1]
     try:
         with pytest.raises(RuntimeError, match=rf"^Serving Error: .*address 127.0.0.1:{port}: Address already in use"):
-            server.start_grpc_server(f"127.0.0.1:{port}")
+            server.start_grpc_server(f"127.0.0.1:{port}", additional=True)
     finally:
         taken.close()
     cases = {
@@ -329,34 +329,34 @@ def test_start_errors_are_serving_errors(tmp_path):
     }
     for address, text in cases.items():
         with pytest.raises(RuntimeError) as raised:
-            server.start_grpc_server(address)
+            server.start_grpc_server(address, additional=True)
         assert text in str(raised.value)
     (tmp_path / "file.sock").write_text("not a socket")
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*file.sock of address .* is not a socket"):
-        server.start_grpc_server(f"unix:{tmp_path}/file.sock")
+        server.start_grpc_server(f"unix:{tmp_path}/file.sock", additional=True)
     live = socket.socket(socket.AF_UNIX)
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
     try:  # grpcio would silently take the path over from the server listening there
         with pytest.raises(RuntimeError, match=r"^Serving Error: .*live.sock' is in use: a server answers on"):
-            server.start_grpc_server(f"unix:{tmp_path}/live.sock")
+            server.start_grpc_server(f"unix:{tmp_path}/live.sock", additional=True)
     finally:
         live.close()
     for size in (0, 513, True, 1.5):
         with pytest.raises(RuntimeError, match="Parameter 'max_msg_mb_size'"):
-            server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size)
+            server.start_grpc_server("127.0.0.1:0", max_msg_mb_size=size, additional=True)
     ca = trustme.CA()
     cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("localhost")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
     mismatched = server.SSLConfig(str(tmp_path / "server.pem"), str(tmp_path / "other.key"))
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*the private key does not match the certificate"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config=mismatched)
+        server.start_grpc_server("127.0.0.1:0", ssl_config=mismatched, additional=True)
     missing = server.SSLConfig(str(tmp_path / "none.pem"), str(tmp_path / "other.key"))
     with pytest.raises(RuntimeError, match=r"^Serving Error: .*load certificate from .*none.pem failed"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config=missing)
+        server.start_grpc_server("127.0.0.1:0", ssl_config=missing, additional=True)
     with pytest.raises(RuntimeError, match="The type of ssl_config should be type of SSLConfig"):
-        server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"})
+        server.start_grpc_server("127.0.0.1:0", ssl_config={"certificate": "x"}, additional=True)
     assert len(server.default_runtime().transports) == running  # nothing half-started was left behind
 
 
@@ -366,7 +366,7 @@ def test_relative_unix_socket_path(served, tmp_path, monkeypatch):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind("relative.sock")  # left behind by a server that is gone: replaced
     stale.close()
-    started = server.start_grpc_server("unix:relative.sock")  # stopped with the module's server
+    started = server.start_grpc_server("unix:relative.sock", additional=True)  # stopped with the module's server
     assert started.target == "unix:relative.sock"
     assert (tmp_path / "relative.sock").is_socket()
     channel = grpc.insecure_channel(f"unix:{tmp_path}/relative.sock")
@@ -430,7 +430,7 @@ def test_cli_start_grpc_port_from_yaml_and_invoke_over_grpc(tmp_path):
         # JSON integers are int32, as over REST: the float32 model refuses them, whole request.
         ints = runner.invoke(cli_app, ["invoke", "add:add_common", "-i", "x1=[[1,2],[3,4]]", "-i", "x2=[[1,2],[3,4]]",
                                        "--url", f"grpc://127.0.0.1:{grpc_port}"])
-        assert ints.exit_code == 2 and "gRPC: Given model input 0 data type int32 not match" in ints.stderr
+        assert ints.exit_code == 2 and "gRPC: Given model input 0 data type kMSI_Int32 not match" in ints.stderr
         unknown = runner.invoke(cli_app, ["invoke", "add:nope", *inputs, "--url", f"grpc://127.0.0.1:{grpc_port}"])
         assert unknown.exit_code == 2 and "method is not available" in unknown.stderr
     finally:

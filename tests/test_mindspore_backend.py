@@ -132,7 +132,7 @@ def test_mindir_add_served_over_http_matches_mindspore(add_dir):
         # Shapes and dtypes come from the MindIR graph: a wrong shape fails that instance.
         wrong = requests.post(url + "/model/add:add_common",
                               json={"instances": [{"x1": [1.0, 2.0], "x2": [1.0, 2.0]}]}, timeout=30)
-        assert "not match the size (2, 2)" in wrong.json()["error_msg"]
+        assert "size 8 not match the size 16 defined in model" in wrong.json()["error_msg"]
         described = requests.get(url + "/model/add", timeout=30).json()
         (model,) = described["versions"][0]["models"]
         assert (model["backend"], model["device_type"], model["instances"]) == ("mindspore", "cpu", [["cpu:0"]])

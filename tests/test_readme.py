@@ -1,15 +1,16 @@
-"""Every shell example in README.md, run against a real server: a README that drifts
-from the code fails here.
+"""Every shell example in README.md and docs/*.md, run against a real server: docs
+that drift from the code fail here.
 
 What counts as an example: every fenced block tagged ``console``/``shell-session``
 (commands are the ``$ `` lines, continued by a trailing backslash; the lines after a
 command are its output) and ``bash``/``sh``/``shell``/``zsh`` (every line is a
-command). One test per block, in README order, each in a fresh directory holding what
-the README's commands expect: ``sample_data``, ``servables``, ``benchmarks`` and
-``.venv`` (links to the repository's and to this interpreter's), the certificates the
-HTTPS section names (``ca.crt``, ``server.crt``/``.key``, ``client.crt``/``.key``,
-``client.pem``, made with trustme as the README shows) and the user's own files the
-examples name (``photo.png``, ``raw.bin``).
+command; a here-document runs whole). One test per block, in document order, all
+blocks of one document in ONE directory that starts as a checkout of the repository
+(its top-level files and folders, linked) with ``.venv`` being this interpreter's
+virtualenv, so a block sees exactly what the document's earlier blocks created (the
+HTTPS page's certificates come from its own trustme block) and nothing else: no
+files are made for the docs, and the virtualenv is NOT on ``PATH`` (a bare
+``mserve`` fails as it would for a reader who never activated it).
 
 How a block runs:
 
@@ -50,8 +51,10 @@ from support import REPO, free_port
 from test_cli import Started
 
 README = REPO / "README.md"
+DOCUMENTS = [README, *sorted((REPO / "docs").rglob("*.md"))]  # pages in subfolders too
 CONSOLE = {"console", "shell-session"}
 SCRIPT = {"bash", "sh", "shell", "zsh"}
+HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
 MARKER = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->", re.S)
 START = re.compile(r"(^|[\s/])mserve start\b")
 FAILURE_OUTPUT = ("error:", "curl: (")
@@ -72,10 +75,15 @@ class Block:
     lang: str
     body: list[str]
     marker: str | None
+    doc: str = "README.md"
     commands: list[Command] = field(default_factory=list)
 
+    @property
+    def where(self) -> str:
+        return f"{self.doc} line {self.line}"
 
-def parse(text: str) -> list[Block]:
+
+def parse(text: str, doc: str = "README.md") -> list[Block]:
     blocks: list[Block] = []
     lines = text.splitlines()
     heading = "top"
@@ -102,7 +110,7 @@ def parse(text: str) -> list[Block]:
                 opening -= 1
             found = MARKER.search("\n".join(lines[opening:k + 1]))
             marker = found.group(1) if found else None
-        block = Block(start, heading, lang, lines[i + 1:j], marker)
+        block = Block(start, heading, lang, lines[i + 1:j], marker, doc)
         block.commands = _commands(block)
         blocks.append(block)
         i = j + 1
@@ -132,12 +140,23 @@ def _commands(block: Block) -> list[Command]:
         while text.rstrip().endswith("\\") and i + 1 < len(lines):
             i += 1
             text += "\n" + lines[i]
+        heredoc = HEREDOC.search(text)
+        if heredoc:  # the document's lines up to its terminator belong to this command
+            while i + 1 < len(lines):
+                i += 1
+                text += "\n" + lines[i]
+                if lines[i].strip() == heredoc.group(1):
+                    break
         commands.append(Command(text, first))
         i += 1
     return commands
 
 
-BLOCKS = parse(README.read_text())
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+BLOCKS = [block for doc in DOCUMENTS for block in parse(doc.read_text(), _relative(doc))]
 
 
 def _engine_answers(tool: str) -> bool:
@@ -154,42 +173,98 @@ NEEDS = {"docker": lambda: _engine_answers("docker"), "gpu": _gpu_present}
 
 
 def _param(block: Block):
-    ident = f"L{block.line}-" + re.sub(r"[^a-z0-9]+", "-", block.heading.lower()).strip("-")[:40]
+    name = block.doc.removesuffix(".md").replace("/", "-")
+    ident = f"{name}-L{block.line}-" + re.sub(r"[^a-z0-9]+", "-", block.heading.lower()).strip("-")[:40]
     marks = [pytest.mark.timeout(900)]
     if block.marker is not None:
         verb, _, rest = block.marker.partition(" ")
         if verb == "skip":
-            marks.append(pytest.mark.skip(reason=f"README line {block.line}: {rest or 'marked skip'}"))
+            marks.append(pytest.mark.skip(reason=f"{block.where}: {rest or 'marked skip'}"))
         elif verb == "needs" and rest in NEEDS:
             if not NEEDS[rest]():
-                marks.append(pytest.mark.skip(reason=f"README line {block.line} needs {rest}, absent here"))
+                marks.append(pytest.mark.skip(reason=f"{block.where} needs {rest}, absent here"))
     return pytest.param(block, id=ident, marks=marks)
 
 
 SHELL_BLOCKS = [b for b in BLOCKS if b.lang in CONSOLE | SCRIPT]
 
 
-def test_the_readme_has_shell_examples_and_every_one_is_collected():
-    assert len(SHELL_BLOCKS) >= 10
+def test_the_docs_have_shell_examples_and_every_one_is_collected():
+    assert len([b for b in SHELL_BLOCKS if b.doc == "README.md"]) >= 8
     for block in BLOCKS:
         if block.lang not in CONSOLE | SCRIPT:
             looks_like_shell = any(line.startswith("$ ") for line in block.body)
-            assert not looks_like_shell, f"README line {block.line}: $ commands in a ```{block.lang} block; tag it console"
+            assert not looks_like_shell, f"{block.where}: $ commands in a ```{block.lang} block; tag it console"
     for block in SHELL_BLOCKS:
         if block.marker is not None:
             verb, _, rest = block.marker.partition(" ")
             assert verb == "skip" and rest or verb == "needs" and rest in NEEDS, (
-                f"README line {block.line}: unknown marker {block.marker!r} (skip REASON, needs docker|gpu)")
+                f"{block.where}: unknown marker {block.marker!r} (skip REASON, needs docker|gpu)")
 
 
-def test_the_readme_links_stay_inside_the_repository():
-    for target in re.findall(r"\]\(([^)\s]+)\)", README.read_text()):
-        if target.startswith(("http://", "https://", "mailto:")):
-            continue
-        assert not target.startswith(("../", "/")), f"README links outside the repository: {target}"
+def test_commands_in_the_docs_use_the_virtualenv_they_install():
+    """The README's install never activates the virtualenv, so a bare ``mserve`` or
+    ``python`` is ``command not found`` (or another Python) for a reader."""
+    bare = re.compile(r"(^|[|;&]\s*)(mserve|python|pip)\b")
+    for block in SHELL_BLOCKS:
+        for command in block.commands:
+            assert not bare.search(command.text.lstrip()), (
+                f"{block.doc} line {command.line}: {command.text.splitlines()[0]!r} needs the virtualenv's "
+                f"path (.venv/bin/...)")
+
+
+def test_the_readme_says_where_to_curl_right_after_the_serve_command():
+    text = README.read_text()
+    serve = text.index(".venv/bin/mserve start")
+    then = text.index("Then, from another terminal")
+    tests = text.index("python -m pytest")
+    assert serve < then < tests, "README: serve, then 'Then, from another terminal' and curl, then the test command"
+    first_curl = text.index("curl ", serve)
+    assert then < first_curl < tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme_command = next(c.text for b in SHELL_BLOCKS if b.doc == "README.md"
+                          for c in b.commands if "pytest" in c.text)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert readme_command in ci.splitlines(), f".ci/run does not run the README's test command: {readme_command}"
+
+
+def test_the_container_port_is_published_the_same_way_everywhere():
+    """The Dockerfile's own usage line, the README and the deployment page publish the
+    port alike, and the Dockerfile and the README warn that /models must be mounted."""
+    publish = re.compile(r"docker run [^\n]*?(-p \S+)")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    found = {name: publish.findall(text) for name, text in [
+        ("Dockerfile", dockerfile), ("README.md", README.read_text()),
+        ("docs/deployment.md", (REPO / "docs" / "deployment.md").read_text())]}
+    assert all(found.values()) and len({p for ps in found.values() for p in ps}) == 1, found
+    for text in (dockerfile, README.read_text()):
+        assert "code 2" in text and "no servables in /models" in text
+
+
+def test_the_readme_stays_short():
+    lines = README.read_text().count("\n")
+    assert lines <= 400, f"README.md has {lines} lines; move detail into a page under docs/"
+
+
+# User docs talk to users: no design history, no issue numbers, no links that leave the
+# repository (a reader of a clone or of the built site has only what ships).
+HISTORY = re.compile(r"\b(issue \d+|issue's|the issue|until issue|shared/|used to be|no longer)\b", re.I)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=_relative)
+def test_user_docs_hold_no_history_and_no_outside_links(doc: Path):
+    text = doc.read_text()
+    for number, line in enumerate(text.splitlines(), 1):
+        found = HISTORY.search(line)
+        assert not found, f"{_relative(doc)} line {number}: design history or project talk: {found.group(0)!r}"
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        assert not target.startswith(("http://", "https://", "mailto:", "../", "/")), (
+            f"{_relative(doc)} links outside the repository: {target}")
         path = target.split("#", 1)[0]
         if path:
-            assert (REPO / path).exists(), f"README links to a missing file: {target}"
+            assert (doc.parent / path).exists(), f"{_relative(doc)} links to a missing file: {target}"
 
 
 def test_docs_protocol_covers_the_shared_protocol():
@@ -215,31 +290,23 @@ def test_docs_protocol_covers_the_shared_protocol():
 
 
 @pytest.fixture(scope="module")
-def workspace_files(tmp_path_factory):
-    """Certificates and the user's files the README's commands name."""
-    trustme = pytest.importorskip("trustme")
-    root = tmp_path_factory.mktemp("readme_files")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(root / "ca.crt"))
-    srv = ca.issue_cert("localhost", "127.0.0.1")
-    srv.cert_chain_pems[0].write_to_path(str(root / "server.crt"))
-    srv.private_key_pem.write_to_path(str(root / "server.key"))
-    client = ca.issue_cert("client@example")
-    client.cert_chain_pems[0].write_to_path(str(root / "client.crt"))
-    client.private_key_pem.write_to_path(str(root / "client.key"))
-    client.private_key_and_cert_chain_pem.write_to_path(str(root / "client.pem"))
-    shutil.copy(REPO / "sample_data" / "digits" / "digit_0.png", root / "photo.png")
-    (root / "raw.bin").write_bytes(bytes(range(256)) * 3 + bytes(16))  # 784 bytes: 28x28 uint8
-    return root
+def workspaces(tmp_path_factory):
+    """One directory per document, made on its first block and kept for the rest: a
+    checkout of the repository (its entries linked) plus whatever the document's
+    blocks create, in order."""
+    made: dict[str, Path] = {}
 
+    def workspace(doc: str) -> Path:
+        if doc not in made:
+            root = tmp_path_factory.mktemp("docs_" + re.sub(r"\W+", "_", doc))
+            for entry in REPO.iterdir():
+                if entry.name not in {".git", ".venv", "site"} and not entry.name.startswith(".pytest"):
+                    (root / entry.name).symlink_to(entry)
+            (root / ".venv").symlink_to(VENV_BIN.parent)
+            made[doc] = root
+        return made[doc]
 
-def _workspace(tmp_path: Path, files: Path) -> Path:
-    for name in ("sample_data", "servables", "benchmarks"):
-        (tmp_path / name).symlink_to(REPO / name)
-    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
-    for item in files.iterdir():
-        shutil.copy(item, tmp_path / item.name)
-    return tmp_path
+    return workspace
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +329,11 @@ def _rewrite(text: str, port: int, health_port: int) -> str:
 
 
 def _env(port: int) -> dict[str, str]:
-    env = {**os.environ, "NO_COLOR": "1", "MSERVE_URL": f"http://127.0.0.1:{port}"}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    """The reader's shell: the virtualenv neither activated nor on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    env.update(NO_COLOR="1", MSERVE_URL=f"http://127.0.0.1:{port}")
+    venv_bins = {str(VENV_BIN), str(VENV_BIN.resolve())}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p not in venv_bins)
     return env
 
 
@@ -274,7 +344,7 @@ class BlockServer:
         words = shlex.split(command, comments=True)
         if "--port" not in words:
             words += ["--port", str(port)]
-        self.out, self.err = cwd / "start.out", cwd / "start.err"
+        self.out, self.err = cwd / f"start-{port}.out", cwd / f"start-{port}.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             # shlex.join leaves VAR=value prefixes unquoted, so bash still reads them as assignments.
             self.proc = subprocess.Popen(["bash", "-c", shlex.join(words)], cwd=cwd, stdout=out, stderr=err, env=env,
@@ -324,10 +394,16 @@ def _check(command: Command, done: subprocess.CompletedProcess, where: str) -> N
         assert actual == expected, f"{where}: output differs"
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in SHELL_BLOCKS])
-def test_readme_example(block: Block, tmp_path, workspace_files, request):
-    assert block.commands, f"README line {block.line}: a shell block without commands"
-    cwd = _workspace(tmp_path, workspace_files)
+@pytest.mark.parametrize("block", [_param(b) for b in SHELL_BLOCKS if b.doc == "README.md"])
+def test_readme_example(block: Block, workspaces, request):
+    run_block(block, workspaces, request)
+
+
+def run_block(block: Block, workspaces, request) -> None:
+    """Run one block's commands in its document's workspace (tests/test_docs_commands.py
+    runs docs/*.md's blocks with this too)."""
+    assert block.commands, f"{block.where}: a shell block without commands"
+    cwd = workspaces(block.doc)
     own_server = any(START.search(c.text) for c in block.commands)
     if own_server:
         port, health_port = free_port(), free_port()
@@ -338,7 +414,7 @@ def test_readme_example(block: Block, tmp_path, workspace_files, request):
     try:
         for command in block.commands:
             text = _rewrite(command.text, port, health_port)
-            where = f"README line {command.line} ({command.text.splitlines()[0].strip()})"
+            where = f"{block.doc} line {command.line} ({command.text.splitlines()[0].strip()})"
             if START.search(command.text):
                 assert server is None, f"{where}: one mserve start per block"
                 server = BlockServer(text, cwd, port, env)
@@ -349,4 +425,4 @@ def test_readme_example(block: Block, tmp_path, workspace_files, request):
     finally:
         if server is not None:
             code = server.stop()
-            assert code == 0, f"README line {block.line}: mserve start exited {code}:\n{server.err.read_text()}"
+            assert code == 0, f"{block.where}: mserve start exited {code}:\n{server.err.read_text()}"

@@ -65,8 +65,10 @@ def servers(certs):
     one_way_cfg = server.SSLConfig(str(certs.cert), str(certs.key))
     mutual_cfg = server.SSLConfig(str(certs.cert), str(certs.key), custom_ca=str(certs.ca), verify_client=True)
     with serving(server.ServableStartConfig(BUNDLED, "add"), max_msg_mb_size=1, threads=4) as http_url:
-        one_way = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=one_way_cfg, threads=4)
-        mutual = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=mutual_cfg, threads=4)
+        one_way = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=one_way_cfg, threads=4,
+                                             additional=True)
+        mutual = server.start_restful_server("127.0.0.1:0", max_msg_mb_size=1, ssl_config=mutual_cfg, threads=4,
+                                            additional=True)
         yield SimpleNamespace(http=http_url, one_way=one_way, mutual=mutual)
 
 
@@ -187,13 +189,13 @@ def test_mutual_context(certs):
 def test_mismatched_key_is_refused_at_start(certs):
     cfg = server.SSLConfig(str(certs.cert), str(certs.wrong_key))
     with pytest.raises(RuntimeError, match=f"load private_key from {certs.wrong_key} failed"):
-        server.start_restful_server("127.0.0.1:0", ssl_config=cfg)
+        server.start_restful_server("127.0.0.1:0", ssl_config=cfg, additional=True)
 
 
 def test_verify_client_without_custom_ca_is_refused(certs):
     cfg = server.SSLConfig(str(certs.cert), str(certs.key), custom_ca=None, verify_client=True)
     with pytest.raises(RuntimeError, match="custom_ca"):
-        server.start_restful_server("127.0.0.1:0", ssl_config=cfg)
+        server.start_restful_server("127.0.0.1:0", ssl_config=cfg, additional=True)
 
 
 @pytest.mark.parametrize("missing", ["certificate", "private_key", "custom_ca"])

@@ -55,16 +55,20 @@ def die_with_parent() -> None:
 
 def local_device_ids(device_type: str | None, ids: list[int], remapped: bool) -> list[int]:
     """The ids to ask JAX for here: with ``CUDA_VISIBLE_DEVICES`` narrowed to this
-    group's GPUs (``remapped``), they are 0..n-1; on the CPU they stay as given."""
+    group's GPUs (``remapped``), they are 0..n-1. On the CPU too: each device process
+    has the host's CPU to itself, so, as in MindSpore Serving, CPU device ids are
+    labels (``device_ids=(0, 1)`` is two CPU device processes)."""
+    kind = (device_type or "").lower()
+    if kind == "cpu":
+        return list(range(len(ids)))
     if not remapped:
         return ids
-    kind = (device_type or "").lower()
     if kind in ("gpu", "cuda"):
         return list(range(len(ids)))
     if kind == "":
         import jax
 
-        if jax.default_backend() == "gpu":
+        if jax.default_backend() in ("gpu", "cpu"):
             return list(range(len(ids)))
     return ids
 
@@ -159,6 +163,9 @@ def _config_json(config: Any) -> dict[str, Any]:
 
     data = dataclasses.asdict(config)
     data["servable_directory"] = os.fspath(config.servable_directory)
+    # The key stays in the device process: front-ends never load an encrypted model (only
+    # JAX models get front-end copies), and this description is written to the manifest.
+    data["dec_key"] = None
     return data
 
 

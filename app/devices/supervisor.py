@@ -73,8 +73,9 @@ def plan_groups(configs: Sequence[Any], spans: Any = None) -> dict[DeviceGroup, 
         ids = list(dict.fromkeys(config.device_list()))
         together = [tuple(ids)] if len(ids) > 1 and spans(config) else [(i,) for i in ids]
         for members in together:
-            group = DeviceGroup(config.device_type, members)
-            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(members)))
+            kind = config.target_device_type()  # device_ids=None: the CPU, as MindSpore means it
+            group = DeviceGroup(kind, members)
+            groups.setdefault(group, []).append(dataclasses.replace(config, device_ids=list(members), device_type=kind))
     return groups
 
 
@@ -175,6 +176,12 @@ class DeviceSupervisor:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mserve.runtime.device_role"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
+            # or a group-wide SIGTERM reaches the server, which stops the device
+            # processes last, after the front-ends drained. Without it a device process
+            # exited first and was "restarted" mid-stop. (die_with_parent covers a
+            # server killed outright.)
+            start_new_session=True,
         )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings))

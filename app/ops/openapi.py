@@ -10,10 +10,12 @@ document follows what is loaded, so it is built per request.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..protocol.codec import B64_TYPES
 from . import openapi_v2
+from .examples import request_example
 from .metadata import describe_method
 
 REF = "#/components/schemas/"
@@ -263,7 +265,7 @@ def _tensor_schema(dtype: str | None, shape: list[int | None] | None, output: bo
     return {"anyOf": [schema, _ref("B64")], "description": f"{dtype}{shown}"}
 
 
-def _method_operation(name: str, described: dict[str, Any]) -> dict[str, Any]:
+def _method_operation(name: str, described: dict[str, Any], folder: Path | None = None) -> dict[str, Any]:
     method = described["name"]
     inputs = {i["name"]: _tensor_schema(i["dtype"], i["shape"]) for i in described["inputs"]}
     outputs = {o["name"]: _tensor_schema(o["dtype"], o["shape"], output=True) for o in described["outputs"]}
@@ -289,7 +291,9 @@ def _method_operation(name: str, described: dict[str, Any]) -> dict[str, Any]:
             "summary": f"{name}.{method}: inputs {', '.join(inputs) or '-'}; outputs {', '.join(outputs) or '-'}",
             "tags": ["predict"],
             "parameters": [_REQUEST_ID_PARAM],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": request, "example": request_example(folder, method, described["inputs"]),
+            }}},
             "responses": _predict_responses(reply),
         }
     }
@@ -405,7 +409,9 @@ def document(servables: dict[str, Any]) -> dict[str, Any]:
         servable = servables[name]
         latest = servable.versions[servable.latest]
         for method in latest.methods.values():
-            paths[f"/model/{name}:{method.name}"] = _method_operation(name, describe_method(latest, method))
+            paths[f"/model/{name}:{method.name}"] = _method_operation(
+                name, describe_method(latest, method), Path(servable.directory) / name
+            )
     paths.update(openapi_v2.paths())  # the Open Inference Protocol (KServe v2)
     components = _components()
     components["schemas"].update(openapi_v2.schemas())

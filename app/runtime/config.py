@@ -26,8 +26,10 @@ class ServableStartConfig:
     ``servable_directory`` holds the folder ``servable_name``; a relative directory is
     taken from the start script's own folder (``sys.argv[0]``), as MindSpore does.
     ``version_number=0`` loads the newest version folder, a number that one (mserve:
-    a list loads several). ``device_ids``: an int or a sequence of them (``None``:
-    the default device, id 0) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
+    a list loads several); a servable that declares no model needs no version folder.
+    ``device_ids``: an int or a sequence of them (``None``, as in MindSpore Serving:
+    no device ids; declared models then run on the CPU, device 0, unless
+    ``device_type`` names another type) of ``device_type``: ``"CPU"``, ``"GPU"``, ``"Ascend"``
     (any case; it must be one an installed backend runs on), or ``None``: each
     model's backend picks its default. A model that declares a sharding is one
     instance spanning all of them. ``num_parallel_workers`` (0..64) sizes the thread
@@ -95,6 +97,13 @@ class ServableStartConfig:
         if self.device_ids is None:
             return [0]
         return [self.device_ids] if isinstance(self.device_ids, int) else list(self.device_ids)
+
+    def target_device_type(self) -> str | None:
+        """The device type models load on: as MindSpore Serving means ``device_ids=None``
+        (no device ids), the CPU serves the declared models unless a type is named."""
+        if self.device_ids is None and self.device_type is None:
+            return "cpu"
+        return self.device_type
 
 
 def validate_device_type(device_type: str | None) -> None:

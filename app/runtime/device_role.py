@@ -19,6 +19,7 @@ import sys
 import threading
 from typing import Any
 
+from .. import logsetup
 from ..devices.process import DeviceServer, describe, die_with_parent, local_device_ids
 from ..devices.supervisor import HEARTBEAT_SECONDS
 from ..lifetime import exit_at_once
@@ -54,7 +55,7 @@ def main() -> int:
     settings = json.loads(sys.stdin.read())
     group = settings["group"]
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [device {group} {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logsetup.formatter(f"device {group}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     root = logging.getLogger("mserve")
     root.addHandler(handler)
     root.setLevel(settings["log_level"])
@@ -72,9 +73,10 @@ def main() -> int:
         configs = []
         for data in settings["configs"]:
             local = local_device_ids(data.get("device_type"), data["device_ids"], settings["remapped"])
+            kind = "cpu" if (data.get("device_type") or "").lower() == "cpu" else "gpu"
             for mine, machine in zip(local, data["device_ids"]):
-                if mine != machine:  # report GPUs as the machine numbers them
-                    metrics.DEVICE_RENAMES[f"gpu:{mine}"] = f"gpu:{machine}"
+                if mine != machine:  # report devices as the start script numbers them
+                    metrics.DEVICE_RENAMES[f"{kind}:{mine}"] = f"{kind}:{machine}"
             configs.append(config_from_json(dict(data, device_ids=local)))
         from ..serving.progress import listening
 

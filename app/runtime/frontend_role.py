@@ -23,6 +23,7 @@ import socket
 import sys
 from typing import Any
 
+from .. import logsetup
 from ..lifetime import exit_at_once
 from ..ops.access_log import deferred as deferred_access_records
 from ..ops.batched_log import BatchedStreamHandler
@@ -43,8 +44,9 @@ def main() -> int:
     die_with_parent()  # a pool's process killed outright leaves no worker behind
     settings = json.loads(sys.stdin.readline())
     orders = PoolOrders()
+    role = "front-end" if settings.get("manifest") else "worker"
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logsetup.formatter(f"{role} {settings['index']}, pid {os.getpid()}"))  # one format (mserve.logsetup)
     mserve_log = logging.getLogger("mserve")
     mserve_log.addHandler(handler)
     mserve_log.setLevel(settings["log_level"])
@@ -54,7 +56,7 @@ def main() -> int:
     waitress_log.propagate = False
     access = logging.getLogger("mserve.access")  # one plain line per request, as `mserve start` prints it
     access_handler = BatchedStreamHandler()  # written in batches by a thread of its own, off the request path
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    access_handler.setFormatter(logsetup.access_formatter())
     access.handlers = [access_handler]
     access.propagate = False
     # Probes (/health, /ready, /metrics) log at DEBUG: shown with --log-level debug.
@@ -70,6 +72,7 @@ def main() -> int:
         if balance_fd is not None else None
     )
     runtime = Runtime(processes_mode="single")  # this process is one of the server's front-ends or workers
+    runtime.ready_log.quiet()  # the server that started this process says when it is ready
     ssl = settings["ssl_config"]
     if settings.get("manifest"):
         return _frontend(runtime, settings, sock, balance, orders)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import lifetime
 from ..transport.http import bind_socket, parse_address
+from ..transport.listen_rules import bind_restful, check_restful_tls
 from .config import SSLConfig
 from .processes import default_workers
 
@@ -47,9 +48,9 @@ def start_frontends(
     if ssl_config is not None:
         from ..transport.https import build_ssl_context
 
-        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+        check_restful_tls(ssl_config, build_ssl_context)  # bad files fail here, before the port is taken
     with runtime.lock:
-        sock = bind_socket(host, port)
+        sock = bind_restful(address, host, port, bind_socket)
         pool = WorkerPool(
             [], sock, count, restful=restful, ssl_config=ssl_config,
             log_level=logging.getLogger("mserve").getEffectiveLevel(),

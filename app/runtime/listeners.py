@@ -13,11 +13,13 @@ import logging
 import socket
 from typing import Any
 
-from .. import lifetime
+from .. import lifetime, logsetup
 from ..serving.dataplane import DEFAULT_MAX_INSTANCES, Dataplane, PredictHandler
 from ..transport.balance import ConnectionBalance
 from ..transport.http import ConnectionLimits, WaitressTransport, bind_socket, parse_address
+from ..serving.enqueue_limit import ENQUEUE_LIMIT
 from ..transport.inline import InlinePolicy
+from ..transport.listen_rules import GRPC, RESTFUL, bind_restful, check_restful_address, check_restful_tls
 from ..transport.memory import limit_arenas
 from ..transport.wsgi import create_app
 from .config import SSLConfig
@@ -49,7 +51,7 @@ def start_restful_server(
     max_msg_mb_size: int = 100,
     ssl_config: SSLConfig | None = None,
     threads: int = 16,
-    max_enqueued_requests: int = 10000,
+    max_enqueued_requests: int | None = None,
     request_timeout: float = 100.0,
     sock: socket.socket | None = None,
     balance: ConnectionBalance | None = None,
@@ -61,12 +63,14 @@ def start_restful_server(
     handshake_timeout: float = 10.0,
     max_header_kb: int = 64,
     workers: int | None = None,
+    additional: bool = False,
 ) -> RestfulServer:
     """Serve the loaded servables over HTTP (HTTPS with ``ssl_config``) at ``address``
     (``host:port``; port 0 picks a free one, see the returned server's ``port``).
 
     mserve additions: ``threads`` (HTTP worker threads; requests waiting on a batch
-    hold one each), ``max_enqueued_requests`` (more at once get 503), and
+    hold one each), ``max_enqueued_requests`` (more at once get 503; ``None``: MindSpore's
+    ``server.master.context.set_max_enqueued_requests`` value, 10000 unless set), and
     ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
     already listening socket to serve instead of binding ``address`` (worker
     processes share one this way, evened out by ``balance``; plain HTTP only), and
@@ -86,22 +90,36 @@ def start_restful_server(
 
     From here on the process keeps serving after the calling script ends, until
     `stop` or SIGINT/SIGTERM (see `mserve.lifetime`).
+
+    As in MindSpore Serving, a process runs one RESTful server: a second call raises
+    ``Serving Error: RESTful server is already running`` unless it passes
+    ``additional=True`` (mserve addition: another listener beside the first).
     """
-    if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
-        raise RuntimeError(f"max_msg_mb_size must be an integer from 1 to 512, got {max_msg_mb_size!r}")
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
+    if sock is None:  # MindSpore's rules (mserve.transport.listen_rules); front-ends pass their socket
+        if not additional:
+            runtime.listener_slots.check_free(RESTFUL)
+        check_restful_address(address)
+    if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
+        raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
+    if not 1 <= max_msg_mb_size <= 512:
+        raise RuntimeError("Parameter 'max_msg_mb_size' should be in range [1,512]")
     if inline_max_ms < 0:
         raise RuntimeError(f"inline_max_ms must be >= 0, got {inline_max_ms!r}")
     if sock is None and runtime.processes() == "devices":
         restful = {
-            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads,
+            "max_enqueued_requests": ENQUEUE_LIMIT.resolve(max_enqueued_requests),
             "request_timeout": request_timeout, "inline_max_ms": inline_max_ms,
             "max_instances_per_request": max_instances_per_request, "max_connections": max_connections,
             "idle_timeout": idle_timeout, "header_timeout": header_timeout, "handshake_timeout": handshake_timeout,
             "max_header_kb": max_header_kb,
         }
         frontends = start_frontends(runtime, address, ssl_config, restful, workers)
+        runtime.listener_slots.taken(RESTFUL)
         server = RestfulServer(frontends, parse_address(address)[0])
         log.info("RESTful server listening on %s (%d front-end processes)", server.url, frontends.pool.workers)
+        _listening(runtime, server.url)
         return server
     if workers is not None and workers != 1:
         raise RuntimeError(f"workers={workers} needs device processes (processes mode 'devices'), not 'single'")
@@ -112,19 +130,22 @@ def start_restful_server(
     limits = ConnectionLimits(max_connections, idle_timeout, header_timeout, handshake_timeout, max_header_kb * 1024)
     limits.check()
     handler = PredictHandler(
-        runtime.registry, max_enqueued_requests, request_timeout, loading=lambda: runtime.loading > 0,
-        max_instances=max_instances_per_request,
+        runtime.registry, ENQUEUE_LIMIT.resolve(max_enqueued_requests), request_timeout,
+        loading=lambda: runtime.loading > 0, max_instances=max_instances_per_request,
     )
+    if max_enqueued_requests is None:  # MindSpore's master.context.set_max_enqueued_requests moves it
+        ENQUEUE_LIMIT.follow(handler)
     inline = InlinePolicy(inline_max_ms / 1000, handler.inline_eligible) if inline_max_ms else None
     limit_arenas()  # before the transport's threads start (see mserve.transport.memory)
     app = create_app(handler, max_body, runtime, inline)
     if ssl_config is not None:
         from ..transport.https import build_ssl_context
 
-        build_ssl_context(ssl_config)  # bad certificate files fail here, before the port is taken
+        check_restful_tls(ssl_config, build_ssl_context)  # bad files fail here, before the port is taken
     with runtime.lock:
         if sock is None:
-            sock = bind_socket(host, port)
+            sock = bind_restful(address, host, port, bind_socket)
+            runtime.listener_slots.taken(RESTFUL)
         try:
             if ssl_config is not None:
                 from ..transport.https import TlsTransport
@@ -147,6 +168,7 @@ def start_restful_server(
         lifetime.keep_serving(runtime.stop)
     server = RestfulServer(transport, host)
     log.info("RESTful server listening on %s", server.url)
+    _listening(runtime, server.url)
     return server
 
 
@@ -156,7 +178,7 @@ def start_grpc_server(
     max_msg_mb_size: int = 100,
     ssl_config: SSLConfig | None = None,
     threads: int = 16,
-    max_enqueued_requests: int = 10000,
+    max_enqueued_requests: int | None = None,
     request_timeout: float = 100.0,
     reuse_port: bool = False,
     max_instances_per_request: int = DEFAULT_MAX_INSTANCES,
@@ -164,6 +186,7 @@ def start_grpc_server(
     max_connections: int | None = None,
     idle_timeout: float = 60.0,
     max_streams_per_connection: int = 100,
+    additional: bool = False,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -188,10 +211,17 @@ def start_grpc_server(
     service says SERVING once it serves the servables. A ``unix:`` address is served
     by this process (its registry follows the device processes). Either may be
     started before or after `start_restful_server` and `start_servables`.
+
+    As in MindSpore Serving, a process runs one gRPC server: a second call raises
+    ``Serving Error: Serving gRPC server is already running`` unless it passes
+    ``additional=True`` (mserve addition: another address, e.g. a ``unix:`` socket).
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     from ..transport.grpc import GrpcTransport
     from ..transport.grpc_limits import GrpcLimits
 
+    if not (reuse_port or additional):  # MindSpore's one-server rule (front-ends share a port: reuse_port)
+        runtime.listener_slots.check_free(GRPC)
     if isinstance(max_msg_mb_size, bool) or not isinstance(max_msg_mb_size, int):
         raise RuntimeError(f"Parameter 'max_msg_mb_size' should be int, but actually {type(max_msg_mb_size)}")
     if not 1 <= max_msg_mb_size <= 512:
@@ -203,25 +233,31 @@ def start_grpc_server(
     unix = isinstance(address, str) and address.startswith("unix:")
     if runtime.processes() == "devices" and not unix:
         grpc = {
-            "max_msg_mb_size": max_msg_mb_size, "threads": threads, "max_enqueued_requests": max_enqueued_requests,
+            "max_msg_mb_size": max_msg_mb_size, "threads": threads,
+            "max_enqueued_requests": ENQUEUE_LIMIT.resolve(max_enqueued_requests),
             "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
             "max_connections": max_connections, "idle_timeout": idle_timeout,
             "max_streams_per_connection": max_streams_per_connection,
         }
-        return start_grpc_frontends(runtime, address, ssl_config, grpc, reuse_port, workers)
+        frontends = start_grpc_frontends(runtime, address, ssl_config, grpc, reuse_port, workers)
+        runtime.listener_slots.taken(GRPC)
+        _listening(runtime, f"gRPC {frontends.target}")
+        return frontends
     if workers is not None and workers != 1:
         raise RuntimeError(
             f"workers={workers} needs device processes (processes mode 'devices') and a host:port address"
         )
     dataplane = Dataplane(
-        runtime.registry, max_enqueued_requests, request_timeout, loading=lambda: runtime.loading > 0,
-        max_instances=max_instances_per_request,
+        runtime.registry, ENQUEUE_LIMIT.resolve(max_enqueued_requests), request_timeout,
+        loading=lambda: runtime.loading > 0, max_instances=max_instances_per_request,
     )
+    if max_enqueued_requests is None:  # MindSpore's master.context.set_max_enqueued_requests moves it
+        ENQUEUE_LIMIT.follow(dataplane)
     with runtime.lock:
         # Calls at once: room beyond the queue limit, so that MindSpore's own "enqueued requests
         # count exceeds the limit" answers first; grpcio's RESOURCE_EXHAUSTED is the backstop.
         limits = GrpcLimits(max_connections, idle_timeout, max_streams_per_connection,
-                            2 * max_enqueued_requests + threads)
+                            2 * ENQUEUE_LIMIT.resolve(max_enqueued_requests) + threads)
         transport = GrpcTransport(
             dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, ssl_config, threads, reuse_port,
             limits,
@@ -230,7 +266,10 @@ def start_grpc_server(
         runtime.handlers.append(dataplane)
         runtime.transports.append(transport)
         runtime.ready_listeners.append(transport.refresh_health)
+        runtime.listener_slots.taken(GRPC)
         lifetime.keep_serving(runtime.stop)
+    log.info("Serving gRPC server listening on %s", transport.target)
+    _listening(runtime, f"gRPC {transport.target}")
     return transport
 
 
@@ -255,3 +294,9 @@ def start_health_server(runtime: Any, address: str = "127.0.0.1:5501", threads: 
     probes = RestfulServer(transport, host)
     log.info("health and readiness (plain HTTP, no client certificate) on %s/health and /ready", probes.url)
     return probes
+
+
+def _listening(runtime: Any, address: str) -> None:
+    """A start script says where it listens, and once ready, that it is (mserve.logsetup)."""
+    runtime.ready_log.listening(address)
+    runtime.log_if_ready()

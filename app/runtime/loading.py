@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import logsetup
 from ..errors import ServableLoadError
 from ..ops import metrics
 from ..serving.compile_cache import enable_compile_cache
 from ..serving.reload import VersionWatcher, WatchTarget
-from ..serving.servable import BatchSettings, LoadedVersion, Servable, list_versions, load_definition, load_version
+from ..serving.servable import (
+    BatchSettings, LoadedVersion, Servable, choose_versions, load_definition, load_version,
+)
 from .config import ServableStartConfig, merge_configs, validate_device_type
 
 log = logging.getLogger("mserve.server")
@@ -65,6 +68,7 @@ def start_servables(
     folders and hot-reload versions that appear or disappear (see `mserve.serving.reload`);
     ``None`` (the default) or 0 leaves them alone.
     """
+    logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     if isinstance(servable_configs, ServableStartConfig):
         servable_configs = [servable_configs]
     if not isinstance(servable_configs, (tuple, list)):
@@ -85,6 +89,7 @@ def start_servables(
         raise ValueError(f"poll_interval must be >= 0, got {poll_interval}")
     if runtime.processes() == "devices":
         runtime.start_devices(configs, poll_interval)
+        runtime.log_if_ready()
         return
     # "Loading" from the first moment: importing JAX alone takes seconds, and a server
     # already listening must answer 503 (not 404) meanwhile.
@@ -109,29 +114,15 @@ def start_servables(
         finally:
             runtime.loading -= 1
             runtime.refresh_ready()
+    runtime.log_if_ready()
 
 
 def load_servable(runtime: Any, config: ServableStartConfig) -> None:
     """Load the versions ``config`` asks for into ``runtime``'s registry."""
     root = Path(config.servable_directory)
     definition = load_definition(root, config.servable_name)
-    present = list_versions(root / config.servable_name)
-    if not present:
-        raise ServableLoadError(
-            f"servable '{config.servable_name}': no version folder (1/, 2/, ...) in {root / config.servable_name}"
-        )
-    wanted = []
-    for number in config.versions():
-        if number == 0:
-            wanted.append(present[-1])
-        elif number in present:
-            wanted.append(number)
-        else:
-            raise ServableLoadError(
-                f"servable '{config.servable_name}': version {number} not found in {root / config.servable_name} "
-                f"(present: {', '.join(map(str, present))})"
-            )
-    devices = resolve_devices(config.device_type, config.device_list())
+    wanted = choose_versions(root, config.servable_name, bool(definition.models), config.versions())
+    devices = resolve_devices(config.target_device_type(), config.device_list())
     servable = Servable(config.servable_name, root, definition)
     entry = LoadedServable(config, servable, devices)
     for number in dict.fromkeys(wanted):

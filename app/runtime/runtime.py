@@ -14,6 +14,7 @@ first argument is the runtime; the class below makes them its methods.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -22,15 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import lifetime, rundir
+from ..logsetup import ReadyLog
 from ..ops import metrics
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs, VersionWatcher
 from ..serving.servable import ServableRegistry
+from ..transport.listen_rules import ListenerSlots
 from . import listeners
 from . import loading as servable_loading
 from . import processes as process_modes
 from .loading import LoadedServable
 from .processes import PROCESS_MODES
+
+log = logging.getLogger("mserve.runtime")
 
 
 @dataclass(eq=False, repr=False)  # one object per process: compared and hashed by identity
@@ -60,6 +65,12 @@ class Runtime:
     # How hot reload retires a version (a device process first lets its front-ends switch).
     retire: Callable[[str, int], None] | None = None  # None: retire_version
     follower: Any = None  # devices mode: keeps the registry following the device processes
+    listener_slots: ListenerSlots = field(default_factory=ListenerSlots)  # MindSpore: one RESTful, one gRPC server
+    ready_log: ReadyLog = field(default_factory=ReadyLog)  # a start script's "ready" line (mserve.logsetup)
+    # Parts of a servable outside this process (the hosts of a distributed servable,
+    # mserve.distributed): () -> (ready, why), asked before anything else.
+    readiness_probes: list[Callable[[], tuple[bool, str]]] = field(default_factory=list)
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)  # run once by stop(), after the drain
 
     # The lifecycle, from the modules beside this one.
     start_servables = servable_loading.start_servables
@@ -70,10 +81,26 @@ class Runtime:
     start_grpc_server = listeners.start_grpc_server
     start_health_server = listeners.start_health_server
 
+    def add_readiness_probe(self, probe: Callable[[], tuple[bool, str]]) -> None:
+        """Make ``/ready`` also ask ``probe()`` -> (ready, why)."""
+        self.readiness_probes.append(probe)
+
+    def remove_readiness_probe(self, probe: Callable[[], tuple[bool, str]]) -> None:
+        if probe in self.readiness_probes:
+            self.readiness_probes.remove(probe)
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` once when `stop` has drained the requests."""
+        self.stop_hooks.append(hook)
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): ready once every configured servable serves a warm version."""
         if self.stopping:
             return False, "stopping"
+        for probe in list(self.readiness_probes):  # a distributed group names the host it waits for
+            ok, why = probe()
+            if not ok:
+                return False, why
         if self.loading:
             return False, "loading servables"
         if self.processes_started():  # devices mode: this process supervises, front-ends serve
@@ -96,6 +123,15 @@ class Runtime:
         metrics.READY.set(1 if self.readiness()[0] else 0)
         for listener in list(self.ready_listeners):
             listener()
+
+    def serves_something(self) -> bool:
+        """Whether servables were started (or are starting): what keeps a start
+        script's process alive after the script returns, as in MindSpore Serving."""
+        return bool(self.configured) or self.devices is not None or self.loading > 0
+
+    def log_if_ready(self) -> None:
+        """Log the one ``ready`` line once servables are served and a port listens."""
+        self.ready_log.check(self.readiness()[0], sorted(self.registry.servables()))
 
     def processes_started(self) -> bool:
         return self.devices is not None or bool(self.frontends)
@@ -153,10 +189,12 @@ class Runtime:
         """Stop gracefully and unload: ``/ready`` answers 503 at once; new requests are
         still served for ``grace`` seconds; then the listeners close, new predicts get
         503, and in-flight requests finish (up to ``drain_timeout`` seconds)."""
+        self.ready_log.reset()
         self.begin_shutdown()
         if grace > 0:
             time.sleep(grace)
         with self.lock:
+            self.listener_slots.release_all()
             transports, self.transports = self.transports, []
             handlers, self.handlers = self.handlers, []
             stop_started = time.monotonic()
@@ -179,6 +217,12 @@ class Runtime:
                 self.run_dir = None
             self.watcher = None
             self.registry.clear()
+            hooks, self.stop_hooks = self.stop_hooks, []
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:  # one failing hook must not keep the others from running
+                    log.exception("a stop hook failed")
             for observer in self.observers.values():
                 observer.detach()
             self.observers.clear()

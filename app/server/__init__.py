@@ -48,6 +48,7 @@ processes build runtimes of their own (`mserve.runtime.frontend_role`,
 
 from __future__ import annotations
 
+from .. import lifetime
 from ..runtime.config import (
     DEVICE_TYPES, ServableStartConfig, SSLConfig, merge_configs, script_relative, validate_device_type,
 )
@@ -56,10 +57,12 @@ from ..runtime.loading import resolve_devices
 from ..runtime.processes import MAX_DEFAULT_WORKERS, PROCESS_MODES, default_workers
 from ..runtime.runtime import Runtime
 from ..serving.servable import ServableRegistry
+from . import master, register  # MindSpore's server.master and server.register
 
 __all__ = [
     # MindSpore Serving's server API
     "ServableStartConfig", "SSLConfig", "start_servables", "start_restful_server", "start_grpc_server", "stop",
+    "master", "register",
     # mserve additions
     "registry", "readiness", "use_processes", "processes", "start_health_server", "begin_shutdown",
     "default_workers", "default_runtime", "resolve_devices", "merge_configs", "validate_device_type",
@@ -68,6 +71,8 @@ __all__ = [
 
 # The runtime of this process's start script: created once, emptied again by `stop`.
 _runtime = Runtime()
+# MindSpore Serving's process outlives its script only while servables run (mserve.lifetime).
+lifetime.serve_while(_runtime.serves_something)
 
 
 def default_runtime() -> Runtime:

@@ -1,7 +1,12 @@
 """A model stage: checks each instance against the model, batches, calls the runtime.
 
-Per-instance inputs are checked against the model's declared inputs (exact dtype, and
-shape without the batch dimension), so one bad instance fails alone. Good rows are
+Per-instance inputs are checked against the model's declared inputs as MindSpore
+Serving checks them: the byte size of one instance first, then the exact dtype; an
+instance of the right size and dtype but another shape (``(32, 32)`` for a model
+input ``(1, 32, 32)``) is reshaped to the model's shape, as MindSpore feeds the bytes.
+Inputs with free (symbolic) dimensions are checked by shape. One bad instance fails
+alone; the message is MindSpore's, with dtypes, shapes and the method value that
+feeds the input after it. Good rows are
 then run in as few device calls as the model allows: stacked into the batch
 dimension (``with_batch_dim=True``, padded up to a fixed batch size), or one call
 per instance otherwise. `ModelStage.run` takes rows from any number of requests, so a
@@ -11,12 +16,13 @@ cross-request batcher can sit in front of it.
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InstanceError
+from ..errors import InstanceError, ServingError
 from ..register import Model
 
 
@@ -26,6 +32,23 @@ def _type_name(value: Any) -> str:
     if isinstance(value, str):
         return "str"
     return type(value).__name__
+
+
+# MindSpore Serving's names for data types, in its error messages.
+_MS_TYPES = {
+    "bool": "kMSI_Bool", "int8": "kMSI_Int8", "uint8": "kMSI_Uint8", "int16": "kMSI_Int16", "uint16": "kMSI_Uint16",
+    "int32": "kMSI_Int32", "uint32": "kMSI_Uint32", "int64": "kMSI_Int64", "uint64": "kMSI_Uint64",
+    "float16": "kMSI_Float16", "float32": "kMSI_Float32", "float64": "kMSI_Float64", "str": "kMSI_String",
+    "bytes": "kMSI_Bytes",
+}
+
+
+def ms_type_name(name: str) -> str:
+    return _MS_TYPES.get(name, "kMSI_Unknown")
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -> list[int]:
@@ -38,6 +61,41 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
         sizes.append(size)
         size *= 2
     return sizes + [max_batch_size]
+
+
+_NAMED = re.compile(r" \(model input (\d+) is .*\)$", re.S)
+
+
+def input_label(method: Any, stage: Any, index: int) -> str | None:
+    """What feeds model input ``index`` of ``stage`` in ``method``: ``input 'x1'`` (a
+    method input) or the slot's own label (``output 0 of add_trans_datatype``)."""
+    if index >= len(stage.inputs):
+        return None
+    slot = stage.inputs[index]
+    return f"input '{method.input_names[slot.index]}'" if slot.index < len(method.input_names) else slot.label
+
+
+def for_method(error: InstanceError, method: Any, stage: Any) -> InstanceError:
+    """``error`` from checking a model's inputs, naming only what ``method`` feeds
+    the input (the check itself runs where rows of every method meet, a batcher or a
+    device process, and names what every method feeds)."""
+    found = _NAMED.search(str(error))
+    if found is None:
+        return error
+    label = input_label(method, stage, int(found.group(1)))
+    if label is None:
+        return error
+    message = str(error)[: found.start()] + f" (model input {found.group(1)} is {label})"
+    cause = message if error.cause == str(error) else error.cause
+    return InstanceError(message, status=error.status, cause=cause)
+
+
+def model_failure(exc: Exception) -> InstanceError:
+    """A runtime's failure as the instances' error: 500, or the status a runtime
+    chose by raising a `ServingError` (a distributed group that lost a host: 503)."""
+    if isinstance(exc, ServingError):
+        return InstanceError(f"Model Failed: {exc.message}", status=exc.status)
+    return InstanceError(f"Model Failed: {exc}", status=500)
 
 
 class ModelStage:
@@ -83,19 +141,17 @@ class ModelStage:
     def name_inputs(self, methods: Sequence[Any]) -> None:
         """Learn from the methods' wiring what feeds each model input (``input 'x1'``,
         ``output 0 of add_trans_datatype``), so a dtype or shape error names it, not
-        only its position. A model fed differently by several methods lists each."""
+        only its position. A model fed differently by several methods lists each here;
+        `for_method` then keeps only what the failing request's method feeds."""
         for i in range(len(self.inputs)):
             fed: dict[str, list[str]] = {}
             for method in methods:
                 for stage in method.stages:
-                    if stage.target is not self.model or i >= len(stage.inputs):
+                    if stage.target is not self.model:
                         continue
-                    slot = stage.inputs[i]
-                    if slot.index < len(method.input_names):
-                        label = f"input '{method.input_names[slot.index]}'"
-                    else:
-                        label = slot.label
-                    fed.setdefault(label, []).append(method.name)
+                    label = input_label(method, stage, i)
+                    if label is not None:
+                        fed.setdefault(label, []).append(method.name)
             if len(fed) == 1:
                 self.input_labels[i] = next(iter(fed))
             elif fed:
@@ -103,10 +159,11 @@ class ModelStage:
                     f"{label} in method {'/'.join(names)}" for label, names in fed.items()
                 )
 
-    def _named(self, index: int) -> str:
-        """`` (model input 0 is input 'x1')`` after MindSpore's text, when known."""
+    def _detail(self, index: int, what: str) -> str:
+        """`` (model input 0 is input 'x1': int32 given, float32 expected)`` after
+        MindSpore's text; the feeding value is named when known."""
         label = self.input_labels[index] if index < len(self.input_labels) else None
-        return f" (model input {index} is {label})" if label else ""
+        return f" (model input {index} is {label}: {what})" if label else f" ({what})"
 
     def _fixed_batch(self) -> int | None:
         if not self.model.with_batch_dim:
@@ -130,26 +187,47 @@ class ModelStage:
         return tuple(spec.shape)
 
     def check(self, args: Sequence[Any]) -> tuple[np.ndarray, ...]:
-        """The row as arrays, or `InstanceError` (MindSpore's wording) unless ``args``
-        fit the model. Numpy scalars (what arithmetic on 0-d arrays returns in a
-        Python stage) count as 0-d arrays."""
-        row = tuple(np.asarray(v) if isinstance(v, np.generic) else v for v in args)
+        """The row as arrays shaped as the model wants them, or `InstanceError`
+        (MindSpore's wording, then what mserve knows) unless ``args`` fit the model.
+        Numpy scalars (what arithmetic on 0-d arrays returns in a Python stage) count
+        as 0-d arrays."""
+        row = [np.asarray(v) if isinstance(v, np.generic) else v for v in args]
         for i, (value, spec) in enumerate(zip(row, self.inputs)):
-            if not isinstance(value, np.ndarray) or value.dtype != spec.dtype:
-                raise InstanceError(
-                    f"Given model input {i} data type {_type_name(value)} not match the data type {spec.dtype.name}"
-                    f" defined in model{self._named(i)}"
-                )
+            if not isinstance(value, np.ndarray):
+                raise self._dtype_error(i, _type_name(value), spec)
             want = self.instance_shape(i)
+            if want is not None and all(d is not None for d in want):
+                want_bytes = int(np.prod(want, dtype=np.int64)) * spec.dtype.itemsize
+                if value.nbytes != want_bytes:
+                    given = f"shape {_shape_text(value.shape)} {value.dtype.name} given"
+                    expected = f"{_shape_text(want)} {spec.dtype.name} expected"
+                    raise InstanceError(
+                        f"Given model input {i} size {value.nbytes} not match the size {want_bytes} defined in model"
+                        f"{self._detail(i, f'{given}, {expected}')}"
+                    )
+                if value.dtype != spec.dtype:
+                    raise self._dtype_error(i, value.dtype.name, spec)
+                if value.shape != tuple(want):
+                    row[i] = value.reshape(want)  # MindSpore feeds the bytes in the model's shape
+                continue
+            if value.dtype != spec.dtype:
+                raise self._dtype_error(i, value.dtype.name, spec)
             if want is not None and (
                 len(want) != value.ndim or any(w is not None and w != g for w, g in zip(want, value.shape))
             ):
-                shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+                shapes = f"shape {_shape_text(value.shape)} given, {_shape_text(want)} expected"
                 raise InstanceError(
-                    f"Given model input {i} size {tuple(value.shape)} not match the size {shown} defined in model"
-                    f"{self._named(i)}"
+                    f"Given model input {i} size {value.nbytes} not match the size defined in model"
+                    f"{self._detail(i, shapes)}"
                 )
-        return row
+        return tuple(row)
+
+    def _dtype_error(self, index: int, given: str, spec: Any) -> InstanceError:
+        return InstanceError(
+            f"Given model input {index} data type {ms_type_name(given)} not match the data type "
+            f"{ms_type_name(spec.dtype.name)} defined in model"
+            f"{self._detail(index, f'{given} given, {spec.dtype.name} expected')}"
+        )
 
     def batch_key(self, row: Sequence[np.ndarray]) -> tuple:
         """Rows with equal keys can share a device call: same shapes, and the same
@@ -196,7 +274,7 @@ class ModelStage:
         try:
             return tuple(self._runtime().predict(list(args)))
         except Exception as exc:  # a runtime failure fails this instance only
-            return InstanceError(f"Model Failed: {exc}", status=500)
+            return model_failure(exc)
 
     def run_batch(
         self, rows: Sequence[Sequence[np.ndarray]], runtime: Any = None, pad_to: int | None = None
@@ -218,8 +296,7 @@ class ModelStage:
         try:
             outputs = (runtime or self._runtime()).predict(arrays)
         except Exception as exc:
-            error = InstanceError(f"Model Failed: {exc}", status=500)
-            return [error] * n
+            return [model_failure(exc)] * n
         return [tuple(out[j] for out in outputs) for j in range(n)]
 
     def padded_size(self, n: int) -> int:

@@ -34,7 +34,9 @@ import re
 import time
 from typing import Any, Sequence
 
-from .model_stage import InstanceError
+import numpy as np
+
+from .model_stage import InstanceError, for_method
 from ..register import MethodDef, Model, StageDef, current_version
 from .servable import LoadedVersion, ModelCallError
 from ..ops.access_log import current_request_id
@@ -105,7 +107,7 @@ def run_method(
                 results = _call_batched_function(stage, rows)
             for i, result in zip(alive, results):
                 if isinstance(result, InstanceError):
-                    errors[i] = result
+                    errors[i] = for_method(result, method, stage) if stage.is_model else result
                 else:
                     row = slots[i]
                     for slot, value in zip(stage.outputs, result):
@@ -134,14 +136,36 @@ def _map_function(version: LoadedVersion, stage: StageDef, rows: list[tuple]) ->
 
 
 def _outputs(stage: StageDef, value: Any) -> tuple:
-    """A stage's return value as a tuple of ``outputs_count`` values."""
+    """A stage's return value as a tuple of ``outputs_count`` values, as MindSpore
+    Serving reads it: a tuple or list is the outputs (so ``return (y,)`` is one
+    output ``y``), anything else is the one output; MindSpore Tensors (anything with
+    ``asnumpy()``) become numpy arrays. mserve also takes a tuple or list of another
+    length as the single output of a stage with ``outputs_count=1``."""
     count = len(stage.outputs)
-    if count == 1:
-        return (value,)
-    if not isinstance(value, (tuple, list)) or len(value) != count:
-        got = len(value) if isinstance(value, (tuple, list)) else 1
-        raise InstanceError(f"{stage.tag} Failed: the stage returned {got} outputs, outputs_count is {count}")
-    return tuple(value)
+    if isinstance(value, (tuple, list)):
+        if count == 1 and len(value) != 1:
+            return (_plain(value),)
+        if len(value) != count:
+            name = getattr(stage.target, "__name__", stage.tag)
+            raise InstanceError(
+                f"{stage.tag} Failed: The outputs number {len(value)} of one instance returned by function '{name}' "
+                f"is not equal to the outputs number {count} registered in method"
+            )
+        return tuple(_plain(v) for v in value)
+    if count != 1:
+        name = getattr(stage.target, "__name__", stage.tag)
+        raise InstanceError(
+            f"{stage.tag} Failed: The outputs number 1 of one instance returned by function '{name}' is not equal to "
+            f"the outputs number {count} registered in method"
+        )
+    return (_plain(value),)
+
+
+def _plain(value: Any) -> Any:
+    """A MindSpore Tensor (or anything else with ``asnumpy()``) as a numpy array."""
+    if not isinstance(value, np.ndarray) and callable(getattr(value, "asnumpy", None)):
+        return value.asnumpy()
+    return value
 
 
 def _call_function(stage: StageDef, row: tuple) -> tuple | InstanceError:
@@ -154,29 +178,38 @@ def _call_function(stage: StageDef, row: tuple) -> tuple | InstanceError:
 
 
 def _call_batched_function(stage: StageDef, rows: list[tuple]) -> list[tuple | InstanceError]:
+    """A Python stage with ``batch_size``, read as MindSpore Serving reads it: the
+    function gets a list of instances and returns (or yields) one result per
+    instance. A result that raises fails that instance only; results missing at the
+    end fail the instances left; results beyond the instances given are ignored."""
     step = stage.batch_size or len(rows)
     results: list[tuple | InstanceError] = []
+    name = getattr(stage.target, "__name__", stage.tag)
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         try:
-            values = list(stage.target(list(chunk)))  # type: ignore[operator]
-            if len(values) != len(chunk):
-                raise InstanceError(
-                    f"{stage.tag} Failed: the stage got {len(chunk)} instances but returned {len(values)} results"
-                )
-            results.extend(_outputs_or_error(stage, v) for v in values)
+            values = iter(stage.target(list(chunk)))  # type: ignore[operator]
         except InstanceError as exc:
             results.extend([exc] * len(chunk))
+            continue
         except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this chunk
             results.extend([stage_failure(stage, exc)] * len(chunk))
+            continue
+        for done in range(len(chunk)):
+            try:
+                results.append(_outputs(stage, next(values)))
+            except StopIteration:
+                missing = InstanceError(
+                    f"{stage.tag} Failed: The number {done} of instances returned by function '{name}' is not equal "
+                    f"to the number {len(chunk)} of instances provided to this function."
+                )
+                results.extend([missing] * (len(chunk) - done))
+                break
+            except InstanceError as exc:
+                results.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - the user's stage failed for this instance
+                results.append(stage_failure(stage, exc))
     return results
-
-
-def _outputs_or_error(stage: StageDef, value: Any) -> tuple | InstanceError:
-    try:
-        return _outputs(stage, value)
-    except InstanceError as exc:
-        return exc
 
 
 # An absolute path, POSIX or Windows, as exception texts quote them.

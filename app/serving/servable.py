@@ -24,6 +24,7 @@ from ..backends import BackendError, Device, find_backend, load_model, placement
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
+from .names import SERVABLE_PACKAGE, servable_name_problem
 from .progress import LoadProgress, report
 from ..register import MethodDef, Model, ServableDefinition
 
@@ -33,6 +34,32 @@ log = logging.getLogger("mserve.serving.servable")
 def list_versions(servable_dir: Path) -> list[int]:
     """Version numbers present as numbered folders, ascending."""
     return sorted(int(p.name) for p in servable_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def choose_versions(root: Path, name: str, has_models: bool, requested: Sequence[int]) -> list[int]:
+    """The version numbers to load, as MindSpore Serving picks them: ``0`` is the
+    newest version folder; a servable that declares no model needs no folder (``0``
+    is then version 1). Raises `ServableLoadError` with MindSpore's texts."""
+    folder = root / name
+    if not has_models:
+        return list(dict.fromkeys(1 if n == 0 else n for n in requested))
+    present = list_versions(folder)
+    if not present:
+        raise ServableLoadError(
+            f"There is no valid version directory of models while there are models declared in servable_config.py, "
+            f"servable directory: {root}, servable name: {name} (no version folder 1/, 2/, ... in {folder})")
+    wanted = []
+    for number in requested:
+        if number == 0:
+            wanted.append(present[-1])
+        elif number in present:
+            wanted.append(number)
+        else:
+            raise ServableLoadError(
+                f"Start servable failed: There is no specified version directory of models, specified version "
+                f"number: {number}, servable directory: '{root}', servable name: '{name}' (version {number} not "
+                f"found in {folder}; present: {', '.join(map(str, present))})")
+    return list(dict.fromkeys(wanted))
 
 
 def load_definition(servable_directory: str | Path, name: str) -> ServableDefinition:
@@ -72,28 +99,21 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
                 f"servable '{name}': {config.name} raised {type(exc).__name__}: {exc}{_where(exc, config)}"
             ) from exc
     if not definition.methods:
-        raise ServableLoadError(f"servable '{name}': {config} registers no method (use @register.register_method)")
+        raise ServableLoadError(
+            f"There is no method registered for servable '{name}': {config} registers none (use "
+            f"@register.register_method)")
     return definition
 
 
-_SERVABLE_PACKAGE = "__mserve_servable__"  # marks the packages made here
 
 
 def _fresh_package(root: Path, name: str) -> None:
     """Make ``sys.modules[name]`` the package of the folder ``root/name`` (running
     its ``__init__.py`` if it has one), dropping an earlier load's package and its
     modules; refuse a name that another module already has."""
-    if not name.isidentifier():
-        raise ServableLoadError(
-            f"servable '{name}': servable_config.py is imported as {name}.servable_config (as MindSpore Serving does), "
-            f"so the servable name must be a Python identifier"
-        )
-    existing = sys.modules.get(name)
-    if existing is not None and not getattr(existing, _SERVABLE_PACKAGE, False):
-        raise ServableLoadError(
-            f"servable '{name}': the module name {name!r} is already taken by {getattr(existing, '__file__', None) or existing!r}; "
-            f"servable_config.py is imported as {name}.servable_config (as MindSpore Serving does): rename the servable"
-        )
+    problem = servable_name_problem(name)
+    if problem is not None:
+        raise ServableLoadError(problem)
     for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         del sys.modules[module]
     folder = root / name
@@ -105,7 +125,7 @@ def _fresh_package(root: Path, name: str) -> None:
         spec.submodule_search_locations = [str(folder)]
     assert spec is not None
     package = importlib.util.module_from_spec(spec)
-    setattr(package, _SERVABLE_PACKAGE, True)
+    setattr(package, SERVABLE_PACKAGE, True)
     sys.modules[name] = package
     if init.is_file():
         assert spec.loader is not None
@@ -206,7 +226,7 @@ class LoadedVersion:
                 f"model is {self.subgraph_count(model)}"
             )
         if not rows:
-            raise RuntimeError(f"{name} failed: no instance given")
+            raise RuntimeError(f"{name} failed: Input instances count is 0")
         expected = len(stage.inputs)
         for i, row in enumerate(rows):
             if len(row) != expected:
@@ -402,10 +422,14 @@ def _check_wiring(definition: ServableDefinition, stages: dict[int, ModelStage])
             ms = stages[stage.target.index]
             what = f"servable '{definition.name}' method '{method.name}': model {stage.target.model_files[0]}"
             if len(stage.inputs) != len(ms.inputs):
-                raise ServableLoadError(f"{what} takes {len(ms.inputs)} inputs but add_stage wires {len(stage.inputs)}")
+                raise ServableLoadError(
+                    f"The inputs count {len(stage.inputs)} in register_method not equal to the count {len(ms.inputs)} "
+                    f"defined in model ({what} takes {len(ms.inputs)} inputs but add_stage wires {len(stage.inputs)})")
             if len(stage.outputs) != len(ms.outputs):
                 raise ServableLoadError(
-                    f"{what} has {len(ms.outputs)} outputs but add_stage says outputs_count={len(stage.outputs)}"
+                    f"The outputs count {len(stage.outputs)} in register_method not equal to the count "
+                    f"{len(ms.outputs)} defined in model ({what} has {len(ms.outputs)} outputs but add_stage says "
+                    f"outputs_count={len(stage.outputs)})"
                 )
             if stage.batch_size is not None:
                 raise ServableLoadError(f"{what}: batch_size applies to Python stages only")

@@ -59,6 +59,11 @@ from ..protocol.codec import dumps
 from .inline import InlinePolicy
 
 log = logging.getLogger("mserve.transport.http")
+# Waitress warns "Task queue depth is N" whenever a request waits for a free thread,
+# which a server under any load does all the time (and one does at start, when the
+# first probes meet warming threads). mserve bounds the wait itself
+# (max_enqueued_requests: 503) and the queue shows in its metrics: the warning is noise.
+logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 _DEFAULT_MAX_CONNECTIONS = 10000
 _FD_HEADROOM = 256  # descriptors kept for everything else (model files, pipes, logs)

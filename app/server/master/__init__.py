@@ -1,0 +1,5 @@
+"""MindSpore Serving's ``server.master``: the master's settings (``master.context``)."""
+
+from . import context
+
+__all__ = ["context"]
