@@ -57,6 +57,8 @@ EPILOG = """\
   [dim]# mutual TLS: a client certificate too[/]
   mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[1.0,2.0],[3.0,4.0]]' \\
       --url https://host:5500 --cacert ca.pem --cert client.pem --key client.key
+  [dim]# the Open Inference Protocol (KServe v2): a model name, on mserve or any v2 server[/]
+  mserve invoke add.add_common --protocol v2 -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[1.0,2.0],[3.0,4.0]]'
   [dim]# over gRPC (mserve start --grpc-port 5501); grpcs:// for TLS[/]
   mserve invoke add:add_common -i x1='[[1.0,2.0],[3.0,4.0]]' -i x2='[[5.0,6.0],[7.0,8.0]]' \\
       --url grpc://127.0.0.1:5501
@@ -395,6 +397,11 @@ def invoke(
         None, "--output", "-o", metavar="DIR", help="Save outputs as DIR/NAME_INDEX.npy (.bin for bytes)."
     ),
     timeout: float = typer.Option(60.0, help="Seconds to wait for the reply."),
+    protocol: str = typer.Option(
+        "mindspore", "--protocol", metavar="mindspore|v2",
+        help="v2: the Open Inference Protocol (KServe v2) over REST; the target is then a model name "
+        "(add.add_common; SERVABLE:METHOD also works) on any v2 server.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Call a method of a running server and show the reply.
@@ -402,6 +409,12 @@ def invoke(
     Builds the request JSON for you: tensors from .npy files are sent as typed base64, other files as bytes. Shows a table of each instance's outputs; big tensors are summarized (use --json or --output DIR for the full values).
     """
     with render.reported(debug, unexpected_code=2):
+        if protocol not in ("mindspore", "v2"):
+            fail(f"--protocol {protocol!r}: give mindspore (the default) or v2")
+        if protocol == "v2":
+            _invoke_v2(target, inputs, instances, count, version, url, use_grpc, cacert, cert, key, insecure, as_json,
+                       output, timeout)
+            return
         servable, method = parse_target(target)
         body = build_body(parse_inputs(inputs or []), instances, count)
         import orjson
@@ -443,3 +456,18 @@ def invoke(
         if failed:
             render.error_line(f"{failed} of {len(reply['instances'])} instance(s) failed")
             raise typer.Exit(1)
+
+
+def _invoke_v2(target: str, inputs: Optional[list[str]], instances: Optional[str], count: int, version: Optional[int],
+               url: str, use_grpc: bool, cacert: Optional[Path], cert: Optional[Path], key: Optional[Path],
+               insecure: bool, as_json: bool, output: Optional[Path], timeout: float) -> None:
+    """``--protocol v2``: one infer request over REST (`cli.v2`)."""
+    from . import v2
+
+    if use_grpc or is_grpc_url(url):
+        fail("--protocol v2 speaks REST: give the http(s):// URL (for v2 over gRPC, use tritonclient.grpc)")
+    if instances is not None or count != 1:
+        fail("--protocol v2 sends one set of input tensors: use -i NAME=VALUE, not --instances or --count")
+    address = v2.model_path(url, v2.model_name(target), version)
+    v2.invoke(url, target, parse_inputs(inputs or []), version, timeout,
+              ssl_context(address, cacert, cert, key, insecure), as_json, output)

@@ -149,8 +149,8 @@ def start(
     host: Optional[str] = typer.Option(None, help="Address to listen on.  \\[default: 127.0.0.1]", show_default=False),
     port: Optional[int] = typer.Option(None, help="Port (0 picks a free one).  \\[default: 5500]", show_default=False),
     grpc_port: Optional[int] = typer.Option(
-        None, help="Also serve MindSpore Serving's gRPC service (MSService) on this port of --host, with the same TLS "
-        "settings.  \\[default: no gRPC]", show_default=False,
+        None, help="Also serve gRPC on this port of --host, with the same TLS settings: MindSpore Serving's MSService "
+        "and the Open Inference Protocol's GRPCInferenceService.  \\[default: no gRPC]", show_default=False,
     ),
     device_type: Optional[str] = typer.Option(
         None, help="cpu, gpu, or a backend plugin's type.  \\[default: JAX's default device]", show_default=False
@@ -509,6 +509,10 @@ def list_servables(
     key: Optional[Path] = typer.Option(None, help="Private key of --cert, if not inside it.", show_default=False),
     insecure: bool = typer.Option(False, "--insecure", "-k", help="Do not verify the server's certificate."),
     timeout: float = typer.Option(30.0, help="With --url: seconds to wait for the answer."),
+    protocol: str = typer.Option(
+        "mindspore", "--protocol", metavar="mindspore|v2",
+        help="With --url: v2 lists the models of any Open Inference Protocol (KServe v2) server.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -517,6 +521,11 @@ def list_servables(
     Loads each servable (so every model is checked), describes versions, methods, inputs and outputs, then unloads.
     """
     with render.reported(debug, unexpected_code=1):
+        if protocol not in ("mindspore", "v2"):
+            render.fail(f"--protocol {protocol!r}: give mindspore (the default) or v2")
+        if protocol == "v2":
+            _list_v2(url, servable, cacert, cert, key, insecure, timeout, as_json)
+            return
         if url is not None:
             if servable_directory is not None or device_type is not None:
                 render.fail("--url describes a running server: SERVABLE_DIR and --device-type do not apply")
@@ -543,6 +552,26 @@ def list_servables(
             render.out().print(render.servables_table(descriptions, base))
 
 
+def _list_v2(url: Optional[str], names: Optional[list[str]], cacert: Optional[Path], cert: Optional[Path],
+             key: Optional[Path], insecure: bool, timeout: float, as_json: bool) -> None:
+    """``mserve list --url URL --protocol v2``: the models of an Open Inference Protocol server."""
+    from . import v2
+    from .client import check_base, ssl_context
+
+    if url is None:
+        render.fail("--protocol v2 lists a running server's models: give --url")
+    if names:
+        render.fail("--servable does not apply to --protocol v2: every model is listed")
+    base = check_base(url)
+    models = v2.list_models(base, timeout, ssl_context(base, cacert, cert, key, insecure))
+    if as_json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps({"models": models}, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        render.out().print(v2.models_table(models, base))
+
+
 def _describe_remote(
     url: str, names: list[str], cacert: Optional[Path], cert: Optional[Path], key: Optional[Path], insecure: bool,
     timeout: float,
@@ -556,7 +585,7 @@ def _describe_remote(
     if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("servables"), list):
         detail = answer.get("error_msg") if isinstance(answer, dict) else None
         render.fail(f"{base}/models answered HTTP {status}{': ' + str(detail) if detail else ''} "
-                    "(is this an mserve server?)")
+                    "(is this an mserve server? for an Open Inference Protocol server, add --protocol v2)")
     descriptions = answer["servables"]
     if names:
         wanted = {n.partition(":")[0] for n in names}

@@ -29,6 +29,7 @@ TINY = {
     "bench_backends.py": (["--seconds", "0.1"], "4 simulated CPU devices"),
     "bench_soak.py": (["--minutes", "0.05", "--sample", "1", "--flood-every", "2", "--flood-size", "5"], "RSS"),
     "bench_serving.py": (["--tiny"], "CPU µs/req"),
+    "bench_v2.py": (["--tiny"], "CPU us/req"),  # MLServer too where its virtualenv is (see the script)
 }
 HELPERS = {"proc_cpu.py", "cost_compare.py"}  # modules the scripts import, run through them
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol.codec import B64_TYPES
+from . import openapi_v2
 from .examples import request_example
 from .metadata import describe_method
 
@@ -411,16 +412,20 @@ def document(servables: dict[str, Any]) -> dict[str, Any]:
             paths[f"/model/{name}:{method.name}"] = _method_operation(
                 name, describe_method(latest, method), Path(servable.directory) / name
             )
+    paths.update(openapi_v2.paths())  # the Open Inference Protocol (KServe v2)
+    components = _components()
+    components["schemas"].update(openapi_v2.schemas())
     return {
         "openapi": "3.0.3",
         "info": {
             "title": "mserve",
             "version": mserve_version(),
-            "description": "MindSpore Serving's RESTful protocol served by mserve, plus health, readiness, "
-            "metadata and metrics endpoints. Every reply carries X-Request-ID.",
+            "description": "MindSpore Serving's RESTful protocol and the Open Inference Protocol (KServe v2) "
+            "served by mserve, plus health, readiness, metadata and metrics endpoints. Every reply carries "
+            "X-Request-ID.",
         },
         "paths": paths,
-        "components": _components(),
+        "components": components,
     }
 
 

@@ -5,8 +5,10 @@ import warnings
 
 from mserve.protocol import ms_service_pb2 as mserve_dot_protocol_dot_ms__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.2'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,16 +18,19 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in mserve/protocol/ms_service_pb2_grpc.py depends on'
+        + f' but the generated code in mserve/protocol/ms_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class MSServiceStub:
+class MSServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -41,7 +46,7 @@ class MSServiceStub:
                 _registered_method=True)
 
 
-class MSServiceServicer:
+class MSServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Predict(self, request, context):
@@ -62,11 +67,10 @@ def add_MSServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'mindspore.serving.proto.MSService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('mindspore.serving.proto.MSService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class MSService:
+class MSService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

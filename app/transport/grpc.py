@@ -7,9 +7,11 @@
   pipeline, error mapping); the messages are `mserve.protocol.grpc_codec`'s. Every
   outcome is gRPC status OK, failures travel in ``error_msg`` (PROTOCOL.md section 5);
   only what grpcio itself refuses (a message over ``max_msg_mb_size``) is a gRPC error.
-* The standard health service ``grpc.health.v1.Health``: ``SERVING`` (for ``""`` and
-  ``mindspore.serving.proto.MSService``) exactly when ``GET /ready`` would answer 200,
-  ``NOT_SERVING`` otherwise.
+* The Open Inference Protocol's ``inference.GRPCInferenceService`` through the same
+  `Dataplane` (`mserve.transport.v2_service`).
+* The standard health service ``grpc.health.v1.Health``: ``SERVING`` (for ``""``,
+  ``mindspore.serving.proto.MSService`` and ``inference.GRPCInferenceService``) exactly
+  when ``GET /ready`` would answer 200, ``NOT_SERVING`` otherwise.
 
 Each predict gets a request id (the client's ``x-request-id`` metadata when sane,
 else a new one; sent back as trailing metadata), one access-log record and the
@@ -40,6 +42,7 @@ from ..serving.reload import RequestEpochs
 from .grpc_limits import ConnectionWatch, GrpcLimits
 from .http import connection_capacity
 from .memory import RELEASE_AFTER_BYTES, release_memory
+from .v2_service import InferenceServicer, add_inference_service
 
 log = logging.getLogger("mserve.transport.grpc")
 
@@ -125,7 +128,7 @@ def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
 class ReadinessHealth(health.HealthServicer):
     """grpc.health.v1 answering from the server's readiness (``GET /ready``)."""
 
-    SERVICES = ("", SERVICE_NAME)
+    SERVICES = ("", SERVICE_NAME, "inference.GRPCInferenceService")
 
     def __init__(self, readiness: Callable[[], tuple[bool, str]]):
         super().__init__()
@@ -257,7 +260,10 @@ class GrpcTransport:
             maximum_concurrent_rpcs=limits.max_calls,
         )
         self._watch = ConnectionWatch(max_connections, limits.max_calls, lambda: dataplane.active)
-        pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs or RequestEpochs()), self._server)
+        epochs = epochs or RequestEpochs()
+        pb_grpc.add_MSServiceServicer_to_server(PredictServicer(dataplane, epochs), self._server)
+        # The Open Inference Protocol (KServe v2) on the same server and port: mserve.transport.v2_service.
+        add_inference_service(self._server, InferenceServicer(dataplane, readiness, epochs))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port = 0
 

@@ -33,6 +33,7 @@ from ..ops.metrics import RequestMetrics
 from ..serving.dataplane import INTERNAL_MESSAGE, PredictHandler
 from ..serving.reload import RequestEpochs
 from .memory import RELEASE_AFTER_BYTES, release_memory
+from . import v2_routes  # the Open Inference Protocol's /v2 routes
 
 _CHUNK = 1 << 16
 log = logging.getLogger("mserve.transport.wsgi")
@@ -161,6 +162,7 @@ class MserveApp:
         self.metrics = RequestMetrics(handler.registry.servables)
         self.deadlines = DeadlineWatch(handler.request_timeout)
         self.clock = ThreadClock()  # what a predict cost its thread (InlinePolicy)
+        self.v2 = v2_routes.V2Routes(self, read_body)  # /v2/...: the Open Inference Protocol
 
     def _arm_deadline(self, environ: dict[str, Any], rid: str) -> int | None:
         """Have the deadline reply sent when the handler is still busy at the
@@ -184,6 +186,9 @@ class MserveApp:
         rid = request_id(environ)
         token = current_request_id.set(rid)
         try:
+            path = environ.get("PATH_INFO") or "/"
+            if v2_routes.serves(path):  # the Open Inference Protocol (mserve.transport.v2_routes)
+                return self.v2(environ, start_response, request_path(environ), rid, started)
             if environ["REQUEST_METHOD"] != "POST":
                 return self._other(environ, start_response, rid, started)
             return self._predict(environ, start_response, rid, started)
