@@ -63,6 +63,9 @@ def serving(
     """Start the servables and a RESTful server on a free port; yield its base URL."""
     try:
         server.start_servables(configs)
+        # Tests run several servers in one process (module fixtures overlap): mserve's
+        # additional=True lifts MindSpore's one-RESTful-server rule for them.
+        restful.setdefault("additional", True)
         started = server.start_restful_server(restful.pop("address", "127.0.0.1:0"), **restful)
         yield started.url
     finally:

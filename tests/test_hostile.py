@@ -132,7 +132,7 @@ def servers(root, certs):
     configs = [server.ServableStartConfig(BUNDLED, "add"), server.ServableStartConfig(root, "stages"),
                server.ServableStartConfig(root, "数字")]
     with serving(configs, threads=4, request_timeout=1.0) as http_url:
-        tls = server.start_restful_server("127.0.0.1:0", threads=4, request_timeout=1.0,
+        tls = server.start_restful_server("127.0.0.1:0", threads=4, request_timeout=1.0, additional=True,
                                           ssl_config=server.SSLConfig(str(certs.cert), str(certs.key)))
         yield SimpleNamespace(http=http_url, https=tls.url, https_port=tls.port,
                               port=int(http_url.rsplit(":", 1)[1]), ca=str(certs.ca))
@@ -142,7 +142,7 @@ def servers(root, certs):
 def own_server(servers, **restful):
     """Another RESTful server with its own settings over the servables ``servers``
     loaded; stopping it leaves the shared ones running."""
-    started = server.start_restful_server("127.0.0.1:0", **restful)
+    started = server.start_restful_server("127.0.0.1:0", additional=True, **restful)
     try:
         yield started.url
     finally:
@@ -530,4 +530,4 @@ def test_mserve_start_options_reach_the_server():
     with pytest.raises(CliError, match="header_timeout must be > 0"):
         StartSettings.build(None, {"header_timeout": 0})
     with pytest.raises(RuntimeError, match="max_connections=100000000 needs"):
-        server.start_restful_server("127.0.0.1:0", max_connections=100_000_000)
+        server.start_restful_server("127.0.0.1:0", max_connections=100_000_000, additional=True)

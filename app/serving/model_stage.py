@@ -63,7 +63,9 @@ def bucket_sizes(max_batch_size: int, configured: Sequence[int] | None = None) -
     return sizes + [max_batch_size]
 
 
-_NAMED = re.compile(r" \(model input (\d+) is .*\)$", re.S)
+# `` (model input 0 is input 'x1', output 0 of f in method m: int32 given, float32 expected)``:
+# the labels (no colon in them), then the detail of what was wrong (kept as it is).
+_NAMED = re.compile(r" \(model input (\d+) is [^:]*?(: .*)?\)$", re.S)
 
 
 def input_label(method: Any, stage: Any, index: int) -> str | None:
@@ -85,7 +87,8 @@ def for_method(error: InstanceError, method: Any, stage: Any) -> InstanceError:
     label = input_label(method, stage, int(found.group(1)))
     if label is None:
         return error
-    message = str(error)[: found.start()] + f" (model input {found.group(1)} is {label})"
+    detail = found.group(2) or ""
+    message = str(error)[: found.start()] + f" (model input {found.group(1)} is {label}{detail})"
     cause = message if error.cause == str(error) else error.cause
     return InstanceError(message, status=error.status, cause=cause)
 
