@@ -90,6 +90,7 @@ def main() -> int:
     except (ServableLoadError, RuntimeError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # again: mserve.lifetime took the ignored SIGINT as inherited
     described = [describe_servable(s) for s in runtime.registry.servables().values()]
     print("READY " + json.dumps(described), flush=True)
     signal.sigwait({signal.SIGTERM})
@@ -127,6 +128,7 @@ def _frontend(
     except RuntimeError as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # again: mserve.lifetime took the ignored SIGINT as inherited
     print("LISTENING", flush=True)
     # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
     models = FrontendModels(runtime, settings["index"] if sock is not None else f"grpc-{settings['index']}")
