@@ -95,6 +95,7 @@ def main() -> int:
     print("READY " + json.dumps(described), flush=True)
     signal.sigwait({signal.SIGTERM})
     runtime.stop(drain_timeout=orders.drain_timeout)
+    deferred_access_records.disable()  # the queued access records go to their handler (os._exit runs no atexit)
     exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
@@ -153,6 +154,7 @@ def _frontend(
         runtime.begin_shutdown()  # the server is about to stop: /ready 503, requests still served
     follower.stop()
     runtime.stop(drain_timeout=orders.drain_timeout)
+    deferred_access_records.disable()  # the queued access records go to their handler (os._exit runs no atexit)
     exit_at_once(0)  # the pool counts this process's exit against the drain timeout
     return 0
 
