@@ -29,6 +29,8 @@ import http.client
 import json
 import os
 import random
+import select
+import signal
 import socket
 import ssl
 import statistics
@@ -101,15 +103,22 @@ def serve(workdir: Path, restful: dict) -> None:
     ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
     cert.cert_chain_pems[0].write_to_path(str(workdir / "server.crt"))
     cert.private_key_pem.write_to_path(str(workdir / "server.key"))
-    server.start_servables([server.ServableStartConfig(BUNDLED, "add"), server.ServableStartConfig(workdir, "stages")])
-    plain = server.start_restful_server("127.0.0.1:0", **restful)
-    tls = server.start_restful_server(
-        "127.0.0.1:0", ssl_config=server.SSLConfig(str(workdir / "server.crt"), str(workdir / "server.key")),
-        **restful,
-    )
-    print(f"READY {plain.port} {tls.port}", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    server.stop(drain_timeout=5)
+    try:  # a started server keeps its process alive: stop it on every way out, or the parent waits forever
+        server.start_servables([server.ServableStartConfig(BUNDLED, "add"),
+                                server.ServableStartConfig(workdir, "stages")])
+        plain = server.start_restful_server("127.0.0.1:0", **restful)
+        tls = server.start_restful_server(  # a second listener in this process (MindSpore allows one)
+            "127.0.0.1:0", ssl_config=server.SSLConfig(str(workdir / "server.crt"), str(workdir / "server.key")),
+            additional=True, **restful,
+        )
+        print(f"READY {plain.port} {tls.port}", flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        server.stop(drain_timeout=5)
+
+
+CHILDREN: list[subprocess.Popen] = []  # --serve processes, killed on every exit path (see main)
+START_TIMEOUT = 120.0  # seconds a --serve child may take to say READY
 
 
 def start_server(workdir: Path, restful: dict) -> tuple[subprocess.Popen, int, int]:
@@ -118,10 +127,14 @@ def start_server(workdir: Path, restful: dict) -> tuple[subprocess.Popen, int, i
         [sys.executable, __file__, "--serve", str(workdir), "--restful", json.dumps(restful)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
     )
-    line = proc.stdout.readline()
+    CHILDREN.append(proc)
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
     if not line.startswith("READY "):
         proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
+        proc.wait()
+        tail = (workdir / "server.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"server did not start: {line!r}; its log ends:\n{tail}")
     _, http_port, https_port = line.split()
     return proc, int(http_port), int(https_port)
 
@@ -482,12 +495,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         serve(Path(args.serve), json.loads(args.restful))
-    elif args.memory:
-        memory(args)
-    elif args.floods:
-        probe_floods(args)
-    else:
-        soak(args)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its servers (finally below)
+    try:
+        if args.memory:
+            memory(args)
+        elif args.floods:
+            probe_floods(args)
+        else:
+            soak(args)
+    finally:
+        for proc in CHILDREN:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":

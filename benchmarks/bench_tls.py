@@ -198,14 +198,14 @@ def main() -> None:
     server.start_servables(server.ServableStartConfig(bundled, "add"))
     try:
         http_srv = server.start_restful_server("127.0.0.1:0", threads=args.threads)
-        https_srv = server.start_restful_server(
-            "127.0.0.1:0", threads=args.threads,
+        https_srv = server.start_restful_server(  # listeners beside the first (MindSpore allows one)
+            "127.0.0.1:0", threads=args.threads, additional=True,
             ssl_config=server.SSLConfig(str(tmp / "server.crt"), str(tmp / "server.key")),
         )
         mutual_srv = None
         if not args.no_mutual:
             mutual_srv = server.start_restful_server(
-                "127.0.0.1:0", threads=args.threads,
+                "127.0.0.1:0", threads=args.threads, additional=True,
                 ssl_config=server.SSLConfig(str(tmp / "server.crt"), str(tmp / "server.key"), cafile, True),
             )
 
