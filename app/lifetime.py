@@ -51,6 +51,7 @@ _wake = threading.Event()
 _signalled: list[int] = []  # the signal that woke the waiter, if one did
 _stop_now: list[bool] = []  # the script ended with nothing to serve: stop without a signal
 _previous: dict[int, Any] = {}  # handlers replaced by ours, restored on release
+_sigint_ignored_on_purpose = False  # set by `ignore_sigint`: an ignored SIGINT is not the shell's
 _exit_hooked = False
 _script_returned = False  # the main thread is in the interpreter's exit, waiting here
 _serves: Callable[[], bool] = lambda: True  # whether there is anything to keep serving (see `serve_while`)
@@ -136,6 +137,15 @@ def _join_waiter() -> None:
         waiter.join()
 
 
+def ignore_sigint() -> None:
+    """Ignore SIGINT on purpose for the rest of this process (a front-end: Ctrl+C
+    reaches the whole process group, and its pool stops it), so that `keep_serving`
+    leaves it ignored instead of taking it as inherited from a shell."""
+    global _sigint_ignored_on_purpose
+    _sigint_ignored_on_purpose = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _install_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
@@ -145,6 +155,8 @@ def _install_handlers() -> None:
             continue
         current = signal.getsignal(sig)
         if sig == signal.SIGINT and current is signal.SIG_IGN:
+            if _sigint_ignored_on_purpose:
+                continue
             # Inherited, not chosen: a shell starts background jobs (`python serve.py &`)
             # with SIGINT ignored. MindSpore Serving stops on SIGINT there too, so it is
             # taken as Python's default (and left as that default after the stop).

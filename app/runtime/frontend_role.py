@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from .. import logsetup
-from ..lifetime import exit_at_once
+from ..lifetime import exit_at_once, ignore_sigint
 from ..ops.access_log import deferred as deferred_access_records
 from ..ops.batched_log import BatchedStreamHandler
 from ..transport.balance import ConnectionBalance
@@ -38,7 +38,7 @@ def main() -> int:
     # the worker serves and then drains like any other stop.
     # (SIGUSR1: a front-end's "begin shutdown", answered by /ready 503 while serving on.)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool stops its workers (see the module docstring)
+    ignore_sigint()  # the pool stops its workers (see the module docstring)
     from ..devices.process import die_with_parent
 
     die_with_parent()  # a pool's process killed outright leaves no worker behind
@@ -90,7 +90,6 @@ def main() -> int:
     except (ServableLoadError, RuntimeError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # again: mserve.lifetime took the ignored SIGINT as inherited
     described = [describe_servable(s) for s in runtime.registry.servables().values()]
     print("READY " + json.dumps(described), flush=True)
     signal.sigwait({signal.SIGTERM})
@@ -129,7 +128,6 @@ def _frontend(
     except RuntimeError as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
         return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # again: mserve.lifetime took the ignored SIGINT as inherited
     print("LISTENING", flush=True)
     # Device processes tag rows by sender (batch metrics); a gRPC pool's indices repeat REST's.
     models = FrontendModels(runtime, settings["index"] if sock is not None else f"grpc-{settings['index']}")
