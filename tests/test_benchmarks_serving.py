@@ -24,4 +24,6 @@ SERVING = {
 
 @pytest.mark.parametrize("script", sorted(SERVING))
 def test_serving_benchmark_runs_at_tiny_size(script):
-    run_tiny(script, *SERVING[script])
+    args, expected = SERVING[script]
+    report = run_tiny(script, args)
+    assert expected in report, report[-3000:]

@@ -12,4 +12,5 @@ from test_readme import SHELL_BLOCKS, Block, _param, default_server, run_block, 
 
 @pytest.mark.parametrize("block", [_param(b) for b in SHELL_BLOCKS if b.doc != "README.md"])
 def test_docs_example(block: Block, workspaces, request):  # noqa: F811
+    assert block.doc.startswith("docs/"), block.where  # the README's blocks run in tests/test_readme.py
     run_block(block, workspaces, request)
