@@ -172,6 +172,31 @@ def test_stop_finishes_every_received_request_and_refuses_new_ones(slow_root):
         served.stop()
 
 
+def test_a_connection_opened_before_the_stop_gets_its_request_answered(slow_root):
+    # A client that connected just before the stop (the kernel accepted it) and sends
+    # its request a moment later must get an answer, even when nothing else is in
+    # flight: the drain waits for it instead of ending as soon as no request is open.
+    served = Served(slow_root, "--workers", "1", "--drain-timeout", "5")
+    try:
+        served.wait_ready()
+        body = json.dumps({"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}).encode()
+        sock = socket.create_connection(("127.0.0.1", served.port), timeout=15)
+        time.sleep(0.3)  # the front-end has taken the connection, nothing sent yet
+        served.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.4)  # the stop has begun
+        sock.sendall(b"POST /model/slow:affine HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        status = reply.split(b" ", 2)[1] if reply.startswith(b"HTTP/1.1 ") else b"(no reply)"
+        assert status in (b"200", b"503"), f"{reply[:300]!r}\n" + served.output()
+        assert served.proc.wait(15) == 0, served.output()
+    finally:
+        served.stop()
+
+
 def grpc_wait_request(seconds: float):
     import numpy as np
 

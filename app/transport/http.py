@@ -810,7 +810,10 @@ class WaitressTransport:
 
         self._server.trigger.pull_trigger(stop_accepting)
         accepting_stopped.wait(min(drain_timeout, 5.0) + 0.1)
-        while time.monotonic() < deadline and (self.app.count or self._server.unanswered()):
+        # Done when every connection is closed: answered ones close after their reply,
+        # idle ones are closed by the loop (`close_idle`), and one taken from the
+        # backlog still has its grace to send a request, so it keeps the drain open.
+        while time.monotonic() < deadline and (self.app.count or self._server.active_channels):
             time.sleep(0.02)
         left = self._server.unanswered() + self.app.count
         if left:
