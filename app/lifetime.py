@@ -40,7 +40,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger("mserve.lifetime")
 
@@ -190,6 +191,22 @@ def _on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(0)
+
+
+@contextmanager
+def children_born_blocking(signals: set[signal.Signals]) -> Iterator[None]:
+    """Processes started inside this block begin life with ``signals`` blocked (a
+    signal mask survives fork and exec). A device or front-end process waits for its
+    stop signals with ``sigwait`` in its main thread; blocking them there, once its
+    code runs, is too late: importing numpy has already started OpenBLAS's threads
+    with them unblocked, and a signal that comes while the main thread is busy goes
+    to such a thread, whose default action kills the process on the spot (requests
+    in flight lost). Born blocked, every thread it starts keeps them blocked."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop_processes(

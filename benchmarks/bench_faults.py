@@ -161,7 +161,11 @@ def stop_experiment(root: Path, args: argparse.Namespace) -> dict:
         for t in threads:
             t.join(60)
     finally:
+        server.proc.wait(args.drain + 30)
+        said = server.output()
         server.close()
+    if any(r[0] == "lost" for r in results + newcomers):  # what the server said, to tell why
+        print("stop: requests lost; the server's log:\n" + said[-6000:], file=sys.stderr, flush=True)
     return {
         "inflight": len(results), "inflight_lost": sum(1 for r in results if r != ("ok", 200)),
         "inflight_outcomes": {f"{k}{'' if s is None else ' ' + str(s)}": results.count((k, s)) for k, s in set(results)},

@@ -127,6 +127,21 @@ def raw_post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[str
         conn.close()
 
 
+def children(pid: int, role: str) -> list[int]:
+    """The child processes of ``pid`` running the module ``role`` (``python -m ROLE``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                line = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and role.encode() in line:
+                found.append(int(entry))
+    return found
+
+
 @pytest.fixture(scope="module")
 def slow_root(tmp_path_factory):
     return write_slow(tmp_path_factory.mktemp("slow"))
@@ -193,6 +208,50 @@ def test_a_connection_opened_before_the_stop_gets_its_request_answered(slow_root
         status = reply.split(b" ", 2)[1] if reply.startswith(b"HTTP/1.1 ") else b"(no reply)"
         assert status in (b"200", b"503"), f"{reply[:300]!r}\n" + served.output()
         assert served.proc.wait(15) == 0, served.output()
+    finally:
+        served.stop()
+
+
+def blocked_signals(pid: int) -> dict[int, int]:
+    """Each thread of ``pid``: its blocked-signal mask (from /proc)."""
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("SigBlk:"):
+                masks[int(tid)] = int(line.split()[1], 16)
+    return masks
+
+
+def test_stop_signals_reach_only_the_thread_that_waits_for_them(slow_root):
+    # Front-end and device processes wait for their stop signals in the main thread.
+    # A thread that does not block them (OpenBLAS's pool starts when numpy loads)
+    # takes one that comes while the main thread is busy and dies of its default
+    # action, with the requests in flight: every thread must block them.
+    served = Served(slow_root, "--workers", "1")
+    try:
+        served.wait_ready()
+        bit = {sig: 1 << (sig - 1) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        (frontend,) = frontends(served.proc.pid)
+        (device,) = device_processes(served.proc.pid)
+        for pid, signals in ((frontend, (signal.SIGTERM, signal.SIGUSR1)), (device, (signal.SIGTERM, signal.SIGINT))):
+            masks = blocked_signals(pid)
+            assert len(masks) > 1, masks
+            for sig in signals:
+                # (the main thread shows them unblocked while it waits in sigwait)
+                unblocked = [tid for tid, mask in masks.items() if tid != pid and not mask & bit[sig]]
+                assert not unblocked, f"{sig.name} unblocked in threads {unblocked} of process {pid}"
+        # A burst of "begin shutdown" signals while the front-end handles the first: it
+        # stays up and answers (/ready 503: shutting down), and the stop is clean.
+        for _ in range(20):
+            os.kill(frontend, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert served.proc.poll() is None and frontend in frontends(served.proc.pid), served.output()
+        assert requests.get(served.url + "/ready", timeout=10).status_code == 503
+        assert requests.post(served.url + "/model/slow:affine", json={"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]},
+                             timeout=10).json() == {"instances": [{"y": [3.0, 5.0, 7.0, 9.0]}]}
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(30) == 0, served.output()
+        assert "exited with code" not in served.output(), served.output()
     finally:
         served.stop()
 
@@ -272,17 +331,7 @@ def test_grpc_stop_finishes_every_received_call(slow_root):
 
 def frontends(pid: int) -> list[int]:
     """The REST front-end processes of the server whose main process is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                line = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.runtime.frontend_role" in line:
-                found.append(int(entry))
-    return found
+    return children(pid, "mserve.runtime.frontend_role")
 
 
 def get_status(url: str) -> int | str:
@@ -454,17 +503,7 @@ def test_the_run_directory_of_a_killed_server_is_removed_by_the_next_start(slow_
 
 
 def device_processes(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                line = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"mserve.runtime.device_role" in line:
-                found.append(int(entry))
-    return found
+    return children(pid, "mserve.runtime.device_role")
 
 
 def test_a_stopped_device_process_is_detected_and_restarted(slow_root):

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ServableLoadError
-from ..lifetime import stop_processes
+from ..lifetime import children_born_blocking, stop_processes
 from ..runtime.config import ServableStartConfig
 from . import manifest
 
@@ -173,16 +174,17 @@ class DeviceSupervisor:
             "log_level": self.log_level,
             "poll_interval": self.poll_interval,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.runtime.device_role"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-            # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
-            # or a group-wide SIGTERM reaches the server, which stops the device
-            # processes last, after the front-ends drained. Without it a device process
-            # exited first and was "restarted" mid-stop. (die_with_parent covers a
-            # server killed outright.)
-            start_new_session=True,
-        )
+        with children_born_blocking({signal.SIGTERM, signal.SIGINT}):  # it waits for them (sigwait)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mserve.runtime.device_role"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
+                # or a group-wide SIGTERM reaches the server, which stops the device
+                # processes last, after the front-ends drained. Without it a device process
+                # exited first and was "restarted" mid-stop. (die_with_parent covers a
+                # server killed outright.)
+                start_new_session=True,
+            )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings))
         proc.stdin.close()

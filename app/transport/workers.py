@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from ..lifetime import stop_processes
+from ..lifetime import children_born_blocking, stop_processes
 from .balance import ConnectionBalance
 
 log = logging.getLogger("mserve.transport.workers")
@@ -114,14 +114,15 @@ class WorkerPool:
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.runtime.frontend_role"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            pass_fds=fds,
-            text=True,
-            env=env,
-        )
+        with children_born_blocking({signal.SIGTERM, signal.SIGUSR1}):  # it waits for them (sigwait)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mserve.runtime.frontend_role"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=fds,
+                text=True,
+                env=env,
+            )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({**self.settings, "index": index}) + "\n")
         proc.stdin.flush()  # stdin stays open: the pool's orders (STOP) follow
@@ -198,6 +199,9 @@ class WorkerPool:
         """SIGTERM every worker (they drain), then wait; kill what outlives the drain."""
         self._stopping = True
         stop_processes([p for p in self.procs if p is not None], drain_timeout, ask=_order_stop(drain_timeout))
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.returncode:  # a clean stop exits 0; anything else is worth a line
+                log.warning("worker %d (pid %d) exited with code %s at stop", i, proc.pid, proc.returncode)
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         if self.sock is not None:
