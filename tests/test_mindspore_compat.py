@@ -823,3 +823,40 @@ def test_cpu_device_ids_are_labels_as_in_mindspore(tmp_path, add_file):
         processes = len(server.default_runtime().devices.devices)
     assert replies == [{"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}] * 4
     assert processes == 2
+
+
+# --------------------------------------------------------------------------- start-up texts of MindSpore's UTs
+
+ADD_CONFIG = """
+    from mserve import register
+
+    model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+
+    @register.register_method(output_names=["y"])
+    def add_common(x1, x2):
+        return register.add_stage(model, x1, x2, outputs_count=1)
+"""
+
+
+def start_error(config):
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(config)
+    server.stop()
+    return str(caught.value)
+
+
+def test_missing_files_and_folders_fail_with_mindspores_texts(tmp_path, add_file):
+    text = start_error(server.ServableStartConfig(str(tmp_path / "nowhere"), "add", device_ids=0))
+    assert text.startswith(f"Check servable config failed, directory '{tmp_path / 'nowhere' / 'add'}' not exist")
+    (tmp_path / "add").mkdir()
+    text = start_error(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+    assert text.startswith(f"Check servable config failed, file '{tmp_path / 'add' / 'servable_config.py'}' not exist")
+    write_servable(tmp_path, "add", ADD_CONFIG, {"1/other.jaxexport": add_file})
+    text = start_error(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+    assert text.startswith(f"Load model failed, servable directory: '{tmp_path}', servable name: 'add', model file: "
+                           f"'add.jaxexport', version number 1 (model file")
+    # A folder "0" is no version: 0 asks for the newest.
+    write_servable(tmp_path, "zero", ADD_CONFIG, {"0/add.jaxexport": add_file})
+    text = start_error(server.ServableStartConfig(str(tmp_path), "zero", device_ids=0))
+    assert text.startswith("There is no valid version directory of models while there are models declared")
