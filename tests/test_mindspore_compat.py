@@ -860,3 +860,39 @@ def test_missing_files_and_folders_fail_with_mindspores_texts(tmp_path, add_file
     write_servable(tmp_path, "zero", ADD_CONFIG, {"0/add.jaxexport": add_file})
     text = start_error(server.ServableStartConfig(str(tmp_path), "zero", device_ids=0))
     assert text.startswith("There is no valid version directory of models while there are models declared")
+
+
+GPU_ONLY_CONFIG = """
+    import numpy as np
+    from mserve import register
+    from mserve.backends import Backend, TensorSpec, register_backend
+
+
+    def load(request):
+        raise AssertionError("never loaded: no device type fits")
+
+
+    register_backend(Backend("gpu_only", ("gpu_only",), ("gpu",), load, default_device_type=lambda: "gpu"))
+    model = register.declare_model("m.bin", "gpu_only", with_batch_dim=False)
+
+
+    @register.register_method(output_names=["y"])
+    def echo(x):
+        return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def test_models_without_a_backend_on_the_target_device_type_fail_with_mindspores_texts(tmp_path):
+    write_servable(tmp_path, "gpu", GPU_ONLY_CONFIG, {"1/m.bin": b"x"})
+    try:
+        text = start_error(server.ServableStartConfig(str(tmp_path), "gpu"))  # device_ids=None: the CPU
+        assert text.startswith("Servable 'gpu' has models declared by declare_model, but parameter 'device_ids' of "
+                               "ServableStartConfig is not set in Serving startup script when the MindSpore or Lite "
+                               "inference package not support CPU (no installed backend serves")
+        text = start_error(server.ServableStartConfig(str(tmp_path), "gpu", device_ids=1, device_type="Ascend"))
+        assert text.startswith("The device type 'ascend' of servable name gpu is inconsistent with current running "
+                               "environment, supported device type: None or 'gpu' (no installed backend serves")
+    finally:
+        from mserve.backends import unregister_backend
+
+        unregister_backend("gpu_only")
