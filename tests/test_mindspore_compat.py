@@ -896,3 +896,76 @@ def test_models_without_a_backend_on_the_target_device_type_fail_with_mindspores
         from mserve.backends import unregister_backend
 
         unregister_backend("gpu_only")
+
+
+STAGE_RESULTS_CONFIG = """
+    import numpy as np
+    from mserve import register
+
+
+    def pair(x):
+        return [x, x]
+
+
+    def pairs(instances):
+        return [[x, x] for (x,) in instances]
+
+
+    def dtype_of(x):
+        return x.dtype
+
+
+    def mark(x):
+        x[0] = 123
+        return x
+
+
+    def after(x, marked):
+        return x + 1, marked + 2
+
+
+    @register.register_method(output_names=["y"])
+    def one_of_two(x):
+        return register.add_stage(pair, x, outputs_count=1)
+
+
+    @register.register_method(output_names=["y"])
+    def one_of_two_batched(x):
+        return register.add_stage(pairs, x, outputs_count=1, batch_size=2)
+
+
+    @register.register_method(output_names=["y"])
+    def not_a_tensor(x):
+        return register.add_stage(dtype_of, x, outputs_count=1)
+
+
+    @register.register_method(output_names=["x", "marked"])
+    def in_place(x):
+        marked = register.add_stage(mark, x, outputs_count=1)
+        x, marked = register.add_stage(after, x, marked, outputs_count=2)
+        return x, marked
+"""
+
+
+def test_stage_results_are_read_and_inputs_given_as_mindspore_does(tmp_path):
+    """A list of two for one output fails the stage; a value that is no tensor fails the
+    stage that returned it; a stage may change its input array in place and later stages
+    see the change (gRPC's arrays arrive read-only and are copied for Python stages)."""
+    from mserve.client import Client
+
+    write_servable(tmp_path, "st", STAGE_RESULTS_CONFIG)
+    with serving(server.ServableStartConfig(str(tmp_path), "st")) as url:
+        grpc_target = server.start_grpc_server("127.0.0.1:0", additional=True).target
+        one = post(url, "/model/st:one_of_two", [{"x": 1.0}])
+        batched = post(url, "/model/st:one_of_two_batched", [{"x": 1.0}])
+        rest_dtype = post(url, "/model/st:not_a_tensor", [{"x": 1.0}])
+        grpc_dtype = Client(grpc_target, "st", "not_a_tensor").infer([{"x": np.float32(1.0)}])
+        x = np.ones([3], np.int32)
+        marked = Client(grpc_target, "st", "in_place").infer([{"x": x}, {"x": x}])
+    assert one["error_msg"] == ("Call Function 'st.pair' Failed: The outputs number 2 of one instance returned by "
+                                "function 'pair' is not equal to the outputs number 1 registered in method")
+    assert batched["error_msg"].startswith("Call Function 'st.pairs' Failed: The outputs number 2")
+    assert rest_dtype["error_msg"].startswith("Call Function 'st.dtype_of' Failed: not_a_tensor output cannot be sent")
+    assert grpc_dtype["error"].startswith("Call Function 'st.dtype_of' Failed: not_a_tensor output cannot be sent")
+    for result in marked:
+        assert result["x"].tolist() == [124, 2, 2] and result["marked"].tolist() == [125, 3, 3]
