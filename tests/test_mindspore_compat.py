@@ -969,3 +969,28 @@ def test_stage_results_are_read_and_inputs_given_as_mindspore_does(tmp_path):
     assert grpc_dtype["error"].startswith("Call Function 'st.dtype_of' Failed: not_a_tensor output cannot be sent")
     for result in marked:
         assert result["x"].tolist() == [124, 2, 2] and result["marked"].tolist() == [125, 3, 3]
+
+
+def test_grpc_tls_and_unix_socket_addresses_as_mindspore_has_them(tmp_path, monkeypatch, add_file):
+    import trustme
+
+    from mserve.client import Client
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    not_a_key = server.SSLConfig(str(tmp_path / "server.crt"), str(tmp_path / "server.crt"))
+    with pytest.raises(RuntimeError) as caught:
+        server.start_grpc_server("127.0.0.1:0", ssl_config=not_a_key, additional=True)
+    assert str(caught.value).startswith("Serving Error: Serving gRPC server start failed, create server failed, "
+                                        "address 127.0.0.1:0: load private_key from")
+    # MindSpore Serving makes ./unix_socket_files when it starts; scripts put sockets there.
+    monkeypatch.chdir(tmp_path)
+    write_servable(tmp_path, "add", ADD_CONFIG, {"1/add.jaxexport": add_file})
+    try:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+        server.start_grpc_server("unix:unix_socket_files/add", additional=True)
+        result = Client("unix:unix_socket_files/add", "add", "add_common").infer(
+            [{"x1": np.ones([2, 2], np.float32), "x2": np.ones([2, 2], np.float32)}])
+    finally:
+        server.stop()
+    assert result[0]["y"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
