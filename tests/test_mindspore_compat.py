@@ -994,3 +994,24 @@ def test_grpc_tls_and_unix_socket_addresses_as_mindspore_has_them(tmp_path, monk
     finally:
         server.stop()
     assert result[0]["y"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+def test_mindspore_2_0_dataset_modules_resolve_to_their_successors(monkeypatch):
+    """MindSpore's ResNet config imports ``mindspore.dataset.vision.c_transforms``,
+    which later MindSpore releases dropped for ``mindspore.dataset.vision``."""
+    import importlib
+    import importlib.util
+
+    from mserve.serving import mindspore_modules
+
+    monkeypatch.setitem(mindspore_modules.SUCCESSORS, "mserve_old_json_name", "json")
+    monkeypatch.delitem(sys.modules, "mserve_old_json_name", raising=False)
+    mindspore_modules.install()
+    old = importlib.import_module("mserve_old_json_name")
+    assert old.dumps is __import__("json").dumps and old is not sys.modules["json"]
+    sys.modules.pop("mserve_old_json_name")
+    if importlib.util.find_spec("mindspore") is None:
+        return  # the MindSpore part needs mserve[mindspore]
+    vc = importlib.import_module("mindspore.dataset.vision.c_transforms")
+    tc = importlib.import_module("mindspore.dataset.transforms.c_transforms")
+    assert vc.Decode and vc.Resize and vc.Normalize and vc.HWC2CHW and tc.Compose

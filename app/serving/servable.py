@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from .. import register
 from ..backends import BackendError, Device, find_backend, load_model, placement
+from . import mindspore_modules
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
@@ -91,6 +92,7 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
             f"'{name}' (servable_config.py not found)")
     definition = ServableDefinition(name)
     module_name = f"{name}.servable_config"
+    mindspore_modules.install()  # MindSpore 2.0's dataset modules, for configs written for it
     with register.defining(definition):
         _fresh_package(root, name)
         if str(root) not in sys.path:
