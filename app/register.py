@@ -18,6 +18,7 @@ pipeline stage. So the method function describes the wiring, it does not compute
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import sys
@@ -123,6 +124,26 @@ class MethodDef:
     stages: list[StageDef]
     output_slots: list[Slot]
     slot_count: int
+
+    @functools.cached_property
+    def function_inputs(self) -> tuple[int, ...]:
+        """The method inputs (their slots) that a Python stage reads."""
+        count = len(self.input_names)
+        return tuple(sorted({
+            slot.index for stage in self.stages if not stage.is_model for slot in stage.inputs if slot.index < count
+        }))
+
+    def unsendable(self, position: int, problem: object) -> str:
+        """The error for output ``position`` when its value cannot be sent:
+        ``{method} output cannot be sent: {problem}``, led by ``{tag} Failed: `` when a
+        Python stage returned the value (MindSpore Serving fails that stage, whose
+        results must be tensors)."""
+        text = f"{self.name} output cannot be sent: {problem}"
+        slot = self.output_slots[position]
+        for stage in reversed(self.stages):
+            if any(out.index == slot.index for out in stage.outputs):
+                return text if stage.is_model else f"{stage.tag} Failed: {text}"
+        return text
 
 
 @dataclass

@@ -823,3 +823,195 @@ def test_cpu_device_ids_are_labels_as_in_mindspore(tmp_path, add_file):
         processes = len(server.default_runtime().devices.devices)
     assert replies == [{"instances": [{"y": [[2.0, 4.0], [6.0, 8.0]]}]}] * 4
     assert processes == 2
+
+
+# --------------------------------------------------------------------------- start-up texts of MindSpore's UTs
+
+ADD_CONFIG = """
+    from mserve import register
+
+    model = register.declare_model("add.jaxexport", "jax_export", with_batch_dim=False)
+
+
+    @register.register_method(output_names=["y"])
+    def add_common(x1, x2):
+        return register.add_stage(model, x1, x2, outputs_count=1)
+"""
+
+
+def start_error(config):
+    with pytest.raises(RuntimeError) as caught:
+        server.start_servables(config)
+    server.stop()
+    return str(caught.value)
+
+
+def test_missing_files_and_folders_fail_with_mindspores_texts(tmp_path, add_file):
+    text = start_error(server.ServableStartConfig(str(tmp_path / "nowhere"), "add", device_ids=0))
+    assert text.startswith(f"Check servable config failed, directory '{tmp_path / 'nowhere' / 'add'}' not exist")
+    (tmp_path / "add").mkdir()
+    text = start_error(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+    assert text.startswith(f"Check servable config failed, file '{tmp_path / 'add' / 'servable_config.py'}' not exist")
+    write_servable(tmp_path, "add", ADD_CONFIG, {"1/other.jaxexport": add_file})
+    text = start_error(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+    assert text.startswith(f"Load model failed, servable directory: '{tmp_path}', servable name: 'add', model file: "
+                           f"'add.jaxexport', version number 1 (model file")
+    # A folder "0" is no version: 0 asks for the newest.
+    write_servable(tmp_path, "zero", ADD_CONFIG, {"0/add.jaxexport": add_file})
+    text = start_error(server.ServableStartConfig(str(tmp_path), "zero", device_ids=0))
+    assert text.startswith("There is no valid version directory of models while there are models declared")
+
+
+GPU_ONLY_CONFIG = """
+    import numpy as np
+    from mserve import register
+    from mserve.backends import Backend, TensorSpec, register_backend
+
+
+    def load(request):
+        raise AssertionError("never loaded: no device type fits")
+
+
+    register_backend(Backend("gpu_only", ("gpu_only",), ("gpu",), load, default_device_type=lambda: "gpu"))
+    model = register.declare_model("m.bin", "gpu_only", with_batch_dim=False)
+
+
+    @register.register_method(output_names=["y"])
+    def echo(x):
+        return register.add_stage(model, x, outputs_count=1)
+"""
+
+
+def test_models_without_a_backend_on_the_target_device_type_fail_with_mindspores_texts(tmp_path):
+    write_servable(tmp_path, "gpu", GPU_ONLY_CONFIG, {"1/m.bin": b"x"})
+    try:
+        text = start_error(server.ServableStartConfig(str(tmp_path), "gpu"))  # device_ids=None: the CPU
+        assert text.startswith("Servable 'gpu' has models declared by declare_model, but parameter 'device_ids' of "
+                               "ServableStartConfig is not set in Serving startup script when the MindSpore or Lite "
+                               "inference package not support CPU (no installed backend serves")
+        text = start_error(server.ServableStartConfig(str(tmp_path), "gpu", device_ids=1, device_type="Ascend"))
+        assert text.startswith("The device type 'ascend' of servable name gpu is inconsistent with current running "
+                               "environment, supported device type: None or 'gpu' (no installed backend serves")
+    finally:
+        from mserve.backends import unregister_backend
+
+        unregister_backend("gpu_only")
+
+
+STAGE_RESULTS_CONFIG = """
+    import numpy as np
+    from mserve import register
+
+
+    def pair(x):
+        return [x, x]
+
+
+    def pairs(instances):
+        return [[x, x] for (x,) in instances]
+
+
+    def dtype_of(x):
+        return x.dtype
+
+
+    def mark(x):
+        x[0] = 123
+        return x
+
+
+    def after(x, marked):
+        return x + 1, marked + 2
+
+
+    @register.register_method(output_names=["y"])
+    def one_of_two(x):
+        return register.add_stage(pair, x, outputs_count=1)
+
+
+    @register.register_method(output_names=["y"])
+    def one_of_two_batched(x):
+        return register.add_stage(pairs, x, outputs_count=1, batch_size=2)
+
+
+    @register.register_method(output_names=["y"])
+    def not_a_tensor(x):
+        return register.add_stage(dtype_of, x, outputs_count=1)
+
+
+    @register.register_method(output_names=["x", "marked"])
+    def in_place(x):
+        marked = register.add_stage(mark, x, outputs_count=1)
+        x, marked = register.add_stage(after, x, marked, outputs_count=2)
+        return x, marked
+"""
+
+
+def test_stage_results_are_read_and_inputs_given_as_mindspore_does(tmp_path):
+    """A list of two for one output fails the stage; a value that is no tensor fails the
+    stage that returned it; a stage may change its input array in place and later stages
+    see the change (gRPC's arrays arrive read-only and are copied for Python stages)."""
+    from mserve.client import Client
+
+    write_servable(tmp_path, "st", STAGE_RESULTS_CONFIG)
+    with serving(server.ServableStartConfig(str(tmp_path), "st")) as url:
+        grpc_target = server.start_grpc_server("127.0.0.1:0", additional=True).target
+        one = post(url, "/model/st:one_of_two", [{"x": 1.0}])
+        batched = post(url, "/model/st:one_of_two_batched", [{"x": 1.0}])
+        rest_dtype = post(url, "/model/st:not_a_tensor", [{"x": 1.0}])
+        grpc_dtype = Client(grpc_target, "st", "not_a_tensor").infer([{"x": np.float32(1.0)}])
+        x = np.ones([3], np.int32)
+        marked = Client(grpc_target, "st", "in_place").infer([{"x": x}, {"x": x}])
+    assert one["error_msg"] == ("Call Function 'st.pair' Failed: The outputs number 2 of one instance returned by "
+                                "function 'pair' is not equal to the outputs number 1 registered in method")
+    assert batched["error_msg"].startswith("Call Function 'st.pairs' Failed: The outputs number 2")
+    assert rest_dtype["error_msg"].startswith("Call Function 'st.dtype_of' Failed: not_a_tensor output cannot be sent")
+    assert grpc_dtype["error"].startswith("Call Function 'st.dtype_of' Failed: not_a_tensor output cannot be sent")
+    for result in marked:
+        assert result["x"].tolist() == [124, 2, 2] and result["marked"].tolist() == [125, 3, 3]
+
+
+def test_grpc_tls_and_unix_socket_addresses_as_mindspore_has_them(tmp_path, monkeypatch, add_file):
+    import trustme
+
+    from mserve.client import Client
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    not_a_key = server.SSLConfig(str(tmp_path / "server.crt"), str(tmp_path / "server.crt"))
+    with pytest.raises(RuntimeError) as caught:
+        server.start_grpc_server("127.0.0.1:0", ssl_config=not_a_key, additional=True)
+    assert str(caught.value).startswith("Serving Error: Serving gRPC server start failed, create server failed, "
+                                        "address 127.0.0.1:0: load private_key from")
+    # MindSpore Serving makes ./unix_socket_files when it starts; scripts put sockets there.
+    monkeypatch.chdir(tmp_path)
+    write_servable(tmp_path, "add", ADD_CONFIG, {"1/add.jaxexport": add_file})
+    try:
+        server.start_servables(server.ServableStartConfig(str(tmp_path), "add", device_ids=0))
+        server.start_grpc_server("unix:unix_socket_files/add", additional=True)
+        result = Client("unix:unix_socket_files/add", "add", "add_common").infer(
+            [{"x1": np.ones([2, 2], np.float32), "x2": np.ones([2, 2], np.float32)}])
+    finally:
+        server.stop()
+    assert result[0]["y"].tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+def test_mindspore_2_0_dataset_modules_resolve_to_their_successors(monkeypatch):
+    """MindSpore's ResNet config imports ``mindspore.dataset.vision.c_transforms``,
+    which later MindSpore releases dropped for ``mindspore.dataset.vision``."""
+    import importlib
+    import importlib.util
+
+    from mserve.serving import mindspore_modules
+
+    monkeypatch.setitem(mindspore_modules.SUCCESSORS, "mserve_old_json_name", "json")
+    monkeypatch.delitem(sys.modules, "mserve_old_json_name", raising=False)
+    mindspore_modules.install()
+    old = importlib.import_module("mserve_old_json_name")
+    assert old.dumps is __import__("json").dumps and old is not sys.modules["json"]
+    sys.modules.pop("mserve_old_json_name")
+    if importlib.util.find_spec("mindspore") is None:
+        return  # the MindSpore part needs mserve[mindspore]
+    vc = importlib.import_module("mindspore.dataset.vision.c_transforms")
+    tc = importlib.import_module("mindspore.dataset.transforms.c_transforms")
+    assert vc.Decode and vc.Resize and vc.Normalize and vc.HWC2CHW and tc.Compose

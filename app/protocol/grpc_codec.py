@@ -207,12 +207,13 @@ def build_reply(reply: Any, method: MethodDef, results: Sequence[Sequence[Any] |
         instance = pb.Instance()
         error = result if isinstance(result, InstanceError) else None
         if error is None:
+            position = 0
             try:
-                for name, value in zip(method.output_names, result):  # type: ignore[arg-type]
+                for position, (name, value) in enumerate(zip(method.output_names, result)):  # type: ignore[arg-type]
                     fill_tensor(instance.items[name], value)
             except OutputError as exc:
                 instance = pb.Instance()
-                error = InstanceError(f"{method.name} output cannot be sent: {exc}", status=500)
+                error = InstanceError(method.unsendable(position, exc), status=500)
         instances.append(instance)
         errors.append(error)
 

@@ -173,12 +173,16 @@ def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError])
         if isinstance(result, InstanceError):
             encoded.append(result)
             continue
+        position = 0
         try:
-            encoded.append({name: encode_value(v) for name, v in zip(method.output_names, result)})
+            values = {}
+            for position, (name, value) in enumerate(zip(method.output_names, result)):
+                values[name] = encode_value(value)
+            encoded.append(values)
         except NonFiniteOutput as exc:  # from the client's values, not a server fault
             encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=400))
         except OutputError as exc:
-            encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=500))
+            encoded.append(InstanceError(method.unsendable(position, exc), status=500))
 
     failed = [e for e in encoded if isinstance(e, InstanceError)]
     if len(failed) < len(encoded):

@@ -96,7 +96,7 @@ def start_grpc_frontends(
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise RuntimeError(f"workers must be a whole number >= 1, got {workers!r}")
     if ssl_config is not None:
-        server_credentials(ssl_config)  # bad certificate files fail here, before any process starts
+        server_credentials(ssl_config, address)  # bad certificate files fail here, before any process starts
     with runtime.lock:
         holder, target = reserve_port(address, shared=reuse_port)
         try:

@@ -50,6 +50,51 @@ def resolve_devices(device_type: str | None, device_ids: Sequence[int]) -> list[
     return [Device(kind, i) for i in device_ids]
 
 
+def check_device_target(config: ServableStartConfig, definition: Any) -> None:
+    """MindSpore Serving's checks, with its texts, that the declared models can run
+    where the config puts them: ``device_ids=None`` (no device type) needs the CPU,
+    and a named ``device_type`` needs a backend for every model's format on it.
+    mserve's reason (what is installed, what to install) follows in parentheses."""
+    from ..backends import BackendError, find_backend
+
+    named = config.device_type is not None and config.device_type.lower() != "none"
+    if not definition.models or (config.device_ids is not None and not named):
+        return
+    kind = config.target_device_type()
+    for model in definition.models:
+        try:
+            find_backend(model.model_format, kind)
+        except BackendError as exc:
+            name = config.servable_name
+            if not named:
+                raise ServableLoadError(
+                    f"Servable '{name}' has models declared by declare_model, but parameter 'device_ids' of "
+                    f"ServableStartConfig is not set in Serving startup script when the MindSpore or Lite inference "
+                    f"package not support CPU ({exc})") from None
+            raise ServableLoadError(
+                f"The device type '{config.device_type.lower()}' of servable name {name} is inconsistent with current "
+                f"running environment, supported device type: {_supported_types(model.model_format)} ({exc})"
+            ) from None
+
+
+def _supported_types(model_format: str) -> str:
+    """``None or 'gpu'``, ``None, 'ascend' or 'cpu'``: as MindSpore Serving lists them."""
+    from ..backends import BackendError, find_backend
+
+    found = []
+    for kind in (None, "cpu"):
+        try:
+            found.append(find_backend(model_format, kind)[1])
+        except BackendError:
+            found.append(None)
+    default, cpu = found
+    if default is None:
+        return "None"
+    if cpu and cpu != default:
+        return f"None, '{default}' or '{cpu}'"
+    return f"None or '{default}'"
+
+
 def start_servables(
     runtime: Any,
     servable_configs: ServableStartConfig | Sequence[ServableStartConfig],
@@ -122,6 +167,7 @@ def load_servable(runtime: Any, config: ServableStartConfig) -> None:
     root = Path(config.servable_directory)
     definition = load_definition(root, config.servable_name)
     wanted = choose_versions(root, config.servable_name, bool(definition.models), config.versions())
+    check_device_target(config, definition)
     devices = resolve_devices(config.target_device_type(), config.device_list())
     servable = Servable(config.servable_name, root, definition)
     entry = LoadedServable(config, servable, devices)

@@ -76,6 +76,12 @@ def run_method(
         else:
             row = [None] * method.slot_count
             row[: len(item)] = item
+            for index in method.function_inputs:
+                # A Python stage gets its inputs writable, as in MindSpore Serving: a stage
+                # may change an input array in place, and later stages see the change.
+                value = row[index]
+                if isinstance(value, np.ndarray) and not value.flags.writeable:
+                    row[index] = value.copy()
             slots.append(row)
             errors.append(None)
 
@@ -139,12 +145,11 @@ def _outputs(stage: StageDef, value: Any) -> tuple:
     """A stage's return value as a tuple of ``outputs_count`` values, as MindSpore
     Serving reads it: a tuple or list is the outputs (so ``return (y,)`` is one
     output ``y``), anything else is the one output; MindSpore Tensors (anything with
-    ``asnumpy()``) become numpy arrays. mserve also takes a tuple or list of another
-    length as the single output of a stage with ``outputs_count=1``."""
+    ``asnumpy()``) become numpy arrays. A tuple or list of another length fails the
+    instance, ``outputs_count=1`` included (return an array, or ``(values,)``, for one
+    output made of several values)."""
     count = len(stage.outputs)
     if isinstance(value, (tuple, list)):
-        if count == 1 and len(value) != 1:
-            return (_plain(value),)
         if len(value) != count:
             name = getattr(stage.target, "__name__", stage.tag)
             raise InstanceError(

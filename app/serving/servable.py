@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from .. import register
 from ..backends import BackendError, Device, find_backend, load_model, placement
+from . import mindspore_modules
 from .batching import Batcher, BatchObserver
 from ..errors import NotFound, ServableLoadError
 from .model_stage import InstanceError, ModelStage
@@ -32,8 +33,12 @@ log = logging.getLogger("mserve.serving.servable")
 
 
 def list_versions(servable_dir: Path) -> list[int]:
-    """Version numbers present as numbered folders, ascending."""
-    return sorted(int(p.name) for p in servable_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    """Version numbers present as numbered folders, ascending. A folder ``0`` is no
+    version (``0`` asks for the newest), as in MindSpore Serving."""
+    return sorted(
+        int(p.name) for p in servable_dir.iterdir() if p.is_dir() and p.name.isdigit() and p.name.isascii()
+        and int(p.name) > 0
+    )
 
 
 def choose_versions(root: Path, name: str, has_models: bool, requested: Sequence[int]) -> list[int]:
@@ -74,13 +79,20 @@ def load_definition(servable_directory: str | Path, name: str) -> ServableDefini
     helpers of an earlier load.
     """
     root = Path(servable_directory)
-    if not root.is_dir():
-        raise ServableLoadError(f"servable directory {root} does not exist")
-    config = root / name / "servable_config.py"
+    folder = root / name
+    if not folder.is_dir():
+        raise ServableLoadError(
+            f"Check servable config failed, directory '{folder}' not exist, servable directory '{root}', servable "
+            f"name '{name}'" + (f" (servable_config.py not found: there is no folder {name} in {root})" if root.is_dir()
+                                else f" (the servable directory {root} does not exist)"))
+    config = folder / "servable_config.py"
     if not config.is_file():
-        raise ServableLoadError(f"servable '{name}': {config} not found")
+        raise ServableLoadError(
+            f"Check servable config failed, file '{config}' not exist,  servable directory '{root}', servable name "
+            f"'{name}' (servable_config.py not found)")
     definition = ServableDefinition(name)
     module_name = f"{name}.servable_config"
+    mindspore_modules.install()  # MindSpore 2.0's dataset modules, for configs written for it
     with register.defining(definition):
         _fresh_package(root, name)
         if str(root) not in sys.path:
@@ -329,7 +341,9 @@ def load_version(
         for f in files:
             if not f.is_file():
                 _release(stage.runtimes for stage in stages.values())
-                raise ServableLoadError(f"servable '{name}' version {version}: model file {f} not found")
+                raise ServableLoadError(
+                    f"Load model failed, servable directory: '{servable_directory}', servable name: '{name}', model "
+                    f"file: '{', '.join(model.model_files)}', version number {version} (model file {f} not found)")
         try:
             def starting(backend: str, chosen: list[Device], model_file: str = model.model_files[0]) -> None:
                 report(LoadProgress(name, version, "loading", model_file, backend, tuple(map(str, chosen))))

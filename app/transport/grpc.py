@@ -50,6 +50,11 @@ SERVICE_NAME = "mindspore.serving.proto.MSService"
 _TAG = "Serving gRPC"
 
 
+# The folder (under the current directory) where MindSpore Serving keeps its own
+# unix sockets; it exists once a MindSpore Serving server has started.
+MINDSPORE_SOCKET_FOLDER = "unix_socket_files"
+
+
 def check_address(address: str) -> None:
     """MindSpore Serving's address checks (``Serving Error: ...``); port 0 (pick a
     free port) is an mserve addition."""
@@ -61,6 +66,9 @@ def check_address(address: str) -> None:
             raise RuntimeError("Serving Error: Empty grpc server unix domain socket address")
         path = path[2:] if path.startswith("//") else path  # unix:///abs/path is also gRPC's syntax
         directory = os.path.dirname(os.path.abspath(path))
+        if directory == os.path.abspath(MINDSPORE_SOCKET_FOLDER):
+            # MindSpore Serving makes this folder whenever it starts, and scripts put their sockets there.
+            os.makedirs(directory, exist_ok=True)
         if not os.path.isdir(directory):
             raise RuntimeError(
                 f"Serving Error: {_TAG} server start failed, the directory {directory} of the unix domain socket "
@@ -102,16 +110,19 @@ def _check_unix_path_free(path: str, address: str) -> None:
     )
 
 
-def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
+def server_credentials(ssl_config: Any, address: str) -> grpc.ServerCredentials:
     """grpcio credentials for an `mserve.server.SSLConfig`: one-way TLS, or mutual
     (client certificates must chain to ``custom_ca``) with ``verify_client=True``.
-    The files are checked first, with the HTTPS transport's clear messages."""
+    The files are checked first: a bad one fails as MindSpore Serving fails
+    (``... create server failed, address ...``), the HTTPS transport's clear reason after."""
     from .https import build_ssl_context
 
     try:
         build_ssl_context(ssl_config)
     except RuntimeError as exc:
-        raise RuntimeError(f"Serving Error: {_TAG} server start failed, {exc}") from None
+        raise RuntimeError(
+            f"Serving Error: {_TAG} server start failed, create server failed, address {address}: {exc}"
+        ) from None
     with open(ssl_config.certificate, "rb") as f:
         certificate = f.read()
     with open(ssl_config.private_key, "rb") as f:
@@ -279,7 +290,7 @@ class GrpcTransport:
         """Listen and serve; `RuntimeError` ``Serving Error: ...`` when that fails."""
         try:
             if self.ssl_config is not None:
-                port = self._server.add_secure_port(self.address, server_credentials(self.ssl_config))
+                port = self._server.add_secure_port(self.address, server_credentials(self.ssl_config, self.address))
             else:
                 port = self._server.add_insecure_port(self.address)
         except RuntimeError as exc:
