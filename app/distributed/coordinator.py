@@ -454,7 +454,7 @@ class DistributedGroup:
         deadline = time.monotonic() + self.settings.init_timeout
         with self._cond:
             while len(self._arrived) < self.settings.hosts:
-                if self.generation != generation or self._closed.is_set():
+                if self._abandoned(generation):
                     return
                 if time.monotonic() >= deadline:
                     raise _StartFailed(f"host(s) {sorted(set(range(self.settings.hosts)) - set(self._arrived))} "
@@ -466,7 +466,7 @@ class DistributedGroup:
         for index, link in sorted(workers.items()):
             while True:
                 with self._cond:
-                    if self.generation != generation or self._closed.is_set():
+                    if self._abandoned(generation):
                         return
                 if time.monotonic() >= deadline:
                     raise _StartFailed(f"host {index}'s JAX process did not load within {self.settings.init_timeout:g} s")
@@ -498,6 +498,11 @@ class DistributedGroup:
                 self._served = True
                 log.info("distributed group generation %d ready on %d host(s)", generation, self.settings.hosts)
             self._cond.notify_all()
+
+    def _abandoned(self, generation: int) -> bool:
+        """(Holding the lock.) Whether a generation being brought up has ended: a
+        host went away meanwhile (it is broken), a newer one began, or the group closed."""
+        return self.generation != generation or self.state != "starting" or self._closed.is_set()
 
     def process_reports(self, timeout: float = 10.0) -> dict[int, dict[str, Any]]:
         """Ask every JAX process what it holds now (shards, resident memory)."""
