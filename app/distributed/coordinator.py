@@ -35,6 +35,11 @@ from .links import ChannelClosed, Link, listen, parse_address
 log = logging.getLogger("mserve.distributed")
 
 
+# An agent heard from within this many seconds is alive (it beats every 0.5 s): a
+# second agent asking for its host index is refused, not told to retry.
+LIVE_BEAT = 1.5
+
+
 class GroupUnavailable(ServingError):
     """The group cannot run a batch now (503; the message says what is missing)."""
 
@@ -296,10 +301,17 @@ class DistributedGroup:
         info = dict(info, peer_ip=peer_ip)
         agent = AgentLink(int(info["index"]), link, info)
         with self._cond:
-            if agent.index in self._agents:
-                other = self._agents[agent.index].info.get("peer_ip")
-                # maybe this host's previous agent, not yet noticed gone: the agent retries
-                link.send(("busy", f"host index {agent.index} is already taken by an agent on {other}"))
+            holder = self._agents.get(agent.index)
+            if holder is not None:
+                where = f"an agent on {holder.info.get('peer_ip')} (pid {holder.info.get('pid')})"
+                if time.monotonic() - holder.last_beat < LIVE_BEAT:  # beating: a second agent for one place
+                    reason = (f"host index {agent.index} is already taken by {where}, which is running: give this "
+                              f"agent another --host-index (0-{self.settings.hosts - 1}), or stop that one first")
+                    log.warning("refused an agent from %s: %s", peer_ip, reason)
+                    link.send(("refused", reason))
+                else:  # maybe this host's previous agent, gone but not yet noticed: the agent retries
+                    link.send(("busy", f"host index {agent.index} is still held by {where}, silent for "
+                                       f"{time.monotonic() - holder.last_beat:.1f} s"))
                 link.close()
                 return
             self._agents[agent.index] = agent
