@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ServingError
+from ..ops.metrics import HOST_BATCHES
 from .links import ChannelClosed, Link, listen, parse_address
 
 log = logging.getLogger("mserve.distributed")
@@ -237,6 +238,7 @@ class DistributedGroup:
                 limit = time.monotonic() + (timeout or self.settings.run_timeout)
                 for index, link in sorted(workers.items()):
                     reply = self._reply(link, seq, limit)
+                    HOST_BATCHES.labels(str(index)).inc()
                     if index == 0:
                         outputs = reply
             except (ChannelClosed, OSError, socket.timeout) as exc:
