@@ -152,9 +152,9 @@ def startup_agents(
     if not files or not all(isinstance(f, str) for f in files):
         raise RuntimeError("Parameter 'model_files' should be a str or a list of str")
     files = [server.script_relative(f) for f in files]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise RuntimeError(f"model files not found: {', '.join(missing)}")
+    for file in files:  # MindSpore's words for it
+        if not os.access(file, os.R_OK) or not Path(file).is_file():
+            raise RuntimeError(f"Cannot access model file '{os.path.realpath(file)}'")
     if not any(f.endswith(".py") for f in files):
         raise RuntimeError(
             f"model_files {files}: mserve's distributed model is a Python model file ({DEFAULT_MODEL_FILE}, defining "
