@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
     main = subprocess.Popen(
         mserve("start", str(root), "--servable", "mlp", "--port", str(port), "--grpc-port", str(grpc_port),
                "--workers", "2", "--distributed-address", address, "--hosts", "2",
-               "--max-batch-size", "4", "--max-batch-delay-ms", "200"),
+               "--max-batch-size", "4", "--max-batch-delay-ms", "200", "--poll-interval", "1"),
         stdout=main_log, stderr=subprocess.STDOUT, env=agent_env(),
     )
     url = f"http://127.0.0.1:{port}"
@@ -56,7 +56,7 @@ def cluster(tmp_path_factory):
 
         wait_for(serving, 240, "the distributed servable serves")
         yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "params": params, "agents": agents,
-               "address": address, "jax_pids": jax_pids, "main": main}
+               "address": address, "jax_pids": jax_pids, "main": main, "root": root, "log": logs / "main.log"}
         jax_pids.update(p for a in agents.procs.values() for p in children(a.pid))
         # Nothing hangs at stop: the main host stops at once, every host's JAX process with it.
         started = time.monotonic()
@@ -200,6 +200,24 @@ def test_an_agent_with_another_jax_version_is_refused(cluster):
         link.close()
     assert kind == "refused"
     assert "jax 0.0.1" in reason and "install the same version on every host" in reason
+    assert ready_status(cluster["url"]).status_code == 200
+
+
+def test_hot_reload_of_a_distributed_servable_is_a_clear_error(cluster):
+    """A new version folder of a servable that spans hosts is not loaded: the error
+    says so and what to do, and version 1 keeps serving."""
+    import shutil
+
+    shutil.copytree(cluster["root"] / "mlp" / "1", cluster["root"] / "mlp" / "2")
+    try:
+        line = wait_for(lambda: next((x for x in cluster["log"].read_text().splitlines()
+                                      if "version 2 failed to load" in x), None), 30, "hot reload reports version 2")
+    finally:
+        shutil.rmtree(cluster["root"] / "mlp" / "2")
+    assert "hot reload does not load version 2 of a servable that spans hosts" in line
+    assert "restart the main host" in line
+    reply = predict(cluster["url"], np.ones((1, 8), np.float32))
+    assert reply.status_code == 200, reply.text
     assert ready_status(cluster["url"]).status_code == 200
 
 

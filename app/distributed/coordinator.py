@@ -154,10 +154,14 @@ class DistributedGroup:
     def attach(self, orders: ModelOrders, dtypes: Sequence[np.dtype]) -> None:
         with self._cond:
             if self.orders is not None and self.orders != orders:
-                raise GroupLoadError(
-                    f"this server's distributed group already serves {self.orders.servable} version "
-                    f"{self.orders.version}; one distributed model per server"
-                )
+                served = f"{self.orders.servable} version {self.orders.version}"
+                if orders.servable == self.orders.servable:  # hot reload found another version
+                    raise GroupLoadError(
+                        f"the distributed group serves {served}: hot reload does not load version {orders.version} "
+                        f"of a servable that spans hosts; restart the main host (mserve start) to serve it"
+                    )
+                raise GroupLoadError(f"this server's distributed group already serves {served}; one distributed "
+                                     f"model per server")
             self.orders = orders
             self._dtypes = [np.dtype(d) for d in dtypes]
             if self.state == "waiting":
