@@ -23,7 +23,8 @@ EPILOG = """\
   mserve agent --distributed-address 10.0.0.1:6200 --host-index 0
   mserve agent --distributed-address 10.0.0.1:6200 --host-index 1
 
-[bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 2 refused by the main host or bad options.
+[bold]Exit codes[/]: 0 stopped by SIGINT/SIGTERM, 1 no main host answered for --wait-main seconds, 2 refused by the
+main host (a host index a running agent holds, another jax version) or bad options.
 """
 
 
@@ -43,6 +44,10 @@ def agent(
         None, metavar="DIR", help="Where the servables are on this host.  \\[default: the main host's path]",
         show_default=False,
     ),
+    wait_main: float = typer.Option(
+        300.0, metavar="SECONDS", help="How long to wait for the main host (at start, or after losing it) before "
+        "giving up with exit code 1; 0: no limit.",
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -51,12 +56,12 @@ def agent(
     Start one agent per host, before or after the main host: it waits for the main host and reconnects when it restarts.
     """
     with render.reported(debug, unexpected_code=1):
-        from mserve.distributed.agent import Agent, AgentRefused, AgentSettings
+        from mserve.distributed.agent import Agent, AgentRefused, AgentSettings, MainHostUnreachable
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             runner = Agent(AgentSettings(distributed_address, host_index, coordinator_port, agent_ip,
-                                         servable_directory))
+                                         servable_directory, wait_main=wait_main))
         except ValueError as exc:
             render.fail(str(exc), code=2)
 
@@ -68,6 +73,8 @@ def agent(
             runner.run()
         except AgentRefused as exc:
             render.fail(f"the main host at {distributed_address} refused this agent: {exc}", code=2)
+        except MainHostUnreachable as exc:
+            render.fail(str(exc), code=1)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -141,8 +141,6 @@ class StartSettings:
         if self.hosts is not None:
             if self.hosts < 1:
                 fail(f"hosts must be at least 1, got {self.hosts}")
-            if self.workers:
-                fail("a distributed servable is served by this one process: leave out --workers (or give 0)")
         if self.wait_agents < 0:
             fail(f"wait_agents must be >= 0 seconds (0: wait without limit), got {self.wait_agents}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

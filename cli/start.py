@@ -339,14 +339,14 @@ def _serve(settings: StartSettings) -> None:
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    group = _start_distributed(settings, stop_requested)
     try:
-        if settings.workers != 0 and group is None:
+        if settings.workers != 0:
             _serve_processes(settings, configs, stop_requested, signals_seen)
             return
         from mserve import server
 
         server.use_processes("single")
+        _start_distributed(settings, stop_requested)
         # Listen first: a port in use or a bad certificate is reported before any model
         # compiles, and while they load /health answers 200 and /ready 503.
         restful, probes, grpc_target = _listen(settings)
@@ -367,31 +367,34 @@ def _serve(settings: StartSettings) -> None:
             server.stop(settings.drain_timeout)
         render.note("stopped")
     finally:
-        if group is not None:
-            from mserve.distributed.serving import stop_group
-
-            stop_group(group)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _start_distributed(settings: StartSettings, stop_requested: threading.Event) -> Any:
-    """With --hosts: listen for the hosts' agents (docs/distributed.md); a port in
-    use exits 1 with one line. A stop while start-up waits for agents ends the wait."""
+def _start_distributed(settings: StartSettings, stop_requested: threading.Event) -> None:
+    """With --hosts: serve the distributed servable over the hosts' agents
+    (docs/distributed.md), from the device process or (``--workers 0``) from this
+    one, which then listens for the agents now: a port in use exits 1 with one line.
+    A stop while start-up waits for the agents ends the wait."""
     if settings.hosts is None:
-        return None
+        return
+    from mserve import server
     from mserve.distributed.coordinator import GroupSettings
-    from mserve.distributed.serving import start_group
+    from mserve.distributed.serving import serve_over_hosts
 
+    runtime = server.default_runtime()
     try:
-        group = start_group(GroupSettings(settings.distributed_address, settings.hosts, settings.wait_agents))
+        group = serve_over_hosts(runtime, GroupSettings(settings.distributed_address, settings.hosts,
+                                                        settings.wait_agents))
     except (OSError, ValueError) as exc:
         render.fail(str(exc), code=1)
-    threading.Thread(target=lambda: stop_requested.wait() and group.close(), name="mserve-distributed-stop",
+    # Starting up waits for the agents, without limit by default: a stop ends the wait.
+    cancel = group.close if group is not None else runtime.cancel_start
+    threading.Thread(target=lambda: stop_requested.wait() and cancel(), name="mserve-distributed-stop",
                      daemon=True).start()
-    render.note(f"distributed: waiting for {settings.hosts} host(s) on {escape(group.address)} "
-                f"(mserve agent --distributed-address {escape(group.address)} --host-index I)")
-    return group
+    address = group.address if group is not None else settings.distributed_address
+    render.note(f"distributed: waiting for {settings.hosts} host(s) on {escape(address)} "
+                f"(mserve agent --distributed-address {escape(address)} --host-index I)")
 
 
 def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, Any, str | None]:
@@ -437,6 +440,7 @@ def _serve_processes(
     from mserve import server
 
     server.use_processes("devices")
+    _start_distributed(settings, stop_requested)
     workers = settings.workers if settings.workers is not None else server.default_workers()
     restful, probes, grpc_target = _listen(settings, workers)
     render.note(

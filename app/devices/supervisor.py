@@ -144,6 +144,7 @@ class DeviceSupervisor:
         ready_timeout: float = 600.0,
         env: dict[str, str] | None = None,
         hang_timeout: float | None = None,
+        distributed: dict[str, Any] | None = None,
     ):
         self.env = env
         self.hang_timeout = hang_timeout if hang_timeout is not None else _hang_timeout_from_env()
@@ -157,6 +158,14 @@ class DeviceSupervisor:
             for group, group_configs in plan_groups(configs).items()
         ]
         self.configs = {c.servable_name: _config_json(c, keep_workers=True) for c in configs}
+        # A distributed group (mserve.distributed): started by the device process of
+        # the model that spans hosts, with its readiness written beside the manifest.
+        self.distributed = distributed
+        self.group_process: str | None = None
+        if distributed is not None and self.devices:
+            from ..distributed.placement import group_process
+
+            self.group_process = group_process([(d.group.key, d.configs) for d in self.devices])
         self._generation = 0
         self._lock = threading.Lock()
         self._stopping = False
@@ -174,6 +183,11 @@ class DeviceSupervisor:
             "log_level": self.log_level,
             "poll_interval": self.poll_interval,
         }
+        if device.group.key == self.group_process:
+            from ..distributed.status import status_path
+
+            settings["distributed"] = self.distributed
+            settings["distributed_status"] = str(status_path(self.run_dir))
         with children_born_blocking({signal.SIGTERM, signal.SIGINT}):  # it waits for them (sigwait)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mserve.runtime.device_role"],
@@ -206,6 +220,8 @@ class DeviceSupervisor:
                 proc.wait()
                 raise ServableLoadError(line[7:].strip())
         code = proc.wait()
+        if self._stopping:
+            raise ServableLoadError("the server stopped while the device processes were loading")
         raise ServableLoadError(f"device process {device.group.key} exited with code {code} before serving")
 
     def _follow(self, device: _DeviceProcess, proc: subprocess.Popen) -> None:

@@ -10,7 +10,10 @@ group restarts from fresh processes, which JAX's runtime needs.
 
 When the main host is unreachable or goes away, the agent keeps trying to connect
 (every second), so agents can be started before the main host and survive its
-restarts. A refusal (same host index twice, another JAX version) is final.
+restarts, for up to ``wait_main`` seconds at a time (then `MainHostUnreachable`,
+naming the address and what went wrong: an agent pointed at the wrong address
+says so rather than waiting forever). A refusal (a host index a running agent
+holds, another JAX version) is final.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ class AgentRefused(RuntimeError):
     """The main host will not take this agent (the reason says what to change)."""
 
 
+class MainHostUnreachable(RuntimeError):
+    """No main host answered at the distributed address within ``wait_main`` seconds."""
+
+
+DEFAULT_WAIT_MAIN = 300.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -59,6 +69,7 @@ class AgentSettings:
     retry_interval: float = 1.0
     rank_start: int | None = None  # MindSpore's startup_agents: this host's first rank in the rank table
     model_files: tuple[str, ...] = ()  # this host's copies of the model files, used instead of the servable's
+    wait_main: float = DEFAULT_WAIT_MAIN  # seconds without a main host before giving up; 0: no limit
 
 
 class Agent:
@@ -66,6 +77,8 @@ class Agent:
         parse_address(settings.distributed_address)
         if settings.host_index is not None and settings.host_index < 0:
             raise ValueError(f"host index must be 0 or more, got {settings.host_index}")
+        if settings.wait_main < 0:
+            raise ValueError(f"wait_main must be >= 0 seconds (0: no limit), got {settings.wait_main}")
         self.settings = settings
         self.stopping = threading.Event()
         self.worker: subprocess.Popen | None = None
@@ -76,26 +89,44 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> None:
-        """Serve until `stop`; raises `AgentRefused` when the main host refuses us."""
+        """Serve until `stop`; raises `AgentRefused` when the main host refuses us,
+        `MainHostUnreachable` when none answers for ``wait_main`` seconds."""
+        address, limit = self.settings.distributed_address, self.settings.wait_main
         announced_wait = False
+        alone_since = time.monotonic()  # since the main host was last there
         while not self.stopping.is_set():
             try:
-                link = connect(self.settings.distributed_address, timeout=3.0)
-            except OSError:
+                link = connect(address, timeout=3.0)
+            except OSError as exc:
                 if not announced_wait:
-                    log.info("waiting for the main host at %s", self.settings.distributed_address)
+                    log.info("waiting for the main host at %s%s", address,
+                             f" (up to {limit:g} s)" if limit else "")
                     announced_wait = True
+                if limit and time.monotonic() - alone_since >= limit:
+                    raise MainHostUnreachable(
+                        f"no main host answered at {address} for {limit:g} s ({exc.strerror or exc}): start "
+                        f"`mserve start ... --distributed-address {address} --hosts N` there, or check the address "
+                        f"and that its port is open from here"
+                    ) from None
                 self.stopping.wait(self.settings.retry_interval)
                 continue
             announced_wait = False
             try:
                 self._session(link)
-            except ChannelClosed:
-                log.warning("lost the main host at %s; reconnecting", self.settings.distributed_address)
+            except (ChannelClosed, OSError, ValueError) as exc:  # OSError: no greeting in time
+                if self.connected.is_set():
+                    log.warning("lost the main host at %s; reconnecting", address)
+                else:
+                    log.warning("%s answered, but not as an mserve main host (%s); retrying", address,
+                                exc or type(exc).__name__)
             finally:
+                if self.connected.is_set():  # registered: the wait for a main host starts again
+                    alone_since = time.monotonic()
                 self.connected.clear()
                 self._stop_worker()
                 link.close()
+            if limit and time.monotonic() - alone_since >= limit:
+                raise MainHostUnreachable(f"no mserve main host answered at {address} for {limit:g} s: check the address")
             self.stopping.wait(self.settings.retry_interval)
 
     def stop(self) -> None:

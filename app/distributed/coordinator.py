@@ -30,9 +30,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ServingError
+from ..ops.metrics import HOST_BATCHES
 from .links import ChannelClosed, Link, listen, parse_address
 
 log = logging.getLogger("mserve.distributed")
+
+
+# An agent heard from within this many seconds is alive (it beats every 0.5 s): a
+# second agent asking for its host index is refused, not told to retry.
+LIVE_BEAT = 1.5
 
 
 class GroupUnavailable(ServingError):
@@ -148,10 +154,14 @@ class DistributedGroup:
     def attach(self, orders: ModelOrders, dtypes: Sequence[np.dtype]) -> None:
         with self._cond:
             if self.orders is not None and self.orders != orders:
-                raise GroupLoadError(
-                    f"this server's distributed group already serves {self.orders.servable} version "
-                    f"{self.orders.version}; one distributed model per server"
-                )
+                served = f"{self.orders.servable} version {self.orders.version}"
+                if orders.servable == self.orders.servable:  # hot reload found another version
+                    raise GroupLoadError(
+                        f"the distributed group serves {served}: hot reload does not load version {orders.version} "
+                        f"of a servable that spans hosts; restart the main host (mserve start) to serve it"
+                    )
+                raise GroupLoadError(f"this server's distributed group already serves {served}; one distributed "
+                                     f"model per server")
             self.orders = orders
             self._dtypes = [np.dtype(d) for d in dtypes]
             if self.state == "waiting":
@@ -232,6 +242,7 @@ class DistributedGroup:
                 limit = time.monotonic() + (timeout or self.settings.run_timeout)
                 for index, link in sorted(workers.items()):
                     reply = self._reply(link, seq, limit)
+                    HOST_BATCHES.labels(str(index)).inc()
                     if index == 0:
                         outputs = reply
             except (ChannelClosed, OSError, socket.timeout) as exc:
@@ -296,10 +307,17 @@ class DistributedGroup:
         info = dict(info, peer_ip=peer_ip)
         agent = AgentLink(int(info["index"]), link, info)
         with self._cond:
-            if agent.index in self._agents:
-                other = self._agents[agent.index].info.get("peer_ip")
-                # maybe this host's previous agent, not yet noticed gone: the agent retries
-                link.send(("busy", f"host index {agent.index} is already taken by an agent on {other}"))
+            holder = self._agents.get(agent.index)
+            if holder is not None:
+                where = f"an agent on {holder.info.get('peer_ip')} (pid {holder.info.get('pid')})"
+                if time.monotonic() - holder.last_beat < LIVE_BEAT:  # beating: a second agent for one place
+                    reason = (f"host index {agent.index} is already taken by {where}, which is running: give this "
+                              f"agent another --host-index (0-{self.settings.hosts - 1}), or stop that one first")
+                    log.warning("refused an agent from %s: %s", peer_ip, reason)
+                    link.send(("refused", reason))
+                else:  # maybe this host's previous agent, gone but not yet noticed: the agent retries
+                    link.send(("busy", f"host index {agent.index} is still held by {where}, silent for "
+                                       f"{time.monotonic() - holder.last_beat:.1f} s"))
                 link.close()
                 return
             self._agents[agent.index] = agent
@@ -454,7 +472,7 @@ class DistributedGroup:
         deadline = time.monotonic() + self.settings.init_timeout
         with self._cond:
             while len(self._arrived) < self.settings.hosts:
-                if self.generation != generation or self._closed.is_set():
+                if self._abandoned(generation):
                     return
                 if time.monotonic() >= deadline:
                     raise _StartFailed(f"host(s) {sorted(set(range(self.settings.hosts)) - set(self._arrived))} "
@@ -466,7 +484,7 @@ class DistributedGroup:
         for index, link in sorted(workers.items()):
             while True:
                 with self._cond:
-                    if self.generation != generation or self._closed.is_set():
+                    if self._abandoned(generation):
                         return
                 if time.monotonic() >= deadline:
                     raise _StartFailed(f"host {index}'s JAX process did not load within {self.settings.init_timeout:g} s")
@@ -498,6 +516,11 @@ class DistributedGroup:
                 self._served = True
                 log.info("distributed group generation %d ready on %d host(s)", generation, self.settings.hosts)
             self._cond.notify_all()
+
+    def _abandoned(self, generation: int) -> bool:
+        """(Holding the lock.) Whether a generation being brought up has ended: a
+        host went away meanwhile (it is broken), a newer one began, or the group closed."""
+        return self.generation != generation or self.state != "starting" or self._closed.is_set()
 
     def process_reports(self, timeout: float = 10.0) -> dict[int, dict[str, Any]]:
         """Ask every JAX process what it holds now (shards, resident memory)."""

@@ -109,7 +109,7 @@ def start_servable(
     RESTful/gRPC servers as for any servable. Raises RuntimeError on failure."""
     from .. import server
     from .coordinator import GroupSettings
-    from .serving import start_group, stop_group
+    from .serving import serve_over_hosts
 
     for name, value in (("servable_directory", servable_directory), ("servable_name", servable_name),
                         ("rank_table_json_file", rank_table_json_file), ("distributed_address", distributed_address)):
@@ -118,15 +118,14 @@ def start_servable(
     _int("version_number", version_number, 0)
     _int("wait_agents_time_in_seconds", wait_agents_time_in_seconds, 0)
     table = RankTable(server.script_relative(rank_table_json_file))
-    server.use_processes("single")  # the group lives in this process, beside the servers
     try:
-        group = start_group(GroupSettings(
+        # the device process that loads the servable starts the group (single-process mode: this one)
+        serve_over_hosts(server.default_runtime(), GroupSettings(
             distributed_address, table.hosts, wait_agents=float(wait_agents_time_in_seconds),
             host_ips=table.host_ips, rank_starts=table.rank_starts,
         ))
     except (OSError, ValueError) as exc:
         raise RuntimeError(str(exc)) from None
-    server.default_runtime().on_stop(lambda: stop_group(group))
     server.start_servables(server.ServableStartConfig(servable_directory, servable_name,
                                                       version_number=version_number or 1))
 
@@ -153,9 +152,9 @@ def startup_agents(
     if not files or not all(isinstance(f, str) for f in files):
         raise RuntimeError("Parameter 'model_files' should be a str or a list of str")
     files = [server.script_relative(f) for f in files]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise RuntimeError(f"model files not found: {', '.join(missing)}")
+    for file in files:  # MindSpore's words for it
+        if not os.access(file, os.R_OK) or not Path(file).is_file():
+            raise RuntimeError(f"Cannot access model file '{os.path.realpath(file)}'")
     if not any(f.endswith(".py") for f in files):
         raise RuntimeError(
             f"model_files {files}: mserve's distributed model is a Python model file ({DEFAULT_MODEL_FILE}, defining "

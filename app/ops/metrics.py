@@ -19,12 +19,16 @@ mserve_queue_depth                          gauge      servable, version, model
 mserve_compilations_total                   counter    servable, version, model
 mserve_version_loads_total                  counter    servable, outcome
 mserve_ready                                gauge      (none)
+mserve_host_batches_total                   counter    host
 ==========================================  =========  ===============================
 
 ``mserve_batch_frontends``: per device call of a device process, how many
 front-end processes its rows came from (above 1: one batch mixed requests that
 arrived on different front-ends). ``mserve_model_placement`` is 1 for each device
 and process (``process``: its pid) that holds a model of a loaded version.
+``mserve_host_batches_total``: batches each host of a distributed servable
+(docs/distributed.md) ran and answered, warm-up included; every host runs every
+batch, so each host's count equals the batches of the group.
 
 ``servable``/``method`` of a request are ``_unknown`` unless they name a loaded
 servable and one of its methods (so a client cannot grow the label set). ``model`` is
@@ -160,6 +164,13 @@ READY = Gauge(
     "mserve_ready",
     "1 while the server answers /ready with 200 (with worker processes: how many are ready).",
     multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+
+HOST_BATCHES = Counter(
+    "mserve_host_batches",
+    "Batches each host's JAX process of a distributed servable ran and answered, warm-up included.",
+    ["host"],
     registry=REGISTRY,
 )
 

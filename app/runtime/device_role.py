@@ -49,6 +49,24 @@ def _heartbeat(device_server: DeviceServer, stop: threading.Event) -> None:
         device_server.say("ALIVE")
 
 
+def _start_hosts(runtime: Runtime, settings: dict[str, Any]) -> Any:
+    """Start the distributed group here, where the front-ends' batches meet, and
+    publish its readiness for the front-ends' ``/ready`` (`mserve.distributed.status`)."""
+    from ..distributed.coordinator import GroupSettings
+    from ..distributed.serving import start_group, stop_group
+    from ..distributed.status import StatusWriter
+
+    group = start_group(GroupSettings(**settings["distributed"]), runtime)
+    writer = StatusWriter(group.readiness, settings["distributed_status"]).start()
+
+    def stop() -> None:
+        writer.stop()
+        stop_group(group, runtime)
+
+    runtime.on_stop(stop)
+    return group
+
+
 def main() -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     die_with_parent()
@@ -68,6 +86,8 @@ def main() -> int:
     device_server = DeviceServer(runtime, settings["socket"], group)
     runtime.retire = device_server.retire
     try:
+        if settings.get("distributed"):  # this process serves the model that spans hosts
+            _start_hosts(runtime, settings)
         from ..ops import metrics
 
         configs = []
@@ -85,6 +105,8 @@ def main() -> int:
         device_server.listen()
     except (ServableLoadError, RuntimeError, ValueError, OSError) as exc:
         print("FAILED " + str(exc).replace("\n", " "), flush=True)
+        if settings.get("distributed"):
+            runtime.stop(drain_timeout=0)  # the hosts' JAX processes stop now, not when they notice
         return 1
     print("READY " + json.dumps(describe(runtime, group, settings["socket"])), flush=True)
     stop = threading.Event()
@@ -94,7 +116,7 @@ def main() -> int:
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     stop.set()
     device_server.stop(settings.get("drain_timeout", 30.0))
-    runtime.stop(drain_timeout=0)
+    runtime.stop(drain_timeout=0)  # stops the distributed group too: every host's JAX process
     exit_at_once(0)  # everything is closed; the interpreter's teardown would eat into the drain timeout
     return 0
 

@@ -115,8 +115,12 @@ def _frontend(
     from ..errors import ServableLoadError
     from ..ops.metadata import describe_servable
 
+    from ..distributed.status import follow_status
+
     ssl = settings["ssl_config"]
     runtime.loading += 1  # until the device processes serve
+    # A distributed servable's device process says which hosts it waits for.
+    follow_status(runtime, os.path.dirname(settings["manifest"]))
     runtime.refresh_ready()
     try:
         if sock is not None:

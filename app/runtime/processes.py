@@ -62,16 +62,22 @@ def start_devices(runtime: Any, configs: list[ServableStartConfig], poll_interva
             )
         supervisor = DeviceSupervisor(
             configs, runtime.run_directory(), log_level=logging.getLogger("mserve").getEffectiveLevel(),
-            poll_interval=poll_interval or None, env=runtime.child_env(),
+            poll_interval=poll_interval or None, env=runtime.child_env(), distributed=runtime.distributed,
         )
         runtime.loading += 1
         try:
+            if runtime.distributed is not None:  # /ready names the hosts the device process waits for
+                from ..distributed.status import follow_status
+
+                follow_status(runtime, runtime.run_directory())
+            runtime.starting = supervisor
             supervisor.start()
             runtime.devices = supervisor
             follow_devices(runtime, supervisor)
             for pool in runtime.frontends:  # ready once every front-end serves them
                 pool.wait_loaded()
         finally:
+            runtime.starting = None
             runtime.loading -= 1
 
 

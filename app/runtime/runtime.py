@@ -71,6 +71,10 @@ class Runtime:
     # mserve.distributed): () -> (ready, why), asked before anything else.
     readiness_probes: list[Callable[[], tuple[bool, str]]] = field(default_factory=list)
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)  # run once by stop(), after the drain
+    # Devices mode: the settings of the distributed group that the device process of
+    # the distributed model starts (mserve.distributed.serving.serve_over_hosts).
+    distributed: dict[str, Any] | None = None
+    starting: Any = None  # devices mode: the DeviceSupervisor while its processes load (cancel_start)
 
     # The lifecycle, from the modules beside this one.
     start_servables = servable_loading.start_servables
@@ -88,6 +92,14 @@ class Runtime:
     def remove_readiness_probe(self, probe: Callable[[], tuple[bool, str]]) -> None:
         if probe in self.readiness_probes:
             self.readiness_probes.remove(probe)
+
+    def cancel_start(self) -> None:
+        """Stop device processes that are still loading, from any thread (a stop
+        asked while ``start_servables`` waits, say for the hosts of a distributed
+        servable): ``start_servables`` then raises `ServableLoadError`."""
+        starting = self.starting
+        if starting is not None:
+            starting.stop(drain_timeout=0)
 
     def on_stop(self, hook: Callable[[], None]) -> None:
         """Run ``hook()`` once when `stop` has drained the requests."""
@@ -228,6 +240,7 @@ class Runtime:
             self.observers.clear()
             self.configured.clear()
             self.processes_mode = None  # use_processes holds for one server's lifetime
+            self.distributed = None  # so does serve_over_hosts
             self.stopping = False
             self.refresh_ready()
         lifetime.release()
