@@ -64,7 +64,11 @@ def cluster(tmp_path_factory):
         assert main.wait(30) == 0, (logs / "main.log").read_text()[-3000:]
         assert time.monotonic() - started < 20
         for pid in jax_pids:
-            wait_for(lambda pid=pid: gone(pid), 10, f"JAX process {pid} exits with the main host")
+            try:
+                wait_for(lambda pid=pid: gone(pid), 10, f"JAX process {pid} exits with the main host")
+            except AssertionError as exc:  # what each host said, to tell why
+                said = "\n".join(f"--- {a.log_path.name}\n{a.log_path.read_text()[-2000:]}" for a in agents.procs.values())
+                raise AssertionError(f"{exc}\n{said}\n--- main\n{(logs / 'main.log').read_text()[-3000:]}") from None
         assert all(a.poll() is None for a in agents.procs.values())  # the agents wait for a main host again
     finally:
         if main.poll() is None:

@@ -335,6 +335,12 @@ def test_progress_is_a_rich_display_on_a_terminal(workdir):
     plain = _plain(seen)
     assert "compiled lenet version 1" in plain
     assert "INFO mserve.load" not in plain
+    # The device process's log lines are printed above the display, each on a line
+    # of its own (rich clears the display's line first), never spliced into it.
+    device_lines = [m.start() for m in re.finditer(r"\d\d:\d\d:\d\d INFO \S+ \[device ", text)]
+    assert device_lines, plain
+    spliced = [text[max(0, i - 60):i + 40] for i in device_lines if not text[:i].endswith(("\n", "\x1b[2K"))]
+    assert not spliced, spliced
 
 
 def _plain(raw: bytes) -> str:

@@ -68,6 +68,8 @@ def test_start_says_ready_when_ready_answers_200_in_one_format_and_stops_clean(t
             assert LOG_LINE.match(line) or ACCESS_LINE.match(line) or line.startswith(CLI_NOTES), (
                 f"a line in another format: {line!r}\n{text}")
     assert text.count(READY_LINE) == 1
+    # Each servable version says once that it is loaded (one line, not one per logger).
+    assert text.count("servable add version 1 ready: ") == 1 and "loaded servable" not in text, text
 
 
 SLOW = """

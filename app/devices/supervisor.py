@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 from ..errors import ServableLoadError
 from ..lifetime import children_born_blocking, stop_processes
+from ..ops.child_stderr import StderrRelay
 from ..runtime.config import ServableStartConfig
 from . import manifest
 
@@ -170,6 +171,7 @@ class DeviceSupervisor:
         self._lock = threading.Lock()
         self._stopping = False
         self._watcher: threading.Thread | None = None
+        self.relays: list[StderrRelay] = []  # one per process started: its log lines, copied out
 
     # ------------------------------------------------------------------ start
 
@@ -188,17 +190,24 @@ class DeviceSupervisor:
 
             settings["distributed"] = self.distributed
             settings["distributed_status"] = str(status_path(self.run_dir))
-        with children_born_blocking({signal.SIGTERM, signal.SIGINT}):  # it waits for them (sigwait)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mserve.runtime.device_role"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
-                # or a group-wide SIGTERM reaches the server, which stops the device
-                # processes last, after the front-ends drained. Without it a device process
-                # exited first and was "restarted" mid-stop. (die_with_parent covers a
-                # server killed outright.)
-                start_new_session=True,
-            )
+        relay = StderrRelay(f"device-{device.group.key}")
+        try:
+            with children_born_blocking({signal.SIGTERM, signal.SIGINT}):  # it waits for them (sigwait)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mserve.runtime.device_role"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=relay.child_end, text=True, env=env,
+                    # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
+                    # or a group-wide SIGTERM reaches the server, which stops the device
+                    # processes last, after the front-ends drained. Without it a device process
+                    # exited first and was "restarted" mid-stop. (die_with_parent covers a
+                    # server killed outright.)
+                    start_new_session=True,
+                )
+        except BaseException:
+            relay.abandon()
+            raise
+        relay.started()
+        self.relays.append(relay)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings))
         proc.stdin.close()
@@ -316,6 +325,9 @@ class DeviceSupervisor:
         kill what outlives the drain."""
         self._stopping = True
         stop_processes([d.proc for d in self.devices if d.proc is not None], drain_timeout)
+        relays, self.relays = self.relays, []
+        for relay in relays:  # the device processes' last lines (they have exited)
+            relay.join()
         for device in self.devices:
             try:
                 os.unlink(device.socket_path)

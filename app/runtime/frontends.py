@@ -114,5 +114,5 @@ def start_grpc_frontends(
         runtime.frontends.append(pool)
         runtime.transports.append(frontends)
         lifetime.keep_serving(runtime.stop)
-    log.info("Serving gRPC server listening on %s (%d front-end processes)", target, count)
+    log.info("Serving gRPC server listening on %s (%d front-end process%s)", target, count, "" if count == 1 else "es")
     return frontends

@@ -118,7 +118,8 @@ def start_restful_server(
         frontends = start_frontends(runtime, address, ssl_config, restful, workers)
         runtime.listener_slots.taken(RESTFUL)
         server = RestfulServer(frontends, parse_address(address)[0])
-        log.info("RESTful server listening on %s (%d front-end processes)", server.url, frontends.pool.workers)
+        count = frontends.pool.workers
+        log.info("RESTful server listening on %s (%d front-end process%s)", server.url, count, "" if count == 1 else "es")
         _listening(runtime, server.url)
         return server
     if workers is not None and workers != 1:

@@ -173,8 +173,7 @@ def load_servable(runtime: Any, config: ServableStartConfig) -> None:
     entry = LoadedServable(config, servable, devices)
     for number in dict.fromkeys(wanted):
         loaded = load_version_of(runtime, entry, number)
-        runtime.registry.add(servable, loaded)
-        log.info("loaded servable %s version %d", config.servable_name, number)
+        runtime.registry.add(servable, loaded)  # (it has logged "servable NAME version N ready")
     runtime.configured[config.servable_name] = entry
 
 

@@ -46,6 +46,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..lifetime import children_born_blocking, stop_processes
+from ..ops.child_stderr import StderrRelay
 from .balance import ConnectionBalance
 
 log = logging.getLogger("mserve.transport.workers")
@@ -102,6 +103,7 @@ class WorkerPool:
         self.settings["bells"] = self.bells
         self.settings["workers"] = workers
         self.procs: list[subprocess.Popen | None] = [None] * workers
+        self.relays: list[StderrRelay] = []  # one per process started: its log lines, copied out
         self.restarts = 0  # replacements that came up and serve
         self.description: list[Any] = []
         self._stopping = False
@@ -114,15 +116,23 @@ class WorkerPool:
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
-        with children_born_blocking({signal.SIGTERM, signal.SIGUSR1}):  # it waits for them (sigwait)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mserve.runtime.frontend_role"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                pass_fds=fds,
-                text=True,
-                env=env,
-            )
+        relay = StderrRelay(f"worker-{index}")
+        try:
+            with children_born_blocking({signal.SIGTERM, signal.SIGUSR1}):  # it waits for them (sigwait)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mserve.runtime.frontend_role"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=relay.child_end,
+                    pass_fds=fds,
+                    text=True,
+                    env=env,
+                )
+        except BaseException:
+            relay.abandon()
+            raise
+        relay.started()
+        self.relays.append(relay)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({**self.settings, "index": index}) + "\n")
         proc.stdin.flush()  # stdin stays open: the pool's orders (STOP) follow
@@ -202,6 +212,9 @@ class WorkerPool:
         for i, proc in enumerate(self.procs):
             if proc is not None and proc.returncode:  # a clean stop exits 0; anything else is worth a line
                 log.warning("worker %d (pid %d) exited with code %s at stop", i, proc.pid, proc.returncode)
+        relays, self.relays = self.relays, []
+        for relay in relays:  # the workers' last lines (they have exited)
+            relay.join()
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         if self.sock is not None:
