@@ -372,6 +372,48 @@ def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_ro
         served.stop()
 
 
+def test_over_https_a_crashed_frontend_takes_no_clients_while_its_replacement_loads(slow_root, tmp_path):
+    # As over plain HTTP: front-ends take turns accepting, and one still loading
+    # (the replacement of a killed one) declines its turns, so no client meets its 503.
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    marker = slow_root / "slow" / "slow-load"
+    served = Served(slow_root, "--workers", "2", "--ssl-certfile", str(tmp_path / "server.crt"),
+                    "--ssl-keyfile", str(tmp_path / "server.key"))
+    url = f"https://127.0.0.1:{served.port}"
+    verify = str(tmp_path / "ca.crt")
+
+    def status(method: str, path: str, **kwargs) -> int | str:
+        try:
+            return requests.request(method, url + path, timeout=10, verify=verify, headers={"Connection": "close"},
+                                    **kwargs).status_code
+        except requests.RequestException as exc:
+            return type(exc).__name__
+
+    try:
+        deadline = time.monotonic() + 120
+        while status("GET", "/ready") != 200 or "serving on" not in served.output():
+            assert served.proc.poll() is None and time.monotonic() < deadline, served.output()
+            time.sleep(0.1)
+        marker.touch()
+        os.kill(frontends(served.proc.pid)[0], signal.SIGKILL)
+        seen: list[int | str] = []
+        until = time.monotonic() + 8  # the replacement starts and loads meanwhile
+        while time.monotonic() < until:
+            seen.append(status("GET", "/ready"))
+            seen.append(status("POST", "/model/slow:affine", json={"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}))
+            time.sleep(0.05)
+        assert "exited with code -9" in served.output(), served.output()
+        assert set(seen) == {200}, [s for s in seen if s != 200]
+    finally:
+        marker.unlink(missing_ok=True)
+        served.stop()
+
+
 # --------------------------------------------------------------------------- floods
 
 

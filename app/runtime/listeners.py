@@ -73,7 +73,7 @@ def start_restful_server(
     ``server.master.context.set_max_enqueued_requests`` value, 10000 unless set), and
     ``request_timeout`` in seconds (late instances get ``Time out``), and ``sock``, an
     already listening socket to serve instead of binding ``address`` (worker
-    processes share one this way, evened out by ``balance``; plain HTTP only), and
+    processes share one this way, evened out by ``balance``), and
     ``inline_max_ms``: predicts of methods that take at most this long (and do not
     batch across requests) run on the HTTP I/O thread, saving two thread hand-offs
     each (see `mserve.transport.inline`; 0 turns it off).

@@ -15,9 +15,9 @@ gRPC connections over them. With device processes, ``start_grpc_server``
 starts a pool of its own with no REST socket (``sock=None``): its front-ends serve
 gRPC only.
 
-Over plain HTTP the workers take turns accepting through a shared table
-(balance.py), so keep-alive connections spread evenly; over HTTPS the kernel hands
-each new connection to whichever worker accepts it first. The pool restarts a
+The workers take turns accepting through a shared table (balance.py), over HTTP
+and HTTPS, so keep-alive connections spread evenly and a worker that is still
+loading (a replacement) takes no client. The pool restarts a
 worker that dies. On stop it writes ``STOP <drain seconds>`` to every worker's
 stdin: each stops accepting, answers what it has received within that drain
 timeout and exits; the pool kills whichever is still running a second later. A
@@ -94,10 +94,9 @@ class WorkerPool:
             "grpc": grpc,  # start_grpc_server arguments; every worker binds the port with SO_REUSEPORT
             "manifest": os.fspath(manifest) if manifest is not None else None,
         }
-        # Turn-taking is for plain HTTP's Waitress loop; over HTTPS the kernel spreads connections.
-        self.balance_fd = (
-            ConnectionBalance.create_table(workers) if sock is not None and ssl_config is None and workers > 1 else None
-        )
+        # The workers take turns accepting on the shared socket (HTTP and HTTPS alike: one
+        # Waitress loop); a worker still loading (a replacement) declines its turns.
+        self.balance_fd = ConnectionBalance.create_table(workers) if sock is not None and workers > 1 else None
         self.settings["balance_fd"] = self.balance_fd
         self.bells = ConnectionBalance.create_bells(workers) if self.balance_fd is not None else []
         self.settings["bells"] = self.bells
