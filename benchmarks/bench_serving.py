@@ -343,8 +343,8 @@ def main() -> None:
                         help="cost group: also run `mserve start FLAGS` as 'mserve NAME' (repeatable)")
     parser.add_argument("--mserve-flags", default="", help="extra `mserve start` flags for the cost group")
     args = parser.parse_args()
-    if args.tiny:
-        args.seconds, args.rounds, args.concurrency = 1, 1, "4"
+    if args.tiny:  # (HTTPS at tiny size: bench_tls.py)
+        args.seconds, args.rounds, args.concurrency, args.protocols = 1, 1, "4", "REST,gRPC"
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
     if args.only in (None, "cost"):
@@ -354,7 +354,8 @@ def main() -> None:
         protocols = tuple(p.strip() for p in args.protocols.split(","))
         print("\n".join(compare(args.rounds, args.seconds, levels, args.mindspore, ADD_BODY,
                                  tuple(args.mserve_flags.split()), protocols, args.against,
-                                 {n: tuple(f.split()) for n, _, f in (v.partition("=") for v in args.variant)})))
+                                 {n: tuple(f.split()) for n, _, f in (v.partition("=") for v in args.variant)},
+                                 warm_up=not args.tiny)))
         if args.only == "cost":
             return
     import logging

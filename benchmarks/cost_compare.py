@@ -192,11 +192,12 @@ def scenarios(concurrency: list[int], protocols: tuple[str, ...] = PROTOCOLS) ->
 
 def compare(rounds: int, seconds: float, concurrency: list[int], mindspore: bool, body: str,
             mserve_flags: tuple[str, ...] = (), protocols: tuple[str, ...] = PROTOCOLS,
-            against: str | None = None, variants: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+            against: str | None = None, variants: dict[str, tuple[str, ...]] | None = None,
+            warm_up: bool = True) -> list[str]:
     """Run the rounds; returns the report's lines. ``against``: a git ref whose mserve
     runs beside this one (same flags, plain HTTP and gRPC), to measure a change;
     ``variants``: more mserve servers (plain HTTP and gRPC), name -> their extra flags,
-    to measure a setting."""
+    to measure a setting; ``warm_up``: a short unrecorded round first."""
     servers: list = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     try:
@@ -212,7 +213,7 @@ def compare(rounds: int, seconds: float, concurrency: list[int], mindspore: bool
             servers.append(MserveStarted("mserve HTTPS", tls=_certificates(tmp), extra=mserve_flags))
         plan = scenarios(concurrency, protocols)
         results: dict[tuple[str, str], list[dict]] = {}
-        for number in range(-1, rounds):  # round -1: a short warm-up of every path, not recorded
+        for number in range(-1 if warm_up else 0, rounds):  # round -1: a short warm-up of every path, not recorded
             for label, protocol, c in plan:
                 speaking = [s for s in servers if s.tls == (protocol == "HTTPS")]
                 if number % 2:
