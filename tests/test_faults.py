@@ -142,6 +142,14 @@ def children(pid: int, role: str) -> list[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def slow_root(tmp_path_factory):
     return write_slow(tmp_path_factory.mktemp("slow"))
@@ -525,13 +533,16 @@ def test_the_run_directory_of_a_killed_server_is_removed_by_the_next_start(slow_
         first.wait_ready()
         mine = {d for d in run_dirs() - before if owner(d) == first.proc.pid}  # other servers may run too
         assert mine, "no run directory"
+        left = frontends(first.proc.pid) + device_processes(first.proc.pid)
+        assert len(left) == 2, left
         first.proc.kill()  # kill -9: no stop, no cleanup; its children follow it
         first.proc.wait()
     finally:
         first.stop()
     deadline = time.monotonic() + 10
-    while frontends(first.proc.pid) and time.monotonic() < deadline:
+    while (left := [pid for pid in left if running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not left, f"processes of the killed server still running: {left}"  # none orphaned
     assert mine <= run_dirs()  # still there
     second = Served(slow_root, "--workers", "1")
     try:
