@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .links import ChannelClosed, Link, connect, parse_address
+from .worker import AGENT_PID_VARIABLE
 
 HEARTBEAT_INTERVAL = 0.5
 log = logging.getLogger("mserve.distributed.agent")
@@ -176,6 +177,7 @@ class Agent:
                  self.generation, orders["index"], orders["hosts"])
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "mserve.distributed.worker"], stdin=subprocess.PIPE, text=True,
+            env={**os.environ, AGENT_PID_VARIABLE: str(os.getpid())},  # it dies with this process
         )
         assert self.worker.stdin is not None
         self.worker.stdin.write(json.dumps(orders) + "\n")

@@ -152,21 +152,49 @@ class DistributedGroup:
     # ------------------------------------------------------------------ the model
 
     def attach(self, orders: ModelOrders, dtypes: Sequence[np.dtype]) -> None:
+        """The model every host serves. Another version of the served one (hot reload)
+        replaces it: every host's JAX process holds one version at a time, so the group
+        ends its generation and the hosts load the new version (503 meanwhile)."""
         with self._cond:
             if self.orders is not None and self.orders != orders:
                 served = f"{self.orders.servable} version {self.orders.version}"
-                if orders.servable == self.orders.servable:  # hot reload found another version
-                    raise GroupLoadError(
-                        f"the distributed group serves {served}: hot reload does not load version {orders.version} "
-                        f"of a servable that spans hosts; restart the main host (mserve start) to serve it"
-                    )
-                raise GroupLoadError(f"this server's distributed group already serves {served}; one distributed "
-                                     f"model per server")
+                if orders.servable != self.orders.servable:
+                    raise GroupLoadError(f"this server's distributed group already serves {served}; one distributed "
+                                         f"model per server")
+                log.info("distributed group: every host loads %s version %d in place of version %d (503 meanwhile)",
+                         orders.servable, orders.version, self.orders.version)
+                self._replace(orders, dtypes, [])
+                return
             self.orders = orders
             self._dtypes = [np.dtype(d) for d in dtypes]
             if self.state == "waiting":
                 self.reason = self._missing_text() or "starting"
             self._cond.notify_all()
+
+    def served(self) -> tuple[ModelOrders | None, list[np.dtype], list[tuple[tuple[int, ...], ...]]]:
+        """What the group serves (the model, its input dtypes, its warm-up shapes), to
+        `restore` should a version that replaces it fail to load."""
+        with self._cond:
+            return self.orders, list(self._dtypes), list(self._warm_shapes)
+
+    def restore(self, orders: ModelOrders, dtypes: Sequence[np.dtype],
+                warm_shapes: Sequence[tuple[tuple[int, ...], ...]]) -> None:
+        """Serve again what `served` returned (a new version failed to load)."""
+        with self._cond:
+            log.warning("distributed group: every host loads %s version %d again", orders.servable, orders.version)
+            self._replace(orders, dtypes, warm_shapes)
+
+    def _replace(self, orders: ModelOrders, dtypes: Sequence[np.dtype],
+                 warm_shapes: Sequence[tuple[tuple[int, ...], ...]]) -> None:
+        """(Holding the lock.) End the generation; the next one loads ``orders`` at once."""
+        self._end_generation(f"loading {orders.servable} version {orders.version}", count=False)
+        self.orders = orders
+        self._dtypes = [np.dtype(d) for d in dtypes]
+        self._warm_shapes = list(warm_shapes)
+        self.failure = None
+        self._served = False  # a model error of this version fails its load (`wait_ready`)
+        self._retry_at, self._failed_starts = 0.0, 0
+        self._cond.notify_all()
 
     def wait_ready(self) -> None:
         """Block until the group first serves; `GroupLoadError` when a host reports a
@@ -219,9 +247,15 @@ class DistributedGroup:
 
     # ------------------------------------------------------------------ batches
 
-    def run(self, arrays: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
-        """Run one batch on every process of the group; process 0's outputs."""
+    def run(self, arrays: Sequence[np.ndarray], timeout: float | None = None,
+            version: int | None = None) -> list[np.ndarray]:
+        """Run one batch on every process of the group; process 0's outputs.
+        ``version``: the caller's model version; another one served (a reload that
+        has replaced it) is a 503, never another version's answer."""
         with self._cond:
+            if version is not None and self.orders is not None and version != self.orders.version:
+                raise GroupUnavailable(f"version {version} is no longer served by the distributed group: it "
+                                       f"serves version {self.orders.version} now")
             if self.state != "ready" and not (self.state == "starting" and threading.current_thread().name
                                               == "mserve-distributed-supervise"):
                 raise GroupUnavailable(f"distributed servable not ready: {self.reason}")

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backends import Backend, LoadRequest, ModelRuntime, TensorSpec, installed_backends, register_backend
-from .coordinator import DistributedGroup, ModelOrders
+from .coordinator import DistributedGroup, GroupLoadError, ModelOrders
 from .model_module import load_model_module
 from .shards import WeightSlices, file_digest, model_specs
 
@@ -39,8 +39,9 @@ class GroupDevice:
 class DistributedRuntime:
     """A model instance whose devices are every device of every host of the group."""
 
-    def __init__(self, group: DistributedGroup, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+    def __init__(self, group: DistributedGroup, inputs: list[TensorSpec], outputs: list[TensorSpec], version: int):
         self.group = group
+        self.version = version  # the group refuses it once a reload has replaced it
         self.inputs = inputs
         self.outputs = outputs
         self.device = GroupDevice(group.settings.hosts)
@@ -53,7 +54,7 @@ class DistributedRuntime:
                 for name in report.get("devices", [])] or [str(self.device)]
 
     def predict(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.group.run(arrays)
+        return self.group.run(arrays, version=self.version)
 
     def warm_up(self, shapes: Sequence[Sequence[tuple[int, ...]]]) -> None:
         listed = [tuple(tuple(s) for s in one) for one in shapes]
@@ -96,9 +97,16 @@ def load_on_group(group: DistributedGroup, request: LoadRequest) -> DistributedR
         inputs, outputs = model_specs(options, weights.shapes())
     finally:
         weights.close()
-    group.attach(orders_for(request, model_format, weights_file), [spec.dtype for spec in inputs])
-    group.wait_ready()
-    return DistributedRuntime(group, inputs, outputs)
+    orders = orders_for(request, model_format, weights_file)
+    before = group.served()  # hot reload: what to serve again should this version fail
+    group.attach(orders, [spec.dtype for spec in inputs])
+    try:
+        group.wait_ready()
+    except GroupLoadError:
+        if before[0] is not None and before[0] != orders:
+            group.restore(*before)
+        raise
+    return DistributedRuntime(group, inputs, outputs, orders.version)
 
 
 DISTRIBUTED_FORMAT = "jax_distributed"  # the model of distributed.declare_servable

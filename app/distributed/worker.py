@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .links import ChannelClosed, Link, connect
+
+AGENT_PID_VARIABLE = "MSERVE_AGENT_PID"  # set by the agent that starts this process
 
 
 def check_same_files(folder: Path, digests: dict[str, str], index: int, here: dict[str, str]) -> None:
@@ -114,11 +117,34 @@ def serve(link: Link, program: Any, index: int) -> None:
             return
 
 
-def main() -> int:
-    from ..devices.process import die_with_parent
+def die_with_agent() -> None:
+    """Be killed by the kernel the moment the agent that started this process is gone
+    (``PR_SET_PDEATHSIG``; the agent starts it from the thread that runs the agent for
+    its whole life). A polling thread (`mserve.devices.process.die_with_parent`) is not
+    enough here: a JAX process waiting on the coordination service or a collective can
+    hold the interpreter lock, so the thread never runs, and an orphan left over from a
+    killed agent then troubles the next generation of the group (JAX sees a task
+    "connect with a different incarnation" and aborts them all). The agent names
+    itself in ``MSERVE_AGENT_PID``: one killed while this process was starting up
+    is already gone here, and then this process's parent is another one."""
+    parent = int(os.environ.get(AGENT_PID_VARIABLE) or os.getppid())
+    try:
+        import ctypes
 
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError):  # not Linux
+        from ..devices.process import die_with_parent
+
+        die_with_parent()
+    if os.getppid() != parent:  # the agent was gone before the line above took effect
+        os._exit(1)
+
+
+def main() -> int:
+    die_with_agent()
     orders = json.loads(sys.stdin.readline())
-    die_with_parent()
     index = orders["index"]
     link = connect(orders["main"])
     link.send(("worker", {"index": index, "generation": orders["generation"], "pid": os.getpid()}))
