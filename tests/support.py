@@ -7,6 +7,8 @@ a free port of 127.0.0.1, requests sent over a socket.
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import socket
 import textwrap
 from pathlib import Path
@@ -23,11 +25,40 @@ BUNDLED = REPO / "servables"
 ADD_BODY = {"instances": [{"x1": [[1.0, 2.0], [3.0, 4.0]], "x2": [[1.0, 2.0], [3.0, 4.0]]}]}
 
 
+class _PortPicker:
+    """Ports for servers the tests start, below the kernel's ephemeral range (from
+    32768): a port the kernel hands out (``bind(("", 0))``) is also what it gives the
+    next outgoing connection, and with several xdist workers one of those took a
+    port between the test picking it and the server binding it. Each worker walks a
+    slice of its own, so two workers never pick the same port."""
+
+    FIRST, SLICE = 20000, 3000
+
+    def __init__(self) -> None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        index = int(worker[2:]) if worker[2:].isdigit() else 0
+        self.first = self.FIRST + (index % 4) * self.SLICE
+        self.next = self.first + random.randrange(self.SLICE)
+
+    def pick(self) -> int:
+        for _ in range(self.SLICE):
+            port = self.next
+            self.next = self.first + (self.next + 1 - self.first) % self.SLICE
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError(f"no free port in {self.first}-{self.first + self.SLICE - 1}")
+
+
+_ports = _PortPicker()
+
+
 def free_port() -> int:
     """A port that was free a moment ago, for servers started as subprocesses."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _ports.pick()
 
 
 def export_to(path: Path, fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> Path:
