@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -59,6 +63,69 @@ _ports = _PortPicker()
 def free_port() -> int:
     """A port that was free a moment ago, for servers started as subprocesses."""
     return _ports.pick()
+
+
+class MserveStart:
+    """``mserve start ARGS --port P --no-access-log`` as a subprocess (device and
+    front-end processes, as a user runs it), its output in ``log_dir``."""
+
+    def __init__(self, args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, preexec_fn: Callable[[], None] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(log_dir) / f"mserve-{self.port}.log", "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mserve.cli", "start", *args, "--port", str(self.port), "--no-access-log"],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1", **(env or {})},
+            cwd=cwd, preexec_fn=preexec_fn,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until ``/ready`` answers 200 and the server has said it serves."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if requests.get(self.url + "/ready", timeout=2).status_code == 200 and "serving on" in self.output():
+                    return
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
+                pass
+            time.sleep(0.1)
+        raise AssertionError("not ready:\n" + self.output())
+
+    def stop(self) -> int:
+        """SIGTERM (a graceful stop), then its exit code; killed after 60 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def child_processes(pid: int, role: str | None = None) -> list[int]:
+    """The child processes of ``pid``; with ``role``, those running that module
+    (``python -m ROLE``, e.g. ``mserve.runtime.frontend_role``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                line = Path(f"/proc/{entry}/cmdline").read_bytes() if role else b""
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and (role is None or role.encode() in line):
+                found.append(int(entry))
+    return found
 
 
 def export_to(path: Path, fn: Callable[..., Any], *specs: jax.ShapeDtypeStruct) -> Path:

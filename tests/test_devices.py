@@ -27,7 +27,9 @@ from mserve.devices.channel import Channel, ChannelClosed
 from mserve.devices.shm import Buffer
 from mserve.devices.supervisor import DeviceGroup, device_env, plan_groups
 from mserve import server
-from support import export_to, free_port, spec, write_matmul_subgraphs, write_servable
+from support import (
+    MserveStart, child_processes, export_to, free_port, spec, write_matmul_subgraphs, write_servable,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,20 +97,6 @@ BIG_TILES = 3 * 1024 * 1024 // 16
 # --------------------------------------------------------------------------- process tree
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -119,7 +107,7 @@ def cmdline(pid: int) -> str:
 def tree(pid: int) -> dict[str, list[int]]:
     """The server's processes by role."""
     roles: dict[str, list[int]] = {"frontend": [], "device": []}
-    for child in children(pid):
+    for child in child_processes(pid):
         line = cmdline(child)
         if "mserve.runtime.device_role" in line:
             roles["device"].append(child)
@@ -134,45 +122,11 @@ def maps_jax(pid: int) -> bool:
     return "jaxlib" in Path(f"/proc/{pid}/maps").read_text()
 
 
-class Served:
-    """``mserve start ... --port P`` as a subprocess."""
+class Served(MserveStart):
+    """``mserve start ARGS --port P`` as a subprocess, its output in ``cwd`` (else /tmp)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open((cwd or Path("/tmp")) / f"mserve-{self.port}.log", "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.cli", "start", *args, "--port", str(self.port), "--no-access-log"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1", **(env or {})},
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if requests.get(self.url + "/ready", timeout=2).status_code == 200:
-                    if "serving on" in self.output():
-                        return
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
-                pass
-            time.sleep(0.1)
-        raise AssertionError("not ready:\n" + self.output())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__(args, cwd or Path("/tmp"), env=env)
 
 
 def post(url: str, path: str, body: dict, session: requests.Session | None = None) -> requests.Response:
@@ -435,7 +389,7 @@ def test_two_host_devices_get_a_device_process_each(tmp_path):
             assert reply.json()["instances"][0]["y"] == [2.0 * i + 1.0] * 4
     finally:
         assert served.stop() == 0, served.output()
-    assert not any(children(served.proc.pid))
+    assert not any(child_processes(served.proc.pid))
 
 
 def _device_of(url: str, pid: int) -> str:
@@ -531,7 +485,7 @@ def test_a_start_script_gets_frontends_and_a_device_process(tmp_path):
         proc.stdin.close()
         assert proc.stdout.readline().strip() == "STOPPED"
         assert proc.wait(60) == 0
-        assert not children(proc.pid)
+        assert not child_processes(proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()

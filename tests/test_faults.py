@@ -14,8 +14,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import export_to, free_port, spec, write_servable
+from support import MserveStart, child_processes, export_to, free_port, spec, write_servable
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,52 +60,20 @@ def write_slow(root: Path) -> Path:
     return root
 
 
-class Served:
-    """``mserve start ROOT --port P ...`` as a subprocess, its output in a file."""
+class Served(MserveStart):
+    """``mserve start ROOT ... --port P`` run in ``ROOT``, its output in a file there;
+    ``env={"MSERVE_TEST_NOFILE": "N"}`` lowers its descriptor limit (as a default
+    ``ulimit -n`` of 1024 would)."""
 
     def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / f"mserve-{self.port}.log", "w+b")
-        nofile = int((env or {}).pop("MSERVE_TEST_NOFILE", 0))
+        env = dict(env or {})
+        nofile = int(env.pop("MSERVE_TEST_NOFILE", 0))
 
-        def lower_descriptor_limit() -> None:  # as a default `ulimit -n` of 1024 would
+        def lower_descriptor_limit() -> None:
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mserve.cli", "start", str(root), "--port", str(self.port), "--no-access-log",
-             *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1", **(env or {})},
-            cwd=root, preexec_fn=lower_descriptor_limit,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if requests.get(self.url + "/ready", timeout=2).status_code == 200 and "serving on" in self.output():
-                    return
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.1)
-        raise AssertionError("not ready:\n" + self.output())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__([str(root), *args], root, env=env, cwd=root, preexec_fn=lower_descriptor_limit)
 
 
 def raw_post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[str, int | None]:
@@ -125,21 +91,6 @@ def raw_post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[str
         return "lost", None
     finally:
         conn.close()
-
-
-def children(pid: int, role: str) -> list[int]:
-    """The child processes of ``pid`` running the module ``role`` (``python -m ROLE``)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                line = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and role.encode() in line:
-                found.append(int(entry))
-    return found
 
 
 def running(pid: int) -> bool:
@@ -339,7 +290,7 @@ def test_grpc_stop_finishes_every_received_call(slow_root):
 
 def frontends(pid: int) -> list[int]:
     """The REST front-end processes of the server whose main process is ``pid``."""
-    return children(pid, "mserve.runtime.frontend_role")
+    return child_processes(pid, "mserve.runtime.frontend_role")
 
 
 def get_status(url: str) -> int | str:
@@ -556,7 +507,7 @@ def test_the_run_directory_of_a_killed_server_is_removed_by_the_next_start(slow_
 
 
 def device_processes(pid: int) -> list[int]:
-    return children(pid, "mserve.runtime.device_role")
+    return child_processes(pid, "mserve.runtime.device_role")
 
 
 def test_a_stopped_device_process_is_detected_and_restarted(slow_root):
