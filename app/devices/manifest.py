@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from ..rundir import ReplacedFile
+
 log = logging.getLogger("mserve.devices.manifest")
 
 FILE_NAME = "manifest.json"
@@ -68,20 +70,14 @@ class Follower:
         self.apply = apply
         self.interval = interval
         self.generation = 0
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, inode) of the file last read
+        self._file = ReplacedFile(self.path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll(self) -> bool:
         """Apply the manifest if it changed; whether it did."""
         try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        if (st.st_mtime_ns, st.st_ino) == self._seen:  # each write replaces the file: a new inode
-            return False
-        try:
-            data = read(self.path)
+            data = self._file.read_if_new(read)
         except (OSError, ValueError) as exc:  # written atomically, so this is unexpected
             log.error("cannot read %s: %s", self.path, exc)
             return False
@@ -89,7 +85,6 @@ class Follower:
             return False
         self.apply(data)
         self.generation = data["generation"]
-        self._seen = (st.st_mtime_ns, st.st_ino)
         return True
 
     def start(self) -> None:

@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from ..rundir import ReplacedFile
+
 FILE_NAME = "distributed.json"
 log = logging.getLogger("mserve.distributed")
 
@@ -84,7 +86,7 @@ class StatusFollower:
         self.on_change = on_change
         self.interval = interval
         self._state: tuple[bool, str] = (True, "ready")
-        self._seen: Any = None
+        self._file = ReplacedFile(self.path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -94,16 +96,11 @@ class StatusFollower:
     def poll(self) -> bool:
         """Read the file if it changed; whether the readiness changed."""
         try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        if (st.st_mtime_ns, st.st_ino) == self._seen:  # each write replaces the file: a new inode
-            return False
-        try:
-            data = json.loads(self.path.read_text())
+            data = self._file.read_if_new(lambda path: json.loads(path.read_text()))
         except (OSError, ValueError):
             return False
-        self._seen = (st.st_mtime_ns, st.st_ino)
+        if data is None:
+            return False
         state = (bool(data.get("ready")), str(data.get("reason", "")))
         if state == self._state:
             return False
