@@ -43,6 +43,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+from .ops.child_stderr import StderrRelay
+
 log = logging.getLogger("mserve.lifetime")
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -207,6 +209,25 @@ def children_born_blocking(signals: set[signal.Signals]) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_child(
+    args: Sequence[str], name: str, blocked: set[signal.Signals], relays: list[StderrRelay], **popen: Any
+) -> subprocess.Popen:
+    """Start one of the server's own processes (a front-end, a device process): born
+    with ``blocked`` (the stop signals it waits for, see `children_born_blocking`), its
+    stderr copied out whole lines at a time by a relay added to ``relays`` (see
+    `mserve.ops.child_stderr`). ``popen``: the rest of ``subprocess.Popen``'s arguments."""
+    relay = StderrRelay(name)
+    try:
+        with children_born_blocking(blocked):
+            proc = subprocess.Popen(list(args), stderr=relay.child_end, **popen)
+    except BaseException:
+        relay.abandon()
+        raise
+    relay.started()
+    relays.append(relay)
+    return proc
 
 
 def stop_processes(

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ServableLoadError
-from ..lifetime import children_born_blocking, stop_processes
+from ..lifetime import start_child, stop_processes
 from ..ops.child_stderr import StderrRelay
 from ..runtime.config import ServableStartConfig
 from . import manifest
@@ -190,24 +190,17 @@ class DeviceSupervisor:
 
             settings["distributed"] = self.distributed
             settings["distributed_status"] = str(status_path(self.run_dir))
-        relay = StderrRelay(f"device-{device.group.key}")
-        try:
-            with children_born_blocking({signal.SIGTERM, signal.SIGINT}):  # it waits for them (sigwait)
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mserve.runtime.device_role"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=relay.child_end, text=True, env=env,
-                    # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
-                    # or a group-wide SIGTERM reaches the server, which stops the device
-                    # processes last, after the front-ends drained. Without it a device process
-                    # exited first and was "restarted" mid-stop. (die_with_parent covers a
-                    # server killed outright.)
-                    start_new_session=True,
-                )
-        except BaseException:
-            relay.abandon()
-            raise
-        relay.started()
-        self.relays.append(relay)
+        proc = start_child(
+            [sys.executable, "-m", "mserve.runtime.device_role"], f"device-{device.group.key}",
+            {signal.SIGTERM, signal.SIGINT}, self.relays,  # it waits for them (sigwait)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            # Its own process group: Ctrl+C (SIGINT to the terminal's foreground group)
+            # or a group-wide SIGTERM reaches the server, which stops the device
+            # processes last, after the front-ends drained. Without it a device process
+            # exited first and was "restarted" mid-stop. (die_with_parent covers a
+            # server killed outright.)
+            start_new_session=True,
+        )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(settings))
         proc.stdin.close()

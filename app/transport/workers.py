@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from ..lifetime import children_born_blocking, stop_processes
+from ..lifetime import start_child, stop_processes
 from ..ops.child_stderr import StderrRelay
 from .balance import ConnectionBalance
 
@@ -115,23 +115,11 @@ class WorkerPool:
         env = dict(self.env if self.env is not None else os.environ)
         if self.manifest is not None:
             env.update(frontend_env())
-        relay = StderrRelay(f"worker-{index}")
-        try:
-            with children_born_blocking({signal.SIGTERM, signal.SIGUSR1}):  # it waits for them (sigwait)
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mserve.runtime.frontend_role"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=relay.child_end,
-                    pass_fds=fds,
-                    text=True,
-                    env=env,
-                )
-        except BaseException:
-            relay.abandon()
-            raise
-        relay.started()
-        self.relays.append(relay)
+        proc = start_child(
+            [sys.executable, "-m", "mserve.runtime.frontend_role"], f"worker-{index}",
+            {signal.SIGTERM, signal.SIGUSR1}, self.relays,  # it waits for them (sigwait)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds, text=True, env=env,
+        )
         assert proc.stdin is not None
         proc.stdin.write(json.dumps({**self.settings, "index": index}) + "\n")
         proc.stdin.flush()  # stdin stays open: the pool's orders (STOP) follow
