@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import requests
@@ -52,6 +53,9 @@ def wait(seconds):
 def affine(x):
     return register.add_stage(model, x, outputs_count=1)
 """
+
+
+AFFINE = {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}  # a predict of slow:affine
 
 
 def write_slow(root: Path) -> Path:
@@ -153,7 +157,7 @@ def test_a_connection_opened_before_the_stop_gets_its_request_answered(slow_root
     served = Served(slow_root, "--workers", "1", "--drain-timeout", "5")
     try:
         served.wait_ready()
-        body = json.dumps({"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}).encode()
+        body = json.dumps(AFFINE).encode()
         sock = socket.create_connection(("127.0.0.1", served.port), timeout=15)
         time.sleep(0.3)  # the front-end has taken the connection, nothing sent yet
         served.proc.send_signal(signal.SIGTERM)
@@ -206,7 +210,7 @@ def test_stop_signals_reach_only_the_thread_that_waits_for_them(slow_root):
         time.sleep(0.5)
         assert served.proc.poll() is None and frontend in frontends(served.proc.pid), served.output()
         assert requests.get(served.url + "/ready", timeout=10).status_code == 503
-        assert requests.post(served.url + "/model/slow:affine", json={"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]},
+        assert requests.post(served.url + "/model/slow:affine", json=AFFINE,
                              timeout=10).json() == {"instances": [{"y": [3.0, 5.0, 7.0, 9.0]}]}
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(30) == 0, served.output()
@@ -300,6 +304,23 @@ def get_status(url: str) -> int | str:
         return type(exc).__name__
 
 
+def statuses_while_a_frontend_is_replaced(
+    served: Served, marker: Path, seconds: float, ready: Callable[[], int | str], predict: Callable[[], int | str],
+) -> list[int | str]:
+    """kill -9 of one front-end (its replacement loads slowly: ``marker``), then what
+    ``ready()`` and ``predict()`` answer for ``seconds`` while the replacement loads."""
+    marker.touch()
+    os.kill(frontends(served.proc.pid)[0], signal.SIGKILL)
+    seen: list[int | str] = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        seen.append(ready())
+        seen.append(predict())
+        time.sleep(0.05)
+    assert "exited with code -9" in served.output(), served.output()
+    return seen
+
+
 def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_root):
     marker = slow_root / "slow" / "slow-load"
     served = Served(slow_root, "--workers", "2")
@@ -314,17 +335,14 @@ def test_readiness_is_one_answer_and_a_crashed_frontend_takes_no_clients(slow_ro
         served.wait_ready()
 
         # kill -9 of one front-end: its replacement loads, and takes no client meanwhile.
-        marker.touch()
-        victim = frontends(served.proc.pid)[0]
-        os.kill(victim, signal.SIGKILL)
-        seen: list[int | str] = []
-        until = time.monotonic() + 10  # the replacement starts and loads meanwhile
-        while time.monotonic() < until:
-            seen.append(get_status(served.url + "/ready"))
-            reply = raw_post(served.port, "/model/slow:affine", {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]})
-            seen.append(reply[1] if reply[0] == "ok" else reply[0])
-            time.sleep(0.05)
-        assert "exited with code -9" in served.output(), served.output()
+        def ready() -> int | str:
+            return get_status(served.url + "/ready")
+
+        def predict() -> int | str:
+            reply = raw_post(served.port, "/model/slow:affine", AFFINE)
+            return reply[1] if reply[0] == "ok" else reply[0]
+
+        seen = statuses_while_a_frontend_is_replaced(served, marker, 10, ready, predict)
         assert set(seen) == {200}, [s for s in seen if s != 200]
     finally:
         marker.unlink(missing_ok=True)
@@ -358,15 +376,8 @@ def test_over_https_a_crashed_frontend_takes_no_clients_while_its_replacement_lo
         while status("GET", "/ready") != 200 or "serving on" not in served.output():
             assert served.proc.poll() is None and time.monotonic() < deadline, served.output()
             time.sleep(0.1)
-        marker.touch()
-        os.kill(frontends(served.proc.pid)[0], signal.SIGKILL)
-        seen: list[int | str] = []
-        until = time.monotonic() + 8  # the replacement starts and loads meanwhile
-        while time.monotonic() < until:
-            seen.append(status("GET", "/ready"))
-            seen.append(status("POST", "/model/slow:affine", json={"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}))
-            time.sleep(0.05)
-        assert "exited with code -9" in served.output(), served.output()
+        seen = statuses_while_a_frontend_is_replaced(
+            served, marker, 8, lambda: status("GET", "/ready"), lambda: status("POST", "/model/slow:affine", json=AFFINE))
         assert set(seen) == {200}, [s for s in seen if s != 200]
     finally:
         marker.unlink(missing_ok=True)
@@ -388,7 +399,7 @@ def test_a_fresh_client_is_answered_while_a_connection_flood_is_accepted(slow_ro
             for _ in range(800):  # a burst of idle connections, then a fresh client right behind them
                 held.append(socket.create_connection(("127.0.0.1", served.port), timeout=10))
             started = time.monotonic()
-            reply = raw_post(served.port, "/model/slow:affine", {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]})
+            reply = raw_post(served.port, "/model/slow:affine", AFFINE)
             waits.append(time.monotonic() - started)
             assert reply == ("ok", 200)
         # Front-ends taking turns one connection at a time made this client wait many
@@ -512,7 +523,6 @@ def device_processes(pid: int) -> list[int]:
 
 def test_a_stopped_device_process_is_detected_and_restarted(slow_root):
     served = Served(slow_root, "--workers", "1", env={"MSERVE_DEVICE_HANG_TIMEOUT": "3"})
-    affine = {"instances": [{"x": [1.0, 2.0, 3.0, 4.0]}]}
     try:
         served.wait_ready()
         [device] = device_processes(served.proc.pid)
@@ -520,7 +530,7 @@ def test_a_stopped_device_process_is_detected_and_restarted(slow_root):
         started = time.monotonic()
         # A call waiting on the stopped process is answered once the watchdog acts, not
         # after the request timeout (100 s).
-        outcome = raw_post(served.port, "/model/slow:affine", affine, timeout=60)
+        outcome = raw_post(served.port, "/model/slow:affine", AFFINE, timeout=60)
         assert outcome[0] == "ok" and time.monotonic() - started < 30, outcome
         deadline = time.monotonic() + 90
         while "serves again" not in served.output() and time.monotonic() < deadline:
@@ -529,7 +539,7 @@ def test_a_stopped_device_process_is_detected_and_restarted(slow_root):
         assert "has not reported for" in out and "marking it down and restarting it" in out, out[-3000:]
         assert "serves again" in out, out[-3000:]
         assert device not in device_processes(served.proc.pid)
-        assert raw_post(served.port, "/model/slow:affine", affine) == ("ok", 200)
+        assert raw_post(served.port, "/model/slow:affine", AFFINE) == ("ok", 200)
     finally:
         for pid in device_processes(served.proc.pid):
             os.kill(pid, signal.SIGCONT)
