@@ -352,3 +352,19 @@ def test_graceful_stop_finishes_in_flight_requests(certs):
         requests.get(url, verify=str(certs.ca), timeout=2)
     idle.close()
     transport.stop()  # twice is fine
+
+
+def test_keep_alive_predicts_over_tls_take_the_direct_lane_and_count_as_started(servers, certs):
+    """Once the path is known to be quick, a keep-alive HTTPS predict is answered
+    straight from the decrypted read (mserve.transport.direct), like plain HTTP."""
+    transport = servers.mutual.transport
+    url = f"https://127.0.0.1:{servers.mutual.port}{ADD}"
+    with requests.Session() as session:
+        session.cert = str(certs.client)
+        before_direct, before_started = transport.direct_requests, transport.requests_started
+        for _ in range(20):
+            r = session.post(url, json=ADD_BODY, verify=str(certs.ca), headers={"X-Request-ID": "tls-direct"})
+            assert r.status_code == 200 and r.json() == EXPECTED
+            assert r.headers["X-Request-ID"] == "tls-direct"
+    assert transport.direct_requests - before_direct >= 10
+    assert transport.requests_started - before_started == 20

@@ -52,7 +52,11 @@ _COUNTER = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 def request_id(environ: dict[str, Any]) -> str:
     """The client's X-Request-ID when sane, else a new id."""
-    given = environ.get("HTTP_X_REQUEST_ID")
+    return checked_request_id(environ.get("HTTP_X_REQUEST_ID"))
+
+
+def checked_request_id(given: str | None) -> str:
+    """``given`` (a client's X-Request-ID) when sane, else a new id."""
     if given and _SANE_ID.fullmatch(given):
         return given
     return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFF:08x}"

@@ -54,6 +54,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import BadRequest, RequestEntityTooLarge
 
+from . import direct
 from .balance import ConnectionBalance
 from ..protocol.codec import dumps
 from .inline import InlinePolicy
@@ -182,6 +183,13 @@ def json_error_reply(status: str, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+def closing_reply(version: str, status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A complete ``Connection: close`` reply, sent ahead of (instead of) the app's."""
+    lines = [f"HTTP/{version} {status}", *(f"{k}: {v}" for k, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close", "Server: mserve"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 class _JsonErrorTask(ErrorTask):
     def execute(self) -> None:
         error = self.request.error
@@ -278,12 +286,10 @@ class _Task(WSGITask):
         try:
             if self.wrote_header or self.abandoned:
                 return False
-            lines = [f"HTTP/{self.version} {status}", *(f"{k}: {v}" for k, v in headers),
-                     f"Content-Length: {len(body)}", "Connection: close", "Server: mserve"]
             self.abandoned = self.wrote_header = True
             self.close_on_finish = True
             try:
-                self.channel.write_soon(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+                self.channel.write_soon(closing_reply(self.version, status, headers, body))
             except Exception:  # noqa: BLE001 - the client is gone
                 return False
             return True
@@ -305,6 +311,36 @@ class _Task(WSGITask):
             super().write(data)
 
 
+class _DirectReply:
+    """Who answers a direct predict (`ServingChannel.serve_direct`): the app, or
+    the deadline watcher's early reply (`mserve.transport.wsgi.DeadlineWatch`),
+    whichever comes first; the other's reply is dropped."""
+
+    def __init__(self, channel: "ServingChannel"):
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._taken:
+                return False
+            self._taken = True
+            return True
+
+    def __call__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """``mserve.reply_early``, from the deadline watcher's thread."""
+        if not self.take():
+            return False
+        channel = self.channel
+        try:
+            channel.reply_and_close(closing_reply("1.1", status, headers, body))
+        except Exception:  # noqa: BLE001 - the client is gone
+            return False
+        channel.server.pull_trigger()
+        return True
+
+
 class ServingChannel(HTTPChannel):
     task_class = _Task
     error_task_class = _JsonErrorTask
@@ -319,8 +355,11 @@ class ServingChannel(HTTPChannel):
     linger_after = False  # closing after a reply: half-close and drain first (see _half_close)
     half_closed = False
     linger_until = 0.0
+    direct_busy = False  # a direct predict of this connection runs: read nothing more until it is answered
 
     def readable(self) -> bool:
+        if self.direct_busy:
+            return False
         return True if self.half_closed else super().readable()
 
     def handle_read(self) -> None:
@@ -403,8 +442,58 @@ class ServingChannel(HTTPChannel):
                 self.reply_and_close(json_error_reply("400 Bad Request", _TLS_ON_PLAIN_MESSAGE))
                 return False
         if self.request is None:
+            if self.server.direct is not None and self.serve_direct(data):
+                return True
             self.head_started = time.monotonic()
         return super().received(data)
+
+    def serve_direct(self, data: bytes) -> bool:
+        """Answer ``data`` here and now when it is one simple predict that may run
+        on this thread (`mserve.transport.direct`); False: Waitress takes it."""
+        server = self.server
+        if (self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed
+                or server.draining or server.inline is None or threading.current_thread() is not server.loop_thread):
+            return False
+        request = direct.parse(data, self.adj.max_request_header_size, server.max_body_bytes)
+        if request is None or not server.inline.allows("POST", request.path, len(request.body)):
+            return False
+        if server.shed is not None and server.shed(len(server.task_dispatcher.queue)):
+            return False  # Waitress's path answers the 503 on this thread
+        replier = _DirectReply(self)
+        peer = {"REMOTE_ADDR": self.addr[0] if self.addr else None, "CONTENT_LENGTH": len(request.body)}
+        self.direct_busy = True
+        server.direct_served += 1
+        server.inline_since = time.monotonic()
+        try:
+            answer = server.direct(request.path, request.body, request.request_id, peer, replier)
+        finally:
+            self.direct_busy = False
+            if server.loop_thread is threading.current_thread():
+                server.inline_since = 0.0
+        if answer is None:
+            server.direct_served -= 1
+            return False  # not a path the app answers this way: nothing was consumed
+        if replier.take():
+            status_line, headers, reply = answer
+            self.send_reply(server.reply_head.build(status_line, headers) + reply)
+        return True
+
+    def send_reply(self, payload: bytes) -> None:
+        """Send a complete reply: at once from the loop thread when nothing is
+        queued before it; what the socket does not take waits in the buffers."""
+        server = self.server
+        on_loop = threading.current_thread() is server.loop_thread
+        if on_loop and not self.total_outbufs_len:
+            sent = self.send(payload)
+            if sent >= len(payload) or not self.connected:
+                return  # all sent, or the client is gone
+            payload = payload[sent:]
+        with self.outbuf_lock:
+            self.outbufs[-1].append(payload)
+            self.current_outbuf_count += len(payload)
+            self.total_outbufs_len += len(payload)
+        if not on_loop:
+            server.pull_trigger()
 
     def reply_and_close(self, payload: bytes) -> None:
         """Queue ``payload`` (a complete reply) and close once it is sent."""
@@ -464,6 +553,9 @@ class ServingServer(TcpWSGIServer):
     max_body_bytes = 0
     inline_since = 0.0  # monotonic start of the inline request running now, else 0
     evicted = 0  # connections closed to make room for new ones
+    direct: Callable[..., Any] | None = None  # the app's direct_predict (mserve.transport.direct)
+    direct_served = 0  # predicts taken that way
+    reply_head: direct.ReplyHead
 
     def add_task(self, task: Any) -> None:
         # ``task`` is the channel with a complete request at requests[0].
@@ -730,6 +822,8 @@ class WaitressTransport:
         # Waitress wraps the app in a middleware that deletes X-Forwarded-* headers
         # from every request's environ; mserve never reads them, so skip its cost.
         self._server.application = self.app
+        self._server.direct = getattr(app, "direct_predict", None)
+        self._server.reply_head = direct.ReplyHead(adj.ident)
         self._closed = False
         self._stopping = threading.Event()
         self._thread = self._loop_thread()
@@ -743,6 +837,11 @@ class WaitressTransport:
     def connections(self) -> int:
         """Connections open now."""
         return len(self._server.active_channels)
+
+    @property
+    def direct_requests(self) -> int:
+        """Predicts taken straight from the bytes read (`mserve.transport.direct`)."""
+        return self._server.direct_served
 
     @property
     def evicted(self) -> int:

@@ -340,6 +340,14 @@ class _Counted:
             self.served += 1
         return self.app(environ, start_response)
 
+    def direct_predict(self, *args: Any) -> Any:
+        """The app's direct predicts (`mserve.transport.direct`), counted alike."""
+        answer = self.app.direct_predict(*args)
+        if answer is not None:
+            with self._lock:
+                self.served += 1
+        return answer
+
 
 class TlsTransport(WaitressTransport):
     """A WSGI app on a listening socket over HTTPS; the HTTP transport with TLS."""

@@ -25,7 +25,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from ..ops.access_log import current_request_id, log_request, request_id
+from ..ops.access_log import checked_request_id, current_request_id, log_request, request_id
 from ..protocol.codec import dumps
 from ..errors import PayloadTooLarge
 from .inline import InlinePolicy, ThreadClock
@@ -164,10 +164,9 @@ class MserveApp:
         self.clock = ThreadClock()  # what a predict cost its thread (InlinePolicy)
         self.v2 = v2_routes.V2Routes(self, read_body)  # /v2/...: the Open Inference Protocol
 
-    def _arm_deadline(self, environ: dict[str, Any], rid: str) -> int | None:
+    def _arm_deadline(self, reply_early: Any, rid: str) -> int | None:
         """Have the deadline reply sent when the handler is still busy at the
-        deadline (transports that can send one: ``mserve.reply_early``)."""
-        reply_early = environ.get("mserve.reply_early")
+        deadline (transports that can send one give ``reply_early``)."""
         if reply_early is None:
             return None
         handler = self.handler
@@ -198,48 +197,87 @@ class MserveApp:
     def _predict(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
         path = request_path(environ)
         inline = environ.get("mserve.inline", False)
-        clock = self.clock.sample() if self.inline is not None else (0.0, 0.0)
-        headers = [("Content-Type", "application/json"), ("X-Request-ID", rid)]
-        body = b""
         if environ.get("mserve.shed"):
             # Over capacity (the transport counted the queue): answer at once.
-            status, reply, extra = self.handler.shed_reply()
-            headers.extend(extra.items())
+            status, reply, extra = self.handler.shed_reply()  # a 503: the inline policy does not learn from it
+            status_line, headers = self._finish(path, status, reply, extra, rid, started, inline, None, environ)
         else:
             try:
                 body = read_body(environ, self.max_body_bytes)
             except PayloadTooLarge as exc:
                 # No "Connection: close" here: Waitress refuses hop-by-hop headers from
                 # the app (a 500); the body was read, so the connection stays usable.
-                status, reply = exc.status, dumps({"error_msg": exc.message})
+                status, reply, extra = exc.status, dumps({"error_msg": exc.message}), {}
             except Exception:  # the client went away mid-body, or the stream broke
                 log.warning("reading the request body failed", exc_info=True)
-                status, reply = 400, dumps({"error_msg": "Parse request failed: the request body could not be read"})
+                status, reply, extra = 400, dumps(
+                    {"error_msg": "Parse request failed: the request body could not be read"}), {}
             else:
-                watch = self._arm_deadline(environ, rid)
-                epoch = self.epochs.enter()
-                try:
-                    status, reply, extra = self.handler.handle(path, body)
-                except BaseException:  # noqa: BLE001 - the handler never raises; if it does, still reply
-                    log.exception("predict %s failed", path)
-                    status, reply, extra = 500, dumps({"error_msg": INTERNAL_MESSAGE}), {}
-                finally:
-                    self.epochs.leave(epoch)
-                    if watch is not None:
-                        self.deadlines.disarm(watch)
-                headers.extend(extra.items())
-        headers.append(("Content-Length", str(len(reply))))
-        start_response(_STATUS_LINES.get(status) or f"{status} Error", headers)
+                status_line, headers, reply = self.serve_predict(
+                    path, body, rid, started, inline, environ.get("mserve.reply_early"), environ)
+                start_response(status_line, headers)
+                return [reply]
+            clock = self.clock.sample() if self.inline is not None else None
+            status_line, headers = self._finish(path, status, reply, extra, rid, started, inline, clock, environ)
+        start_response(status_line, headers)
+        return [reply]
+
+    def direct_predict(
+        self, path: str, body: bytes, given_id: str | None, peer: dict[str, Any], reply_early: Any
+    ) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """A predict the transport parsed itself (`mserve.transport.direct`), run on
+        its I/O thread: the status line, headers and body to send, or None for a
+        path it does not answer this way (``/v2``). ``peer`` holds the environ entries
+        the access log reads (``REMOTE_ADDR``, ``CONTENT_LENGTH``)."""
+        if v2_routes.serves(path):
+            return None
+        started = time.perf_counter()
+        rid = checked_request_id(given_id)
+        token = current_request_id.set(rid)
+        try:
+            return self.serve_predict(path, body, rid, started, True, reply_early, peer)
+        finally:
+            current_request_id.reset(token)
+
+    def serve_predict(
+        self, path: str, body: bytes, rid: str, started: float, inline: bool, reply_early: Any,
+        environ: dict[str, Any],
+    ) -> tuple[str, list[tuple[str, str]], bytes]:
+        """Run one predict whose body has been read: deadline, request epoch, the
+        handler, then `_finish`."""
+        clock = self.clock.sample() if self.inline is not None else None
+        watch = self._arm_deadline(reply_early, rid)
+        epoch = self.epochs.enter()
+        try:
+            status, reply, extra = self.handler.handle(path, body)
+        except BaseException:  # noqa: BLE001 - the handler never raises; if it does, still reply
+            log.exception("predict %s failed", path)
+            status, reply, extra = 500, dumps({"error_msg": INTERNAL_MESSAGE}), {}
+        finally:
+            self.epochs.leave(epoch)
+            if watch is not None:
+                self.deadlines.disarm(watch)
+        status_line, headers = self._finish(path, status, reply, extra, rid, started, inline, clock, environ)
+        if len(body) >= RELEASE_AFTER_BYTES:
+            release_memory(collect=status >= 400)
+        return status_line, headers, reply
+
+    def _finish(
+        self, path: str, status: int, reply: bytes, extra: dict[str, str], rid: str, started: float, inline: bool,
+        clock: tuple[float, float] | None, environ: dict[str, Any],
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """What every predict reply gets: its headers, what it cost taught to the
+        inline policy, the request metrics and the access-log record."""
+        headers = [("Content-Type", "application/json"), ("X-Request-ID", rid), *extra.items(),
+                   ("Content-Length", str(len(reply)))]
         elapsed = time.perf_counter() - started
-        if self.inline is not None and status not in (404, 503):  # 404s would let clients fill its table
+        if clock is not None and status not in (404, 503):  # 404s would let clients fill its table
             on_cpu, queued = self.clock.sample()
             cpu = on_cpu - clock[0]
             self.inline.observe(path, cpu, elapsed if inline else None, elapsed - cpu - (queued - clock[1]))
         self.metrics.observe(path, status, elapsed, inline)
         log_request("POST", path, status, elapsed, rid, environ, len(reply))
-        if len(body) >= RELEASE_AFTER_BYTES:
-            release_memory(collect=status >= 400)
-        return [reply]
+        return _STATUS_LINES.get(status) or f"{status} Error", headers
 
     def _other(self, environ: dict[str, Any], start_response: Any, rid: str, started: float) -> Any:
         seen: list[int] = []
