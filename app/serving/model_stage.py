@@ -259,27 +259,26 @@ class ModelStage:
     def run(self, rows: Sequence[Sequence[Any]]) -> list[tuple | InstanceError]:
         """Run checked rows (one tuple of inputs per instance); a result or an
         `InstanceError` per row, in order."""
-        results: list[tuple | InstanceError | None] = [None] * len(rows)
-        checked: dict[int, tuple] = {}
-        for i, args in enumerate(rows):
+        checked: list[tuple | InstanceError] = []
+        for args in rows:
             try:
-                checked[i] = self.check(args)
+                checked.append(self.check(args))
             except InstanceError as exc:
-                results[i] = exc
-        if not self.model.with_batch_dim:
-            for i, row in checked.items():
-                results[i] = self._call_one(row)
-        else:
-            groups: dict[tuple, list[int]] = {}
-            for i, row in checked.items():
+                checked.append(exc)
+        if not self.model.with_batch_dim:  # one call per row
+            return [row if isinstance(row, InstanceError) else self._call_one(row) for row in checked]
+        results: list[tuple | InstanceError] = list(checked)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(checked):
+            if not isinstance(row, InstanceError):
                 groups.setdefault(self.batch_key(row), []).append(i)
-            for members in groups.values():
-                step = self.max_batch_size or len(members)
-                for start in range(0, len(members), step):
-                    chunk = members[start : start + step]
-                    for i, out in zip(chunk, self.run_batch([checked[i] for i in chunk])):
-                        results[i] = out
-        return results  # type: ignore[return-value]
+        for members in groups.values():
+            step = self.max_batch_size or len(members)
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                for i, out in zip(chunk, self.run_batch([checked[i] for i in chunk])):  # type: ignore[misc]
+                    results[i] = out
+        return results
 
     def _call_one(self, args: Sequence[np.ndarray]) -> tuple | InstanceError:
         try:
