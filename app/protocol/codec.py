@@ -59,6 +59,7 @@ _LEAF_TYPES = {int: "int32", float: "float32", bool: "bool", str: "str"}
 # MindSpore names a type by its first name in sorted order: fp32 -> float32.
 _CANONICAL = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
 _TEXT_TYPES = ("str", "bytes")
+_FLOAT16 = np.dtype(np.float16)
 _B64_KEY_SET = frozenset(("b64", "type", "shape"))
 
 
@@ -438,7 +439,7 @@ def _encode_array(array: np.ndarray) -> Any:
         raise OutputError(f"output dtype {array.dtype} cannot be encoded as JSON")
     if kind == "f":
         _check_finite(array)
-    if array.dtype == np.float16:
+    if kind == "f" and array.dtype == _FLOAT16:  # a dtype, not np.float16: no conversion per call
         # orjson prints float16 through float32 (0.1 -> 0.099975586); go through
         # numpy's shortest float16 repr so the client sees what the model meant.
         # str() of a numpy float16 is its shortest round-trip decimal ("0.1").
