@@ -377,6 +377,7 @@ class _TimedRuntime:
     def __init__(self, runtime: Any, metrics: _StageMetrics):
         self._runtime = runtime
         self._metrics = metrics
+        self._observe = metrics.model.observe  # bound once: this runs on every model call
         self._compiled = getattr(runtime, "compile_count", 0)
 
     def predict(self, arrays: Any) -> Any:
@@ -384,11 +385,14 @@ class _TimedRuntime:
         try:
             return self._runtime.predict(arrays)
         finally:
-            self._metrics.model.observe(time.perf_counter() - started)
-            compiled = getattr(self._runtime, "compile_count", 0)
-            if compiled != self._compiled:
-                self._metrics.compilations.inc(max(compiled - self._compiled, 0))
-                self._compiled = compiled
+            self._observe(time.perf_counter() - started)
+            if getattr(self._runtime, "compile_count", 0) != self._compiled:
+                self._count_compilations()
+
+    def _count_compilations(self) -> None:
+        compiled = getattr(self._runtime, "compile_count", 0)
+        self._metrics.compilations.inc(max(compiled - self._compiled, 0))
+        self._compiled = compiled
 
     @property
     def compile_count(self) -> int:

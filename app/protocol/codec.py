@@ -59,6 +59,7 @@ _LEAF_TYPES = {int: "int32", float: "float32", bool: "bool", str: "str"}
 # MindSpore names a type by its first name in sorted order: fp32 -> float32.
 _CANONICAL = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
 _TEXT_TYPES = ("str", "bytes")
+_FLOAT16 = np.dtype(np.float16)
 _B64_KEY_SET = frozenset(("b64", "type", "shape"))
 
 
@@ -121,7 +122,9 @@ def decode_value(value: Any) -> Any:
     if kind is dict:
         return decode_b64_object(value)
     if kind is float:
-        return _float32(np.array(value, dtype=np.float64))
+        if -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
+            return np.array(value, dtype=np.float32)
+        return _float32(np.array(value, dtype=np.float64))  # raises
     if kind is bool:
         return np.array(value, dtype=np.bool_)
     if kind is int:
@@ -150,24 +153,50 @@ def _decode_array(value: list) -> Any:
         except ValueError:
             obj = None
         if obj is not None and obj.size and 0 not in obj.shape:
-            kinds = set(map(type, obj.ravel()))
+            # The leaves as a list: iterating it costs less than iterating the object array.
+            flat = obj.ravel().tolist()
+            kinds = set(map(type, flat))
             if len(kinds) == 1:
                 leaf = kinds.pop()
                 dtype = _LEAF_DTYPES.get(leaf)
                 if dtype is not None:
                     if leaf is int:
-                        try:
-                            wide = obj.astype(np.int64)
-                        except OverflowError:  # beyond int64 (orjson parses up to uint64)
-                            wide = None
-                        if wide is None or wide.min() < _INT32_MIN or wide.max() > _INT32_MAX:
-                            flat = obj.ravel().tolist()
-                            _check_int32(max(flat) if max(flat) > _INT32_MAX else min(flat))
-                        return wide.astype(np.int32)
+                        return _int32_array(obj, flat)
                     if leaf is float:
-                        return _float32(obj.astype(np.float64))
+                        return _float32_array(obj, flat)
                     return obj.astype(dtype)
     return _decode_array_slow(value)
+
+
+# Up to this many leaves, range checks run on the Python list: a numpy reduction
+# costs a few µs whatever the size (most requests carry a few values), Python's
+# min/max about 15 ns a leaf.
+_SMALL_ARRAY = 64
+
+
+def _int32_array(obj: np.ndarray, flat: list) -> np.ndarray:
+    """An object array of Python ints as int32, refusing any beyond int32's range."""
+    if len(flat) > _SMALL_ARRAY:
+        try:
+            wide = obj.astype(np.int64)
+        except OverflowError:  # beyond int64 (orjson parses up to uint64): refused below
+            wide = None
+        if wide is not None and wide.min() >= _INT32_MIN and wide.max() <= _INT32_MAX:
+            return wide.astype(np.int32)
+    high, low = max(flat), min(flat)
+    if high > _INT32_MAX or low < _INT32_MIN:
+        _check_int32(high if high > _INT32_MAX else low)
+    return obj.astype(np.int32)
+
+
+def _float32_array(obj: np.ndarray, flat: list) -> np.ndarray:
+    """An object array of Python floats as float32 (see `_float32`)."""
+    # JSON floats are finite (orjson refuses NaN and overflow): the largest magnitude
+    # is max or -min. A failure goes through `_float32` too, which names the first.
+    if len(flat) > _SMALL_ARRAY or max(flat) >= _FLOAT32_OVERFLOW or min(flat) <= -_FLOAT32_OVERFLOW:
+        return _float32(obj.astype(np.float64))
+    # object -> float32 rounds each double once, exactly as float64 -> float32 does.
+    return obj.astype(np.float32)
 
 
 def _object_type(node: Any) -> str | None:
@@ -410,7 +439,7 @@ def _encode_array(array: np.ndarray) -> Any:
         raise OutputError(f"output dtype {array.dtype} cannot be encoded as JSON")
     if kind == "f":
         _check_finite(array)
-    if array.dtype == np.float16:
+    if kind == "f" and array.dtype == _FLOAT16:  # a dtype, not np.float16: no conversion per call
         # orjson prints float16 through float32 (0.1 -> 0.099975586); go through
         # numpy's shortest float16 repr so the client sees what the model meant.
         # str() of a numpy float16 is its shortest round-trip decimal ("0.1").
@@ -424,6 +453,10 @@ def _encode_array(array: np.ndarray) -> Any:
 
 
 def _check_finite(array: np.ndarray) -> None:
+    # Small arrays (most replies) are checked on a list: np.isfinite(...).all() costs
+    # a few µs whatever the size. A failure is found again below, to name where.
+    if array.size <= _SMALL_ARRAY and all(map(math.isfinite, array.ravel().tolist())):
+        return
     finite = np.isfinite(array)
     if not finite.all():
         where = np.argwhere(~finite)[0].tolist() if array.ndim else []

@@ -51,6 +51,13 @@ def _repeated(key: str, times: int, where: str = "") -> BadRequest:
     return _parse_failed(f"key '{key}' expects to exist once, but actually {times} times", where)
 
 
+# Keys as JSON text, kept for `_refuse_repeated_keys`: requests repeat the same few
+# keys ("instances", the input names). Bounded: clients choose the keys.
+_QUOTED: dict[str, bytes] = {}
+_MAX_QUOTED = 1024
+_MAX_QUOTED_LENGTH = 256
+
+
 def _refuse_repeated_keys(body: bytes, request: dict[str, Any]) -> None:
     """A key given twice in one object (the parser keeps the last one silently):
     refused, naming the key. Cheap first: a key that occurs in the body no more often
@@ -63,7 +70,11 @@ def _refuse_repeated_keys(body: bytes, request: dict[str, Any]) -> None:
         for key in instance:
             expected[key] = expected.get(key, 0) + 1
     for key, times in expected.items():
-        quoted = orjson.dumps(key)
+        quoted = _QUOTED.get(key)
+        if quoted is None:
+            quoted = orjson.dumps(key)
+            if len(_QUOTED) < _MAX_QUOTED and len(key) <= _MAX_QUOTED_LENGTH:
+                _QUOTED[key] = quoted
         if body.count(quoted) > times:
             _find_repeated_key(body)
             return
@@ -169,22 +180,29 @@ def method_inputs(instances: list[dict[str, Any]], method: MethodDef, servable: 
 
 def build_reply(method: MethodDef, results: Sequence[list[Any] | InstanceError]) -> tuple[int, dict]:
     encoded: list[dict | InstanceError] = []
+    failed: list[InstanceError] = []
+    names = method.output_names
     for result in results:
         if isinstance(result, InstanceError):
             encoded.append(result)
+            failed.append(result)
             continue
         position = 0
         try:
             values = {}
-            for position, (name, value) in enumerate(zip(method.output_names, result)):
+            for position, (name, value) in enumerate(zip(names, result)):
                 values[name] = encode_value(value)
             encoded.append(values)
+            continue
         except NonFiniteOutput as exc:  # from the client's values, not a server fault
-            encoded.append(InstanceError(f"{method.name} output cannot be sent: {exc}", status=400))
+            error = InstanceError(f"{method.name} output cannot be sent: {exc}", status=400)
         except OutputError as exc:
-            encoded.append(InstanceError(method.unsendable(position, exc), status=500))
+            error = InstanceError(method.unsendable(position, exc), status=500)
+        encoded.append(error)
+        failed.append(error)
 
-    failed = [e for e in encoded if isinstance(e, InstanceError)]
+    if encoded and not failed:  # the usual reply: every instance's values as they are
+        return 200, {"instances": encoded}
     if len(failed) < len(encoded):
         return 200, {"instances": [_instance_body(e) for e in encoded]}
     statuses = {e.status for e in failed}

@@ -20,7 +20,26 @@ class PredictTarget(NamedTuple):
     method: str
 
 
+# Parsed paths, kept: clients call a few paths over and over, and parsing one costs
+# several µs of a small model's predict. Bounded in count (emptied when full) and in
+# length, since any client can send any path; only paths that parse are kept.
+_PARSED: dict[str, PredictTarget] = {}
+_MAX_PARSED = 1024
+_MAX_PARSED_LENGTH = 256
+
+
 def parse_predict_path(path: str) -> PredictTarget:
+    target = _PARSED.get(path)
+    if target is None:
+        target = _parse(path)
+        if len(path) <= _MAX_PARSED_LENGTH:
+            if len(_PARSED) >= _MAX_PARSED:
+                _PARSED.clear()
+            _PARSED[path] = target
+    return target
+
+
+def _parse(path: str) -> PredictTarget:
     parts = path.strip("/").split("/")
     if "model" not in parts[::2]:
         raise BadRequest("please check url, the keyword:[model] must contain.")

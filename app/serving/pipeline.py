@@ -87,13 +87,14 @@ def run_method(
 
     # Tell the batchers ahead how many rows are coming, so they wait for them (and
     # only for them); whatever never arrives is counted off in the finally.
-    alive_count = sum(e is None for e in errors)
+    alive_count = errors.count(None)
     announced = {}
-    for position, stage in enumerate(method.stages):
-        batcher = version.batchers.get(stage.target.index) if stage.is_model else None  # type: ignore[union-attr]
-        if batcher is not None and alive_count:
-            batcher.expect(alive_count)
-            announced[position] = batcher
+    if version.batchers and alive_count:  # a version without batchers skips the walk
+        for position, stage in enumerate(method.stages):
+            batcher = version.batchers.get(stage.target.index) if stage.is_model else None  # type: ignore[union-attr]
+            if batcher is not None:
+                batcher.expect(alive_count)
+                announced[position] = batcher
     token = current_version.set(_StageContext(version, deadline))
     try:
         for position, stage in enumerate(method.stages):

@@ -512,18 +512,18 @@ class ServableRegistry:
         """The version (0 = newest) and method a request names, or `NotFound` in
         MindSpore Serving's words, followed by what is served and the nearest name."""
         servable = self._servables.get(name)
-        shown = f" version({version}) " if version else ""
-        head = f"Request servable({clip(name)}) method({clip(method)}) {shown}"
         if servable is None:
-            raise NotFound(f"{head}, servable is not available{self.servable_hint(name)}")
+            raise NotFound(f"{_head(name, version, method)}, servable is not available{self.servable_hint(name)}")
         if version and version not in servable.versions:
             served = ", ".join(map(str, sorted(servable.versions)))
-            raise NotFound(f"{head}, servable is not available; servable {name} serves version(s) {served}")
+            raise NotFound(
+                f"{_head(name, version, method)}, servable is not available; servable {name} serves version(s) {served}"
+            )
         loaded = servable.versions[version or servable.latest]
         found = loaded.methods.get(method)
         if found is None:
             hint = _nearest(method, list(loaded.methods), f"; servable {name} has method(s) ")
-            raise NotFound(f"{head}, method is not available{hint}")
+            raise NotFound(f"{_head(name, version, method)}, method is not available{hint}")
         return loaded, found
 
     def servable_hint(self, name: str) -> str:
@@ -532,6 +532,12 @@ class ServableRegistry:
         if not served:
             return "; no servable is loaded"
         return _nearest(name, served, "; served: ")
+
+
+def _head(name: str, version: int, method: str) -> str:
+    """The start of a lookup's `NotFound` (made only when one is raised)."""
+    shown = f" version({version}) " if version else ""
+    return f"Request servable({clip(name)}) method({clip(method)}) {shown}"
 
 
 # Client-supplied names are echoed in errors only this long: a URL may be megabytes.
