@@ -134,3 +134,47 @@ def test_deferred_access_records_keep_their_facts_and_time():
         access_log.handlers, level, access_log.propagate, access_module.deferred = saved[0], saved[1], saved[2], saved[3]
         access_log.setLevel(level)
         handler.close()
+
+
+def test_access_lines_made_without_records_read_exactly_as_formatted_records():
+    """With the default set-up (one batched handler, the access formatter, no filters)
+    the writer thread makes each line straight from the facts; the line is the one
+    the formatter gives for the record. Anything else set up gets records again."""
+    from mserve import logsetup
+    from mserve.ops.access_log import DeferredRecords, _record, access_log, log_request
+    import mserve.ops.access_log as access_module
+
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(stream, interval=60)
+    handler.setFormatter(logsetup.access_formatter())
+    saved = access_log.handlers[:], access_log.level, access_log.propagate, access_module.deferred
+    access_log.handlers, access_log.propagate = [handler], False
+    access_log.setLevel(logging.INFO)
+    access_module.deferred = deferral = DeferredRecords(interval=60)
+    try:
+        deferral.enable()
+        facts = ("POST", "/model/add:add_common", 200, 1.234, "rid-7", "10.0.0.1", 70, 42)
+        created = 1_800_000_123.75
+        expected = logsetup.access_formatter().format(_record(logging.INFO, created, facts))
+        deferral.submit(logging.INFO, created, facts)
+        deferral.flush()
+        assert stream.getvalue() == expected + "\n"
+        assert expected.endswith(" POST /model/add:add_common 200 1.23ms request_id=rid-7")
+
+        seen: list[logging.LogRecord] = []
+
+        class Keep(logging.Filter):
+            def filter(self, record):
+                seen.append(record)
+                return True
+
+        handler.addFilter(Keep())  # a filter wants records: it gets them
+        log_request("POST", "/p", 404, 0.002, "rid-8", {}, 1)
+        deferral.flush()
+        assert [r.getMessage() for r in seen] == ["POST /p 404 2.00ms request_id=rid-8"]
+        assert stream.getvalue().splitlines()[-1].endswith("POST /p 404 2.00ms request_id=rid-8")
+    finally:
+        deferral.disable()
+        access_log.handlers, level, access_log.propagate, access_module.deferred = saved[0], saved[1], saved[2], saved[3]
+        access_log.setLevel(level)
+        handler.close()

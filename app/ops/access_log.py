@@ -78,10 +78,28 @@ def log_request(
         access_log.handle(_record(level, time.time(), facts))
 
 
+_MESSAGE = "%s %s %d %.2fms request_id=%s"
+
+
+def line_writer(level: int) -> Any:
+    """The ``mserve.access`` logger's one handler when records of ``level`` would
+    reach it unchanged and it takes ready lines (``emit_line``) from a formatter that
+    makes them (``access_line``): then a line costs no `logging.LogRecord`. None when
+    anything else is set up (filters, several handlers, another formatter)."""
+    handlers = access_log.handlers
+    if len(handlers) != 1 or access_log.filters or access_log.propagate or access_log.disabled:
+        return None
+    handler = handlers[0]
+    if (handler.filters or level < handler.level or not hasattr(handler, "emit_line")
+            or not hasattr(handler.formatter, "access_line")):
+        return None
+    return handler
+
+
 def _record(level: int, created: float, facts: tuple) -> logging.LogRecord:
     method, path, status, ms, rid, remote, bytes_in, bytes_out = facts
     record = access_log.makeRecord(
-        access_log.name, level, __file__, 0, "%s %s %d %.2fms request_id=%s", (method, path, status, ms, rid), None,
+        access_log.name, level, __file__, 0, _MESSAGE, (method, path, status, ms, rid), None,
         extra={"request_id": rid, "http_method": method, "path": path, "status": status, "duration_ms": ms,
                "remote_addr": remote, "bytes_in": bytes_in, "bytes_out": bytes_out},
     )
@@ -142,9 +160,16 @@ class DeferredRecords:
             pending = self._pending
             if not pending and not self.dropped:
                 return
+            writers: dict[int, Any] = {}
             while pending:
                 level, created, facts = pending.popleft()
-                access_log.handle(_record(level, created, facts))
+                writer = writers.get(level, False)
+                if writer is False:
+                    writer = writers[level] = line_writer(level)
+                if writer is not None:
+                    writer.emit_line(writer.formatter.access_line(created, _MESSAGE % facts[:5]))
+                else:
+                    access_log.handle(_record(level, created, facts))
             dropped, self.dropped = self.dropped, 0
             if dropped:
                 access_log.warning("%d access-log record(s) dropped: the log could not keep up", dropped)

@@ -34,7 +34,7 @@ class BatchedStreamHandler(logging.Handler):
         self.interval = interval
         self.max_pending = max_pending
         self.dropped = 0
-        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._pending: collections.deque[logging.LogRecord | str] = collections.deque()
         self._write_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -63,6 +63,20 @@ class BatchedStreamHandler(logging.Handler):
         if self._thread is None:
             self._start()
 
+    def emit_line(self, line: str) -> None:
+        """Queue a line already formatted (`mserve.ops.access_log` makes access lines
+        itself when this handler's formatter can say what they look like)."""
+        if self._stopped.is_set():
+            with self._write_lock:
+                self._write([line])
+            return
+        if len(self._pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        self._pending.append(line)
+        if self._thread is None:
+            self._start()
+
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None:
@@ -84,9 +98,12 @@ class BatchedStreamHandler(logging.Handler):
                 records.append(pending.popleft())
             self._write(records)
 
-    def _write(self, records: list[logging.LogRecord]) -> None:
+    def _write(self, records: list[logging.LogRecord | str]) -> None:
         lines = []
         for record in records:
+            if isinstance(record, str):
+                lines.append(record)
+                continue
             try:
                 lines.append(self.format(record))
             except Exception:  # noqa: BLE001 - a bad record must not cost the others their lines
@@ -101,7 +118,8 @@ class BatchedStreamHandler(logging.Handler):
             stream.write("\n".join(lines) + "\n")
             stream.flush()
         except Exception:  # noqa: BLE001 - like StreamHandler: report, go on
-            self.handleError(records[-1] if records else logging.makeLogRecord({}))
+            last = records[-1] if records else None
+            self.handleError(last if isinstance(last, logging.LogRecord) else logging.makeLogRecord({"msg": last}))
 
     def close(self) -> None:
         self.flush()
