@@ -28,11 +28,11 @@ MAX_DEFAULT_WORKERS = 8
 
 def default_workers() -> int:
     """Front-end processes when none is asked for: ``MSERVE_WORKERS``, else one per
-    CPU core this process may use but one, at least 1 and at most 8. The core left
-    over is for the device process and whatever else runs (measured on 2 cores,
-    docs/performance.md: 1 front-end served the add servable with 11-31% less CPU
-    per request than 2); past 8, HTTP is rarely the limit and each front-end costs
-    memory."""
+    CPU core this process may use, at least 1 and at most 8. Measured on 2 cores
+    (docs/performance.md): two front-ends served the add servable at 1.7-1.9x the
+    req/s of one, for the same CPU per request; the device process, idle while small
+    models run on the front-ends' own copies, shares the cores with them otherwise.
+    Past 8, HTTP is rarely the limit and each front-end costs memory."""
     raw = os.environ.get("MSERVE_WORKERS")
     if raw:
         try:
@@ -46,7 +46,7 @@ def default_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, MAX_DEFAULT_WORKERS))
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
 def start_devices(runtime: Any, configs: list[ServableStartConfig], poll_interval: float | None) -> None:

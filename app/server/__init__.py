@@ -33,7 +33,7 @@ Processes (see `mserve.devices` and README "Processes: front-ends and device
 processes"): by default `start_servables` starts one device process per device,
 which alone loads and runs the models, and `start_restful_server` starts
 ``workers`` front-end processes on the port (default `default_workers`: one per
-CPU core but one, 1 to 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
+CPU core, 1 to 8; ``MSERVE_WORKERS`` overrides it), which do HTTP, JSON and the
 Python stages and send model calls to the device processes; `start_grpc_server`
 starts front-ends of its own for gRPC, all on one port with SO_REUSEPORT.
 ``use_processes("single")`` (or ``MSERVE_PROCESSES=single``) keeps everything in
