@@ -42,7 +42,6 @@ from ..serving.reload import RequestEpochs
 from .grpc_limits import ConnectionWatch, GrpcLimits
 from .http import connection_capacity
 from .memory import RELEASE_AFTER_BYTES, release_memory
-from .recent_pool import RecentFirstPool
 from .v2_service import InferenceServicer, add_inference_service
 
 log = logging.getLogger("mserve.transport.grpc")
@@ -257,7 +256,7 @@ class GrpcTransport:
         self.health = ReadinessHealth(readiness)
         limit = max_msg_mb_size * 1024 * 1024
         self._server = grpc.server(
-            RecentFirstPool(threads, "mserve-grpc") if os.environ.get("XP") else futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc"),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc"),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
