@@ -13,6 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The tests drive the server API in this process (server.registry() and friends);
 # tests of device and front-end processes ask for them explicitly.
 os.environ.setdefault("MSERVE_PROCESSES", "single")
+# Servers the tests start as processes (`mserve start`) run one front-end each unless a
+# test asks for more: the suite already runs one xdist worker per core and one more,
+# so the default (a front-end per core, each with its own copy of JAX) would start
+# several times as many processes as there are cores. How many the default is, is
+# tested on its own (test_devices.py::test_default_workers).
+os.environ.setdefault("MSERVE_WORKERS", "1")
 # Tables the tests read are as wide as the CLI makes them off a terminal: pytest-xdist
 # hands its workers COLUMNS=80, which would wrap and cut them (and a user's terminal
 # width must not decide a test either).
