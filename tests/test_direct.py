@@ -179,3 +179,22 @@ def test_a_direct_predict_past_its_deadline_gets_the_504_and_others_are_served_m
         assert transport.direct_requests >= before + 1
         slow.settimeout(3)
         assert slow.recv(65536) == b""  # closed once the late reply was dropped
+
+
+def test_a_stop_waits_for_a_direct_predict_still_running_and_sends_its_reply(root):
+    """The stop's drain must not take a connection whose direct predict is still
+    running (on the stalled I/O thread) for an idle one."""
+    import threading
+
+    with started(root) as (host, port, transport), socket.create_connection((host, port), timeout=10) as conn:
+        warm(conn, "/model/who:nap_for")
+        before = transport.direct_requests
+        conn.sendall(post("/model/who:nap_for", b'{"instances": [{"x": 1.0}]}'))
+        time.sleep(0.3)  # running: the loop has moved to a fresh thread meanwhile
+        assert transport.direct_requests == before + 1
+        stopping = threading.Thread(target=transport.stop, kwargs={"drain_timeout": 10})
+        stopping.start()
+        (head, body), = read_replies(conn, 1)
+        stopping.join(15)
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        assert body == b'{"instances":[{"thread":"mserve-http"}]}'

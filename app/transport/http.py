@@ -513,7 +513,7 @@ class ServingChannel(HTTPChannel):
         """Why the maintenance pass should close this connection now, if it should."""
         if self.half_closed:
             return "closed after its reply" if now > self.linger_until else None
-        if self.requests:
+        if self.requests or self.direct_busy:
             return None  # a request is being served: the request timeout governs it
         request = self.request
         if request is not None and not request.headers_finished and now - self.head_started > limits.header_timeout:
@@ -523,13 +523,13 @@ class ServingChannel(HTTPChannel):
         return None
 
     def evictable(self) -> bool:
-        return not self.requests and not self.total_outbufs_len and not self.will_close
+        return not (self.requests or self.direct_busy or self.total_outbufs_len or self.will_close)
 
     def idle_at_stop(self, wall: float) -> bool:
         """Whether a stopping server may close this connection now: nothing of a
         request received (not even unread bytes in the kernel), nothing left to send;
         a connection taken from the backlog gets a moment to send its request."""
-        if self.requests or self.request is not None or self.total_outbufs_len or self.half_closed:
+        if self.requests or self.direct_busy or self.request is not None or self.total_outbufs_len or self.half_closed:
             return False
         if self.fresh and wall - self.creation_time < _FRESH_GRACE_SECONDS:
             return False
@@ -654,7 +654,7 @@ class ServingServer(TcpWSGIServer):
         """Connections with a request received (or arriving) and not fully answered."""
         return sum(
             1 for ch in list(self.active_channels.values())
-            if ch.requests or ch.request is not None or ch.total_outbufs_len
+            if ch.requests or ch.direct_busy or ch.request is not None or ch.total_outbufs_len
         )
 
     def readable(self) -> bool:
