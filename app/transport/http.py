@@ -18,6 +18,10 @@ What Waitress does not do out of the box, done here:
   skipping the two thread hand-offs of Waitress's worker pool (inline.py). Should one
   of them stall anyway, a watchdog hands the event loop to a fresh thread after
   ``_STALL_SECONDS``, so the other connections keep being served.
+* A simple keep-alive predict that arrived whole in one read, to a path the inline
+  policy allows, is parsed by mserve and handed straight to the app's
+  ``direct_predict`` (direct.py), skipping Waitress's parser, task and WSGI environ;
+  its connection counts as busy (not idle) until it is answered.
 * Load shedding: a predict that arrives while ``shed(queued)`` says the server is full
   is answered 503 at once on the I/O thread, not queued behind the others.
 * Worker processes sharing the socket take turns accepting (balance.py).
