@@ -52,28 +52,22 @@ class BatchedStreamHandler(logging.Handler):
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._stopped.is_set():
-            with self._write_lock:  # after close (late requests at exit): write through
-                self._write([record])
-            return
-        if len(self._pending) >= self.max_pending:
-            self.dropped += 1  # counted without a lock: a lost increment only understates
-            return
-        self._pending.append(record)
-        if self._thread is None:
-            self._start()
+        self._queue(record)
 
     def emit_line(self, line: str) -> None:
         """Queue a line already formatted (`mserve.ops.access_log` makes access lines
         itself when this handler's formatter can say what they look like)."""
+        self._queue(line)
+
+    def _queue(self, item: logging.LogRecord | str) -> None:
         if self._stopped.is_set():
-            with self._write_lock:
-                self._write([line])
+            with self._write_lock:  # after close (late requests at exit): write through
+                self._write([item])
             return
         if len(self._pending) >= self.max_pending:
-            self.dropped += 1
+            self.dropped += 1  # counted without a lock: a lost increment only understates
             return
-        self._pending.append(line)
+        self._pending.append(item)
         if self._thread is None:
             self._start()
 

@@ -492,20 +492,21 @@ class ServingChannel(HTTPChannel):
             if sent >= len(payload) or not self.connected:
                 return  # all sent, or the client is gone
             payload = payload[sent:]
-        with self.outbuf_lock:
-            self.outbufs[-1].append(payload)
-            self.current_outbuf_count += len(payload)
-            self.total_outbufs_len += len(payload)
+        self.queue_output(payload)
         if not on_loop:
             server.pull_trigger()
 
     def reply_and_close(self, payload: bytes) -> None:
         """Queue ``payload`` (a complete reply) and close once it is sent."""
+        self.queue_output(payload)
+        self.close_when_flushed = True
+
+    def queue_output(self, payload: bytes) -> None:
+        """Append ``payload`` to what the loop sends when the socket takes it."""
         with self.outbuf_lock:
             self.outbufs[-1].append(payload)
             self.current_outbuf_count += len(payload)
             self.total_outbufs_len += len(payload)
-        self.close_when_flushed = True
 
     def _flush_outbufs_below_high_watermark(self) -> None:
         # A worker thread waits here for the I/O thread to drain a huge reply; the
