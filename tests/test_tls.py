@@ -367,9 +367,14 @@ def test_keep_alive_predicts_over_tls_take_the_direct_lane_and_count_as_started(
     with requests.Session() as session:
         session.cert = str(certs.client)
         before_direct, before_started = transport.direct_requests, transport.requests_started
-        for _ in range(20):
+        # The inline policy may send the path back to the worker threads for a while
+        # when the machine is loaded (waiting for the GIL counts as blocked): keep
+        # asking, up to 15 s, until ten requests took the lane.
+        sent, deadline = 0, time.monotonic() + 15
+        while (sent < 20 or transport.direct_requests - before_direct < 10) and time.monotonic() < deadline:
             r = session.post(url, json=ADD_BODY, verify=str(certs.ca), headers={"X-Request-ID": "tls-direct"})
+            sent += 1
             assert r.status_code == 200 and r.json() == EXPECTED
             assert r.headers["X-Request-ID"] == "tls-direct"
     assert transport.direct_requests - before_direct >= 10
-    assert transport.requests_started - before_started == 20
+    assert transport.requests_started - before_started == sent
