@@ -88,6 +88,8 @@ class Dataplane:
         self._active = 0
         self._lock = threading.Lock()
         self.draining = False
+        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
+        self._eligible_in: dict | None = None  # ... for this registry snapshot
 
     @property
     def active(self) -> int:
@@ -149,16 +151,33 @@ class Dataplane:
             with self._lock:
                 self._active -= 1
 
+    def inline_eligible(self, path: str) -> bool:
+        """Whether a request to ``path`` may run on the I/O thread at all: not when
+        its version batches across requests, which needs requests side by side.
+        Asked on the I/O thread for every candidate request, so the answers are kept
+        until the registry changes (a load, a reload, a retired version)."""
+        snapshot = self.registry.servables()
+        if snapshot is not self._eligible_in:
+            self._eligible, self._eligible_in = {}, snapshot
+        eligible = self._eligible.get(path)
+        if eligible is None:
+            try:
+                version, _ = self._resolve(path)
+                eligible = not version.batchers
+            except ServingError:
+                eligible = True  # answered at once
+            self._eligible[path] = eligible  # paths come from InlinePolicy's bounded table
+        return eligible
+
+    def _resolve(self, path: str) -> tuple[LoadedVersion, MethodDef]:
+        target = parse_predict_path(path)
+        return self.registry.lookup(target.servable, target.version, target.method)
+
 
 class PredictHandler(Dataplane):
     """The REST side: answers ``POST /model/...`` bodies with JSON. The reply leaves
     at the deadline whatever a stage is still doing (the transport sends
     `deadline_reply`, see `mserve.transport.wsgi.DeadlineWatch`; 504 ``Time out``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._eligible: dict[str, bool] = {}  # inline_eligible's answers ...
-        self._eligible_in: dict | None = None  # ... for this registry snapshot
 
     def shed_reply(self) -> tuple[int, bytes, dict[str, str]]:
         """The fast 503 for a request over capacity."""
@@ -194,24 +213,3 @@ class PredictHandler(Dataplane):
             status, data = 500, dumps({"error_msg": "internal server error: the reply cannot be encoded as JSON"})
         return status, data, headers
 
-    def inline_eligible(self, path: str) -> bool:
-        """Whether a request to ``path`` may run on the I/O thread at all: not when
-        its version batches across requests, which needs requests side by side.
-        Asked on the I/O thread for every candidate request, so the answers are kept
-        until the registry changes (a load, a reload, a retired version)."""
-        snapshot = self.registry.servables()
-        if snapshot is not self._eligible_in:
-            self._eligible, self._eligible_in = {}, snapshot
-        eligible = self._eligible.get(path)
-        if eligible is None:
-            try:
-                version, _ = self._resolve(path)
-                eligible = not version.batchers
-            except ServingError:
-                eligible = True  # answered at once
-            self._eligible[path] = eligible  # paths come from InlinePolicy's bounded table
-        return eligible
-
-    def _resolve(self, path: str) -> tuple[LoadedVersion, MethodDef]:
-        target = parse_predict_path(path)
-        return self.registry.lookup(target.servable, target.version, target.method)
