@@ -180,9 +180,9 @@ class StartSettings:
     def grpc_options(self) -> dict[str, Any]:
         """Keyword arguments of server.start_grpc_server beyond address and TLS: the
         connection limit and idle timeout apply to gRPC too, per process; the other
-        HTTP connection settings, inline predicts included, are REST's alone."""
+        HTTP connection settings are REST's alone."""
         keys = ("max_msg_mb_size", "max_enqueued_requests", "request_timeout", "max_instances_per_request", "threads",
-                "max_connections", "idle_timeout")
+                "max_connections", "idle_timeout", "inline_max_ms")
         return {k: v for k, v in self.restful_options().items() if k in keys}
 
     def ssl_config(self) -> Any:

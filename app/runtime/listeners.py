@@ -188,6 +188,7 @@ def start_grpc_server(
     idle_timeout: float = 60.0,
     max_streams_per_connection: int = 100,
     additional: bool = False,
+    inline_max_ms: float = 1.0,
 ) -> Any:
     """Serve the loaded servables over gRPC (MindSpore Serving's ``MSService``, and
     the ``grpc.health.v1`` health service) at ``address``: ``{ip}:{port}`` or
@@ -203,10 +204,15 @@ def start_grpc_server(
     Limits per process (`mserve.transport.grpc_limits`): ``max_connections``,
     ``idle_timeout`` (seconds without a call), ``max_streams_per_connection``; calls
     at once in a process: twice ``max_enqueued_requests`` plus ``threads``.
+    ``inline_max_ms``: as for `start_restful_server`, predicts this quick run on the
+    gRPC server's event loop (0: always in its threads).
+
+    Plain ``host:port`` addresses are served by mserve's own HTTP/2 server
+    (`mserve.transport.grpc_h2`); TLS and ``unix:`` addresses by grpcio's.
 
     In devices mode (the default, see the module docstring) a ``host:port`` address
     is served by ``workers`` front-end processes of its own (``None``:
-    `default_workers`), each binding the port with SO_REUSEPORT so the kernel spreads
+    `default_grpc_workers`), each binding the port with SO_REUSEPORT so the kernel spreads
     gRPC connections over them; they decode, run the Python stages and send model
     calls to the device processes, as REST's front-ends do, and each one's health
     service says SERVING once it serves the servables. A ``unix:`` address is served
@@ -219,6 +225,7 @@ def start_grpc_server(
     """
     logsetup.for_start_script()  # a start script logs where it listens and when it is ready
     from ..transport.grpc import GrpcTransport
+    from ..transport.grpc_h2 import H2GrpcTransport
     from ..transport.grpc_limits import GrpcLimits
 
     if not (reuse_port or additional):  # MindSpore's one-server rule (front-ends share a port: reuse_port)
@@ -231,9 +238,12 @@ def start_grpc_server(
         raise RuntimeError("The type of ssl_config should be type of SSLConfig")
     if not isinstance(max_instances_per_request, int) or max_instances_per_request < 1:
         raise RuntimeError(f"max_instances_per_request must be an integer >= 1, got {max_instances_per_request!r}")
+    if isinstance(inline_max_ms, bool) or not isinstance(inline_max_ms, (int, float)) or inline_max_ms < 0:
+        raise RuntimeError(f"inline_max_ms must be a number >= 0, got {inline_max_ms!r}")
     unix = isinstance(address, str) and address.startswith("unix:")
     if runtime.processes() == "devices" and not unix:
         grpc = {
+            "inline_max_ms": inline_max_ms,
             "max_msg_mb_size": max_msg_mb_size, "threads": threads,
             "max_enqueued_requests": ENQUEUE_LIMIT.resolve(max_enqueued_requests),
             "request_timeout": request_timeout, "max_instances_per_request": max_instances_per_request,
@@ -259,10 +269,16 @@ def start_grpc_server(
         # count exceeds the limit" answers first; grpcio's RESOURCE_EXHAUSTED is the backstop.
         limits = GrpcLimits(max_connections, idle_timeout, max_streams_per_connection,
                             2 * ENQUEUE_LIMIT.resolve(max_enqueued_requests) + threads)
-        transport = GrpcTransport(
-            dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, ssl_config, threads, reuse_port,
-            limits,
-        )
+        if ssl_config is None and not unix:  # mserve's own HTTP/2 server (mserve.transport.grpc_h2)
+            transport: Any = H2GrpcTransport(
+                dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, threads, reuse_port, limits,
+                inline_max_ms,
+            )
+        else:
+            transport = GrpcTransport(
+                dataplane, address, runtime.readiness, runtime.epochs, max_msg_mb_size, ssl_config, threads,
+                reuse_port, limits,
+            )
         transport.start()
         runtime.handlers.append(dataplane)
         runtime.transports.append(transport)

@@ -47,7 +47,7 @@ from .v2_service import InferenceServicer, add_inference_service
 log = logging.getLogger("mserve.transport.grpc")
 
 SERVICE_NAME = "mindspore.serving.proto.MSService"
-_TAG = "Serving gRPC"
+TAG = "Serving gRPC"
 
 
 # The folder (under the current directory) where MindSpore Serving keeps its own
@@ -71,22 +71,22 @@ def check_address(address: str) -> None:
             os.makedirs(directory, exist_ok=True)
         if not os.path.isdir(directory):
             raise RuntimeError(
-                f"Serving Error: {_TAG} server start failed, the directory {directory} of the unix domain socket "
+                f"Serving Error: {TAG} server start failed, the directory {directory} of the unix domain socket "
                 f"address '{address}' does not exist"
             )
         _check_unix_path_free(path, address)
         return
     position = address.rfind(":")
     if position < 0:
-        raise RuntimeError(f"Serving Error: The format of the {_TAG} address '{address}' is illegal")
+        raise RuntimeError(f"Serving Error: The format of the {TAG} address '{address}' is illegal")
     if position == 0 or position == len(address) - 1:
-        raise RuntimeError(f"Serving Error: Missing ip or port of the {_TAG} address '{address}'")
+        raise RuntimeError(f"Serving Error: Missing ip or port of the {TAG} address '{address}'")
     port = address[position + 1:]
     if not port.isdigit() or not port.isascii():
-        raise RuntimeError(f"Serving Error: The type of {_TAG} address '{address}' port is not a number")
+        raise RuntimeError(f"Serving Error: The type of {TAG} address '{address}' port is not a number")
     if int(port) > 65535:
         raise RuntimeError(
-            f"Serving Error: The port of the {_TAG} address '{address}' is out of legal range [1 ~ 65535]"
+            f"Serving Error: The port of the {TAG} address '{address}' is out of legal range [1 ~ 65535]"
         )
 
 
@@ -96,7 +96,7 @@ def _check_unix_path_free(path: str, address: str) -> None:
     if not os.path.lexists(path):
         return
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise RuntimeError(f"Serving Error: {_TAG} server start failed, {path} of address '{address}' is not a socket")
+        raise RuntimeError(f"Serving Error: {TAG} server start failed, {path} of address '{address}' is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -106,7 +106,7 @@ def _check_unix_path_free(path: str, address: str) -> None:
     finally:
         probe.close()
     raise RuntimeError(
-        f"Serving Error: {_TAG} server start failed, address '{address}' is in use: a server answers on {path}"
+        f"Serving Error: {TAG} server start failed, address '{address}' is in use: a server answers on {path}"
     )
 
 
@@ -121,7 +121,7 @@ def server_credentials(ssl_config: Any, address: str) -> grpc.ServerCredentials:
         build_ssl_context(ssl_config)
     except RuntimeError as exc:
         raise RuntimeError(
-            f"Serving Error: {_TAG} server start failed, create server failed, address {address}: {exc}"
+            f"Serving Error: {TAG} server start failed, create server failed, address {address}: {exc}"
         ) from None
     with open(ssl_config.certificate, "rb") as f:
         certificate = f.read()
@@ -303,12 +303,12 @@ class GrpcTransport:
         if not port:
             why = (None if unix else _why_not_bound(self.address)) or detail
             raise RuntimeError(
-                f"Serving Error: {_TAG} server start failed, create server failed, address {self.address}{why}"
+                f"Serving Error: {TAG} server start failed, create server failed, address {self.address}{why}"
             )
         self.port = 0 if unix else port
         self._server.start()
         self._watch.start()
-        log.info("%s server listening on %s%s", _TAG, self.target, " (TLS)" if self.ssl_config else "")
+        log.info("%s server listening on %s%s", TAG, self.target, " (TLS)" if self.ssl_config else "")
 
     def refresh_health(self) -> None:
         self.health.refresh()
@@ -331,7 +331,7 @@ def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str
     check_address(address)
     host, _, port = address.rpartition(":")
     bare = host.strip("[]")
-    failed = f"Serving Error: {_TAG} server start failed, create server failed, address {address}"
+    failed = f"Serving Error: {TAG} server start failed, create server failed, address {address}"
     try:
         infos = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, ValueError) as exc:
