@@ -401,8 +401,9 @@ def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, A
     """Start the RESTful server (its front-end processes when ``workers`` is given),
     the health port and gRPC before loading; exit 1 with one line when a port cannot
     be used or a TLS file is bad. Returns the REST server, the health server and what
-    gRPC clients dial (None without gRPC). With ``workers``, gRPC gets as many
-    front-end processes of its own, sharing its port (SO_REUSEPORT)."""
+    gRPC clients dial (None without gRPC). With ``workers``, gRPC gets front-end
+    processes of its own, sharing its port (SO_REUSEPORT): as many when ``--workers``
+    was given, else `default_grpc_workers`."""
     from mserve import server
 
     probes = grpc_target = None
@@ -416,8 +417,9 @@ def _listen(settings: StartSettings, workers: int | None = None) -> tuple[Any, A
             host = f"[{host}]" if ":" in host and not host.startswith("[") else host
             probes = server.start_health_server(f"{host}:{settings.health_port}")
         if settings.grpc_address is not None:
+            grpc_front = front if settings.workers is not None else {}
             grpc_target = server.start_grpc_server(
-                settings.grpc_address, ssl_config=settings.ssl_config(), **front, **settings.grpc_options()
+                settings.grpc_address, ssl_config=settings.ssl_config(), **grpc_front, **settings.grpc_options()
             ).target
     except ImportError as exc:
         server.stop()

@@ -15,7 +15,7 @@ from .. import lifetime
 from ..transport.http import bind_socket, parse_address
 from ..transport.listen_rules import bind_restful, check_restful_tls
 from .config import SSLConfig
-from .processes import default_workers
+from .processes import default_grpc_workers, default_workers
 
 log = logging.getLogger("mserve.server")
 
@@ -92,7 +92,7 @@ def start_grpc_frontends(
     from ..transport.workers import WorkerPool
     from ..devices.manifest import FILE_NAME
 
-    count = default_workers() if workers is None else workers
+    count = default_grpc_workers(ssl_config is not None) if workers is None else workers
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise RuntimeError(f"workers must be a whole number >= 1, got {workers!r}")
     if ssl_config is not None:

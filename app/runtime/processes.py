@@ -49,6 +49,19 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
+def default_grpc_workers(tls: bool = False) -> int:
+    """gRPC front-end processes when none is asked for: ``MSERVE_WORKERS``, else, for
+    mserve's own gRPC server (plain TCP), one per two cores, at least 1: each is a
+    single event loop that answers quick predicts itself, so it keeps one core busy
+    and no more. Measured on 2 cores (docs/performance.md), one such front-end
+    served more calls per second than two, at less CPU per call, beside its clients.
+    TLS gRPC runs on grpcio's thread pool: one per core, as `default_workers`."""
+    workers = default_workers()
+    if tls or os.environ.get("MSERVE_WORKERS"):
+        return workers
+    return max(1, workers // 2)
+
+
 def start_devices(runtime: Any, configs: list[ServableStartConfig], poll_interval: float | None) -> None:
     """Devices mode: a device process per device loads the servables; front-ends
     already started pick them up from the manifest."""
