@@ -50,18 +50,21 @@ _READ_SIZE = 256 * 1024
 _MAX_UNSENT = 8 << 20  # stop reading a connection whose client leaves this much unread
 _TICK = 0.5  # seconds between idle checks
 _STOP_GRACE = 0.1  # after the GOAWAY, for calls already on the wire
+_STALL_SECONDS = 0.1  # a call on the loop this long gets the loop moved to a new thread
 
 
 class _Client:
     """A connection with its socket, as the loop sees it."""
 
-    __slots__ = ("sock", "h2", "reading", "writing")
+    __slots__ = ("sock", "h2", "reading", "writing", "held", "deferred")
 
     def __init__(self, sock: socket.socket, connection: H2Connection):
         self.sock = sock
         self.h2 = connection
         self.reading = True
         self.writing = False
+        self.held = False  # a stalled loop thread still owns this connection (see _watch)
+        self.deferred: list[Callable[[], None]] = []  # replies that came meanwhile
 
 
 class H2GrpcTransport:
@@ -98,7 +101,7 @@ class H2GrpcTransport:
         self.clock = ThreadClock()
         self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc")
         self.calls = 0  # running or waiting for a thread (max_calls); changed on the loop thread only
-        self._watch = ConnectionWatch(self.max_connections, limits.max_calls, lambda: self.calls)
+        self._watch_limits = ConnectionWatch(self.max_connections, limits.max_calls, lambda: self.calls)
         self._listeners: list[socket.socket] = []
         self._clients: dict[int, _Client] = {}
         self._selector = selectors.DefaultSelector()
@@ -111,6 +114,11 @@ class H2GrpcTransport:
         self._stopping = False
         self._running = False
         self._thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        self._serving: _Client | None = None  # the connection whose bytes the loop is handling
+        self._handoff = threading.Lock()  # _serving and a client's ``held`` change together
+        self.inline_since = 0.0  # when the call running on the loop began (0: none)
         self.port = 0
 
     @property
@@ -129,7 +137,8 @@ class H2GrpcTransport:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="mserve-grpc-loop", daemon=True)
         self._thread.start()
-        self._watch.start()
+        threading.Thread(target=self._watch, name="mserve-grpc-watchdog", daemon=True).start()
+        self._watch_limits.start()
         log.info("%s server listening on %s", TAG, self.target)
 
     def refresh_health(self) -> None:
@@ -142,7 +151,7 @@ class H2GrpcTransport:
         if self._thread is None or not self._running:
             return
         self.health.shut_down()
-        self._watch.stop()
+        self._watch_limits.stop()
         self.post(self._begin_stop)
         deadline = time.monotonic() + drain_timeout
         time.sleep(min(_STOP_GRACE, drain_timeout))
@@ -184,8 +193,10 @@ class H2GrpcTransport:
                     pass  # the pipe is full of wake-ups already
 
     def _loop(self) -> None:
+        me = threading.current_thread()
+        self._loop_thread = me
         next_tick = time.monotonic() + _TICK
-        while self._running:
+        while self._running and self._loop_thread is me:
             try:
                 events = self._selector.select(_TICK)
             except OSError:  # pragma: no cover - a descriptor closed under select
@@ -198,8 +209,12 @@ class H2GrpcTransport:
                     else:
                         self._accept(key.fileobj)
                     continue
+                if client.held:
+                    continue
                 if mask & selectors.EVENT_READ:
                     self._read(client)
+                    if self._loop_thread is not me:
+                        return  # a call stalled this thread and the loop moved on (_watch)
                 if mask & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
                     self._flush(client)
             if self._posted:
@@ -208,6 +223,9 @@ class H2GrpcTransport:
             if now >= next_tick:
                 next_tick = now + _TICK
                 self._close_idle(now)
+        if self._loop_thread is not me:
+            return
+        self._watchdog_stop.set()
         self._selector.close()
         with self._wake_lock:  # a late post (a health update, say) must not write to a reused descriptor
             os.close(self._wake_read)
@@ -264,6 +282,8 @@ class H2GrpcTransport:
         if not data:
             self._close(client)
             return
+        with self._handoff:
+            self._serving = client
         try:
             client.h2.received(data)
         except h2.ProtocolViolation as exc:
@@ -278,6 +298,52 @@ class H2GrpcTransport:
             self._flush(client)
             self._close(client)
             return
+        finally:
+            with self._handoff:
+                self._serving = None
+                replaced = client.held
+        if replaced:  # this thread stalled in a call and was replaced: hand the connection back
+            self.post(lambda: self._resume(client))
+            return
+        self._flush(client)
+
+    # ------------------------------------------------------------ a call that holds the loop
+
+    def _watch(self) -> None:
+        """Hand the event loop to a fresh thread when a call run on it has held it for
+        ``_STALL_SECONDS`` (the inline policy then sends its path to the threads): the
+        stalled thread finishes that connection's work, hands it back, and exits."""
+        while not self._watchdog_stop.wait(_STALL_SECONDS / 2):
+            with self._handoff:
+                started, client = self.inline_since, self._serving
+                if not started or time.monotonic() - started <= _STALL_SECONDS or client is None \
+                        or not self._running:
+                    continue
+                client.held = True  # the fresh loop leaves it alone until _resume
+                self.inline_since = 0.0
+                fresh = threading.Thread(target=self._loop, name="mserve-grpc-loop", daemon=True)
+                self._loop_thread = fresh
+                self._thread = fresh
+            self.post(lambda: self._hold(client))
+            fresh.start()
+            log.warning("a gRPC call held the event loop over %.0f ms; the loop moved to a new thread",
+                        _STALL_SECONDS * 1000)
+
+    def _hold(self, client: _Client) -> None:
+        if client.held and client.sock.fileno() >= 0:
+            self._selector.unregister(client.sock)
+            client.reading = client.writing = False
+
+    def _resume(self, client: _Client) -> None:
+        client.held = False
+        if client.sock.fileno() < 0:
+            return
+        if not client.reading and not client.writing:
+            client.reading = True
+            self._selector.register(client.sock, selectors.EVENT_READ, client)
+        deferred, client.deferred = client.deferred, []
+        for work in deferred:
+            work()
         self._flush(client)
 
     def _flush(self, client: _Client) -> None:
@@ -322,7 +388,7 @@ class H2GrpcTransport:
         limit = self.limits.idle_timeout
         for client in list(self._clients.values()):
             connection = client.h2
-            if connection.idle() and now - connection.last_active >= limit:
+            if connection.idle() and now - connection.last_active >= limit and not client.held:
                 connection.go_away(h2.NO_ERROR, "idle")
                 self._flush(client)
                 self._close(client)
@@ -357,6 +423,7 @@ class H2GrpcTransport:
     def _run_inline(self, connection: H2Connection, call: Stream, request: Any, path: str) -> None:
         assert self.inline is not None
         self._enter()
+        self.inline_since = time.monotonic()
         try:
             started, (cpu, queued) = time.perf_counter(), self.clock.sample()
             reply, code, details = self._invoke(call, request)
@@ -366,7 +433,11 @@ class H2GrpcTransport:
             self.inline.observe(path, used, wall, max(0.0, wall - used - (queued_after - queued)))
             connection.reply(call, reply, code, details)
         finally:
-            self._leave()
+            self.inline_since = 0.0
+            if self._loop_thread is threading.current_thread():
+                self._leave()
+            else:
+                self.post(self._leave)  # the count belongs to the loop thread
 
     def _submit(self, connection: H2Connection, call: Stream, request: Callable[[], Any], path: str | None) -> None:
         self._enter()
@@ -393,8 +464,7 @@ class H2GrpcTransport:
 
             def deliver() -> None:
                 self._leave()
-                connection.reply(call, *answer)
-                self._flush_connection(connection)
+                self._on_connection(connection, lambda: connection.reply(call, *answer))
 
             self.post(deliver)
 
@@ -439,9 +509,8 @@ class H2GrpcTransport:
                     connection.finish(call, 0, "")
                 else:
                     connection.send_message(call, reply.SerializeToString())
-                self._flush_connection(connection)
 
-            self.post(deliver)
+            self.post(lambda: self._on_connection(connection, deliver))
 
         try:
             method.call(request, context, send_response_callback=send)
@@ -451,10 +520,18 @@ class H2GrpcTransport:
             log.exception("gRPC method %s raised", call.path)
             connection.fail(call, UNKNOWN, f"Exception calling application: {exc}")
 
-    def _flush_connection(self, connection: H2Connection) -> None:
+    def _on_connection(self, connection: H2Connection, work: Callable[[], None]) -> None:
+        """Run ``work`` (a reply) on ``connection`` and send it, on the loop thread;
+        later if a stalled thread still holds the connection."""
         client = self._clients.get(connection.fileno)
-        if client is not None and client.h2 is connection:
-            self._flush(client)
+        if client is None or client.h2 is not connection:
+            work()  # the connection is gone: the work finds its call closed and sends nothing
+            return
+        if client.held:
+            client.deferred.append(work)
+            return
+        work()
+        self._flush(client)
 
     def _enter(self) -> None:
         self.calls += 1
