@@ -108,8 +108,13 @@ def strip_padding(flags: int, payload: bytes) -> bytes:
 # ---------------------------------------------------------------- header blocks
 
 
+_SMALL = [bytes((n,)) for n in range(256)]
+
+
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
     """HPACK's integer representation (RFC 7541 5.1) with ``first``'s high bits set."""
+    if value < 127 and prefix_bits == 7:
+        return _SMALL[value | first]
     limit = (1 << prefix_bits) - 1
     if value < limit:
         return bytes((first | value,))
@@ -122,7 +127,7 @@ def _integer(value: int, prefix_bits: int, first: int) -> bytes:
     return bytes(out)
 
 
-def _literal(name: bytes, value: bytes) -> bytes:
+def literal_field(name: bytes, value: bytes) -> bytes:
     """"Literal Header Field without Indexing, New Name" (RFC 7541 6.2.2), no Huffman."""
     return b"\x00" + _integer(len(name), 7, 0) + name + _integer(len(value), 7, 0) + value
 
@@ -137,7 +142,7 @@ def encode_headers(fields: list[tuple[str, str | bytes]]) -> bytes:
         if name == ":status" and value == "200":
             out.append(STATUS_200)
             continue
-        out.append(_literal(name.encode("ascii"), value if isinstance(value, bytes) else value.encode("latin-1")))
+        out.append(literal_field(name.encode("ascii"), value if isinstance(value, bytes) else value.encode("latin-1")))
     return b"".join(out)
 
 

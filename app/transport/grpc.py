@@ -31,7 +31,7 @@ from typing import Any, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ..ops.access_log import access_log, current_request_id, log_request, request_id
+from ..ops.access_log import access_log, checked_request_id, current_request_id, log_request
 from ..ops.metrics import RequestMetrics
 from ..protocol import grpc_codec
 from ..protocol import ms_service_pb2 as pb
@@ -48,6 +48,7 @@ log = logging.getLogger("mserve.transport.grpc")
 
 SERVICE_NAME = "mindspore.serving.proto.MSService"
 TAG = "Serving gRPC"
+_MAX_TARGETS = 1024
 
 
 # The folder (under the current directory) where MindSpore Serving keeps its own
@@ -179,6 +180,7 @@ class PredictServicer(pb_grpc.MSServiceServicer):
         self.dataplane = dataplane
         self.epochs = epochs
         self.metrics = RequestMetrics(dataplane.registry.servables)
+        self._targets: dict[tuple[str, int, str], tuple[PredictTarget, str, str]] = {}
 
     def Predict(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
@@ -186,14 +188,17 @@ class PredictServicer(pb_grpc.MSServiceServicer):
         for key, value in context.invocation_metadata():
             if key == "x-request-id":
                 given = value
-        rid = request_id({"HTTP_X_REQUEST_ID": given} if given else {})
+        rid = checked_request_id(given)
         token = current_request_id.set(rid)
         try:
             spec = request.servable_spec
             reply = pb.PredictReply()
             reply.servable_spec.CopyFrom(spec)
-            version = f"/version/{spec.version_number}" if spec.version_number else ""
-            path = f"/model/{spec.name}{version}:{spec.method_name}"
+            name, number, method_name = spec.name, spec.version_number, spec.method_name
+            named = self._targets.get((name, number, method_name))
+            if named is None:
+                named = self._target(name, number, method_name)
+            target, path, where = named
 
             def decode(version: Any, method: Any) -> list[list[Any]]:
                 self.dataplane.check_instance_count(len(request.instances))
@@ -204,12 +209,7 @@ class PredictServicer(pb_grpc.MSServiceServicer):
 
             epoch = self.epochs.enter()
             try:
-                outcome = self.dataplane.predict(
-                    lambda: PredictTarget(spec.name, spec.version_number, spec.method_name),
-                    decode,
-                    build,
-                    where=f"gRPC {path}",
-                )
+                outcome = self.dataplane.predict(lambda: target, decode, build, where=where)
             finally:
                 self.epochs.leave(epoch)
             if outcome.error is not None:
@@ -226,6 +226,18 @@ class PredictServicer(pb_grpc.MSServiceServicer):
             return reply
         finally:
             current_request_id.reset(token)
+
+    def _target(self, name: str, number: int, method: str) -> tuple[PredictTarget, str, str]:
+        """What a servable spec names, its path as REST spells it (metrics, log), and
+        where a failure is logged from; kept for the next call (client-chosen names:
+        the table is bounded)."""
+        version = f"/version/{number}" if number else ""
+        path = f"/model/{name}{version}:{method}"
+        named = (PredictTarget(name, number, method), path, f"gRPC {path}")
+        if len(self._targets) >= _MAX_TARGETS:
+            self._targets.clear()
+        self._targets[(name, number, method)] = named
+        return named
 
 
 class GrpcTransport:

@@ -151,6 +151,12 @@ class H2Connection:
         """Handle what the socket read; `h2.ProtocolViolation` ends the connection."""
         self.last_active = time.monotonic()
         inbox = self.inbox
+        if not inbox and self.preface_seen:
+            # The usual case: whole frames in one read, parsed from the bytes as they came.
+            used = self._frames(data, 0)
+            if used < len(data):
+                inbox += data[used:]
+            return
         inbox += data
         at = 0
         if not self.preface_seen:
@@ -164,18 +170,22 @@ class H2Connection:
                                            "client? HTTP/1.1 and TLS clients go to other ports)")
             self.preface_seen = True
             at = len(h2.PREFACE)
-        size = len(inbox)
+        del inbox[: self._frames(inbox, at)]
+
+    def _frames(self, buffer: bytes | bytearray, at: int) -> int:
+        """Handle the whole frames in ``buffer`` from ``at``; returns where the rest begins."""
+        size = len(buffer)
+        read_head, handle = h2.read_head, self._frame
         while size - at >= 9:
-            length, kind, flags, stream = h2.read_head(inbox, at)
+            length, kind, flags, stream = read_head(buffer, at)
             if length > MAX_FRAME:
                 raise h2.ProtocolViolation(h2.FRAME_SIZE_ERROR, f"frame of {length} bytes, over {MAX_FRAME}")
             end = at + 9 + length
             if end > size:
                 break
-            payload = bytes(inbox[at + 9: end])
+            handle(kind, flags, stream, bytes(buffer[at + 9: end]))
             at = end
-            self._frame(kind, flags, stream, payload)
-        del inbox[:at]
+        return at
 
     def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if self.block_stream and (kind != h2.CONTINUATION or stream != self.block_stream):
@@ -442,7 +452,7 @@ class H2Connection:
         if call.headers_sent and not code and context is not None and len(context.trailing) == 1 \
                 and context.trailing[0][0] == "x-request-id" and isinstance(context.trailing[0][1], str):
             # The usual end: status 0 and the request id.
-            block = _OK_TRAILERS + h2.encode_headers([("x-request-id", context.trailing[0][1])])
+            block = _OK_TRAILERS + h2.literal_field(b"x-request-id", context.trailing[0][1].encode("latin-1"))
             call.trailers = h2.header_frames(call.id, block, True, self.peer_frame)
             self._send_data(call)
             return
