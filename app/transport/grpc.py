@@ -227,6 +227,13 @@ class PredictServicer(pb_grpc.MSServiceServicer):
         finally:
             current_request_id.reset(token)
 
+    def path_of(self, request: Any) -> str:
+        """A request's target as the REST path that names it (``/model/add:add_common``)."""
+        spec = request.servable_spec
+        name, number, method = spec.name, spec.version_number, spec.method_name
+        named = self._targets.get((name, number, method))
+        return (named or self._target(name, number, method))[1]
+
     def _target(self, name: str, number: int, method: str) -> tuple[PredictTarget, str, str]:
         """What a servable spec names, its path as REST spells it (metrics, log), and
         where a failure is logged from; kept for the next call (client-chosen names:

@@ -130,18 +130,11 @@ class Method:
     inline_path: Callable[[Any], str] | None = None
 
 
-def predict_path(request: Any) -> str:
-    """``MSService/Predict``'s target as the REST path that names it."""
-    spec = request.servable_spec
-    version = f"/version/{spec.version_number}" if spec.version_number else ""
-    return f"/model/{spec.name}{version}:{spec.method_name}"
-
-
 def method_table(predict: Any, inference: Any, health: Any) -> dict[str, Method]:
     """Every method served, by its HTTP/2 path."""
     table = {
         "/mindspore.serving.proto.MSService/Predict": Method(
-            pb.PredictRequest.FromString, predict.Predict, inline_path=predict_path),
+            pb.PredictRequest.FromString, predict.Predict, inline_path=predict.path_of),
         "/grpc.health.v1.Health/Check": Method(health_pb2.HealthCheckRequest.FromString, health.Check),
         "/grpc.health.v1.Health/Watch": Method(health_pb2.HealthCheckRequest.FromString, health.Watch,
                                                streaming=True),

@@ -50,6 +50,16 @@ _REPLY_HEADERS = h2.encode_headers([
 ])
 
 
+def _usual_request_id(context: CallContext | None) -> bytes | None:
+    """The request id when it is a call's only trailing metadata (what the servicers set)."""
+    if context is None or len(context.trailing) != 1:
+        return None
+    key, value = context.trailing[0]
+    if key != "x-request-id" or not isinstance(value, str) or len(value) > 200:
+        return None
+    return value.encode("latin-1")
+
+
 class RequestHead:
     """What a call's header block says: path, method, content type, compression,
     timeout (seconds), metadata (as grpcio gives it), size (as HTTP/2 counts it),
@@ -285,8 +295,12 @@ class H2Connection:
         if call.remote_done:
             self._reset(call, h2.STREAM_CLOSED)
             return
-        data = h2.strip_padding(flags, payload)
+        data = h2.strip_padding(flags, payload) if flags & h2.PADDED else payload
         if not call.answered:
+            if flags & h2.END_STREAM and not call.body:  # the usual small call: all of it in one frame
+                call.remote_done = True
+                self._start(call, data)
+                return
             call.body += data
             if len(call.body) >= 5 and not self._message_fits(call):
                 return
@@ -305,7 +319,7 @@ class H2Connection:
         _, size = h2.read_message_prefix(call.body)
         if size <= self.max_message:
             return True
-        self.fail(call, 8, f"Received message larger than max ({size} vs. {self.max_message})")
+        self.fail(call, RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {self.max_message})")
         return False
 
     def _header_block(self, stream: int) -> None:
@@ -385,19 +399,24 @@ class H2Connection:
             if call.method is None:
                 self.fail(call, UNIMPLEMENTED, "Method not found!")
 
-    def _start(self, call: Stream) -> None:
-        """The request has arrived whole: check its one message and start the call."""
-        body = call.body
+    def _start(self, call: Stream, body: bytes | bytearray | None = None) -> None:
+        """The request has arrived whole (``body``, else what was gathered): check its
+        one message and start the call."""
+        if body is None:
+            body = call.body
         if len(body) < 5:
             self.fail(call, INTERNAL, "the call carried no request message" if not body else
                       "the request message was cut short")
             return
         compressed, size = h2.read_message_prefix(body)
+        if size > self.max_message:
+            self.fail(call, RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {self.max_message})")
+            return
         if len(body) != 5 + size:
             self.fail(call, INTERNAL, "the request message was cut short" if len(body) < 5 + size else
                       "more than one request message for a unary method")
             return
-        message = bytes(memoryview(body)[5:])
+        message = body[5:] if isinstance(body, bytes) else bytes(memoryview(body)[5:])
         call.body = bytearray()
         if compressed:
             if call.encoding == "identity":
@@ -422,6 +441,21 @@ class H2Connection:
         """Send a unary call's answer: the reply message (None on an error) and its status."""
         if self.streams.get(call.id) is not call:
             return  # cancelled, or the connection is closing
+        rid = _usual_request_id(call.context)
+        if message is not None and not code and rid is not None and not call.headers_sent:
+            size = len(message) + 5
+            if size <= min(call.send_window, self.send_window, self.peer_frame):
+                # The usual answer: headers, the reply and the trailers, in one piece of output.
+                call.send_window -= size
+                self.send_window -= size
+                stream = call.id
+                self.output += (h2.frame(h2.HEADERS, h2.END_HEADERS, stream, _REPLY_HEADERS)
+                                + h2.frame(h2.DATA, 0, stream, h2.message_prefix(len(message)) + message)
+                                + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream,
+                                           _OK_TRAILERS + h2.literal_field(b"x-request-id", rid)))
+                call.headers_sent = True
+                self._close_stream(call)
+                return
         if message is not None:
             self.send_message(call, message)
         self.finish(call, code, details)
@@ -449,11 +483,10 @@ class H2Connection:
         if self.streams.get(call.id) is not call:
             return
         context = call.context
-        if call.headers_sent and not code and context is not None and len(context.trailing) == 1 \
-                and context.trailing[0][0] == "x-request-id" and isinstance(context.trailing[0][1], str):
-            # The usual end: status 0 and the request id.
-            block = _OK_TRAILERS + h2.literal_field(b"x-request-id", context.trailing[0][1].encode("latin-1"))
-            call.trailers = h2.header_frames(call.id, block, True, self.peer_frame)
+        rid = _usual_request_id(context)
+        if call.headers_sent and not code and rid is not None:  # the usual end: status 0 and the request id
+            call.trailers = h2.header_frames(call.id, _OK_TRAILERS + h2.literal_field(b"x-request-id", rid), True,
+                                             self.peer_frame)
             self._send_data(call)
             return
         fields: list[tuple[str, str | bytes]] = []

@@ -425,12 +425,16 @@ class H2GrpcTransport:
         self._enter()
         self.inline_since = time.monotonic()
         try:
-            started, (cpu, queued) = time.perf_counter(), self.clock.sample()
+            cpu, queued = self.clock.sample()
+            started = time.perf_counter()
             reply, code, details = self._invoke(call, request)
-            cpu_after, queued_after = self.clock.sample()
             wall = time.perf_counter() - started
-            used = cpu_after - cpu
-            self.inline.observe(path, used, wall, max(0.0, wall - used - (queued_after - queued)))
+            if wall <= self.inline.max_seconds:  # quick in every sense: its wall time bounds its CPU time
+                self.inline.observe(path, wall, wall, 0.0)
+            else:
+                cpu_after, queued_after = self.clock.sample()
+                used = cpu_after - cpu
+                self.inline.observe(path, used, wall, max(0.0, wall - used - (queued_after - queued)))
             connection.reply(call, reply, code, details)
         finally:
             self.inline_since = 0.0
