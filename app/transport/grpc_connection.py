@@ -528,6 +528,8 @@ class H2Connection:
 
     def _send_pending(self) -> None:
         """More window: send what waited for it."""
+        if not self.blocked:
+            return
         for stream in list(self.blocked):
             call = self.streams.get(stream)
             if call is None:
