@@ -191,7 +191,8 @@ class _TlsChannel(ServingChannel):
             else:
                 plain = self._read_plain()
                 self._move_out()
-        self._send_raw()
+        if self._raw_out:
+            self._send_raw()
         if plain:
             self.last_activity = time.time()
             self.received(plain)
@@ -243,7 +244,9 @@ class _TlsChannel(ServingChannel):
             if not chunk:
                 break
             parts.append(chunk)
-        return b"".join(parts)
+            if not self._incoming.pending and not self._tls.pending():
+                break  # all read: asking again would only raise SSLWantReadError
+        return b"".join(parts) if len(parts) != 1 else parts[0]
 
     # ---- writing
 
