@@ -74,10 +74,14 @@ class Served(MserveStart):
         nofile = int(env.pop("MSERVE_TEST_NOFILE", 0))
 
         def lower_descriptor_limit() -> None:
-            if nofile:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-        super().__init__([str(root), *args], root, env=env, cwd=root, preexec_fn=lower_descriptor_limit)
+        # Only when asked: a preexec_fn makes subprocess fork this test process (not vfork), and
+        # in that child, before the exec, grpcio's fork handlers (this process holds gRPC channels
+        # from other tests) can abort on the descriptors subprocess closes ("Epoll1Poller
+        # encountered epoll_wait error: Bad file descriptor"), so the server never starts.
+        super().__init__([str(root), *args], root, env=env, cwd=root,
+                         preexec_fn=lower_descriptor_limit if nofile else None)
 
 
 def raw_post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[str, int | None]:

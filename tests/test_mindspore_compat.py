@@ -378,8 +378,14 @@ def test_a_start_script_launched_in_the_background_stops_on_sigint(tmp_path):
     script = tmp_path / "serving_server.py"
     script.write_text(START_SCRIPT)
     env = {**os.environ, "MSERVE_PROCESSES": "single"}
-    proc = subprocess.Popen([sys.executable, str(script), str(BUNDLED)], stdout=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # The child inherits an ignored SIGINT across exec, as from a shell. (Not a preexec_fn: that
+    # forks this process, whose gRPC channels from other tests can abort the child before its exec.)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([sys.executable, str(script), str(BUNDLED)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving"), line
