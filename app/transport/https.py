@@ -281,8 +281,17 @@ class _TlsChannel(ServingChannel):
                 taken = self._tls.write(data)
             except ssl.SSLError as exc:
                 raise OSError(f"TLS write failed: {_reason(exc)}") from None
-            self._move_out()
-        self._send_raw()
+            sealed = self._outgoing.read()
+            if sealed:  # straight to the socket; what it does not take now waits in _raw_out
+                try:
+                    sent = self.socket.send(sealed)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = len(sealed)  # the connection is gone: nothing more to send
+                    self.will_close = True
+                if sent < len(sealed):
+                    self._raw_out += memoryview(sealed)[sent:]
         if taken:
             self.last_activity = time.time()
         return taken
