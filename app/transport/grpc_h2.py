@@ -39,10 +39,10 @@ from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
 from .grpc import TAG, PredictServicer, ReadinessHealth, check_address
 from .grpc_calls import Aborted, CallContext, method_table
-from .grpc_connection import INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN, H2Connection, Stream
+from .grpc_connection import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNKNOWN, H2Connection, Stream
 from .grpc_limits import ConnectionWatch, GrpcLimits
 from .http import connection_capacity
-from .inline import MAX_BODY_BYTES, InlinePolicy, ThreadClock
+from .inline import MAX_BODY_BYTES, InlinePolicy
 from .v2_service import InferenceServicer
 
 log = logging.getLogger("mserve.transport.grpc")
@@ -99,7 +99,6 @@ class H2GrpcTransport:
         self.methods = method_table(PredictServicer(dataplane, epochs),
                                     InferenceServicer(dataplane, readiness, epochs), self.health)
         self.inline = InlinePolicy(inline_max_ms / 1000, dataplane.inline_eligible) if inline_max_ms else None
-        self.clock = ThreadClock()
         self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc")
         self.calls = 0  # running or waiting for a thread (max_calls); changed on the loop thread only
         self._watch_limits = ConnectionWatch(self.max_connections, limits.max_calls, lambda: self.calls)
@@ -158,6 +157,9 @@ class H2GrpcTransport:
         time.sleep(min(_STOP_GRACE, drain_timeout))
         while self.calls and time.monotonic() < deadline:  # polled: a call pays no wake-up bookkeeping
             time.sleep(0.01)
+        if self.calls:
+            log.warning("drain timeout (%gs): %d gRPC call(s) still unanswered; closing their connections",
+                        drain_timeout, self.calls)
         self.post(self._end)
         self._thread.join(2.0)
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -450,7 +452,7 @@ class H2GrpcTransport:
                 if call.context is not None and call.context.cancelled:
                     self.post(self._leave)
                     return  # the client gave up while the call waited for a thread
-                cpu = self.clock.sample()[0] if path is not None and self.inline is not None else 0.0
+                cpu = time.thread_time()
                 try:
                     decoded = request()
                 except Exception:  # noqa: BLE001 - a message that does not parse
@@ -460,7 +462,7 @@ class H2GrpcTransport:
                 else:
                     answer = self._invoke(call, decoded)
                 if path is not None and self.inline is not None:
-                    self.inline.observe(path, self.clock.sample()[0] - cpu)
+                    self.inline.observe(path, time.thread_time() - cpu)  # what the policy learns from
             except BaseException:  # noqa: BLE001 - still answer, and free the slot
                 log.exception("gRPC call %s failed", call.path)
                 answer = (None, INTERNAL, "internal error")
@@ -475,7 +477,7 @@ class H2GrpcTransport:
             self.pool.submit(run)
         except RuntimeError:  # the pool is shut down: the server is stopping
             self._leave()
-            connection.fail(call, 14, "the server is stopping")
+            connection.fail(call, UNAVAILABLE, "the server is stopping")
 
     def _invoke(self, call: Stream, request: Any) -> tuple[bytes | None, int, str]:
         """Call the servicer: the reply message, or None with a status code and text."""
