@@ -342,19 +342,26 @@ class GrpcTransport:
         self.dataplane.draining = True
 
 
+def resolve_for_listening(address: str) -> tuple[str, list[Any]]:
+    """The ``Serving Error`` text that starts a failure to serve ``host:port``, and what
+    ``host`` resolves to for listening (``getaddrinfo``); that error when it does not."""
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    failed = f"Serving Error: {TAG} server start failed, create server failed, address {address}"
+    try:
+        return failed, socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{failed}: cannot resolve host {bare!r} ({exc})") from None
+
+
 def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str]:
     """Bind ``host:port`` (port 0: a free one) for processes that will each serve it
     with SO_REUSEPORT; returns the bound, never listening, socket that holds the port
     until they stop, and the ``host:port`` they bind. The port must be free (as
     MindSpore Serving requires) unless ``shared``. ``Serving Error: ...`` otherwise."""
     check_address(address)
-    host, _, port = address.rpartition(":")
-    bare = host.strip("[]")
-    failed = f"Serving Error: {TAG} server start failed, create server failed, address {address}"
-    try:
-        infos = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"{failed}: cannot resolve host {bare!r} ({exc})") from None
+    host = address.rpartition(":")[0]
+    failed, infos = resolve_for_listening(address)
     family, kind, proto, _, sockaddr = infos[0]
 
     def bind(where: Any, reuse_port: bool) -> socket.socket:

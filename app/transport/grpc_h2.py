@@ -37,7 +37,7 @@ from typing import Any, Callable
 from ..protocol import http2 as h2
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
-from .grpc import TAG, PredictServicer, ReadinessHealth, check_address
+from .grpc import TAG, PredictServicer, ReadinessHealth, check_address, resolve_for_listening
 from .grpc_calls import Aborted, CallContext, method_table
 from .grpc_connection import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNKNOWN, H2Connection, Stream
 from .grpc_limits import ConnectionWatch, GrpcLimits
@@ -561,15 +561,9 @@ def bind_listeners(address: str, reuse_port: bool) -> tuple[list[socket.socket],
     """Listening sockets for every address ``host`` resolves to (one port for all:
     the first bound picks it when 0 is asked), as grpcio binds; ``Serving Error: ...``
     when none binds."""
-    host, _, port_text = address.rpartition(":")
-    bare = host.strip("[]")
-    failed = f"Serving Error: {TAG} server start failed, create server failed, address {address}"
-    try:
-        infos = socket.getaddrinfo(bare, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"{failed}: cannot resolve host {bare!r} ({exc})") from None
+    failed, infos = resolve_for_listening(address)
     listeners: list[socket.socket] = []
-    port = int(port_text)
+    port = int(address.rpartition(":")[2])
     why = ""
     seen = set()
     for family, kind, proto, _, sockaddr in infos:
