@@ -215,3 +215,26 @@ def test_eligibility_follows_the_registry(root):
         server.start_servables(server.ServableStartConfig(root, "batched", max_batch_size=4))
         assert not handler.inline_eligible("/model/batched:who")
         assert handler.inline_eligible("/model/who:who")
+
+
+def test_rusage_clock_counts_blocked_time_only_for_a_thread_that_gave_up_its_cpu():
+    import resource
+    import time
+
+    from mserve.transport.inline import RusageClock
+
+    def usage(cpu: float, voluntary: int, involuntary: int) -> resource.struct_rusage:
+        fields = [0] * 16
+        fields[0], fields[14], fields[15] = cpu, voluntary, involuntary  # ru_utime, ru_nvcsw, ru_nivcsw
+        return resource.struct_rusage(fields)
+
+    # Preempted only (involuntary switches): off the CPU, but not blocked.
+    assert RusageClock.costs(usage(1.0, 5, 5), usage(1.002, 5, 9), 0.050) == pytest.approx((0.002, 0.050, 0.0))
+    # Waited (a voluntary switch): all the time off the CPU counts as blocked.
+    assert RusageClock.costs(usage(1.0, 5, 5), usage(1.002, 6, 5), 0.050) == pytest.approx((0.002, 0.050, 0.048))
+    # A real sleep between two readings of this thread.
+    before = RusageClock.sample()
+    started = time.perf_counter()
+    time.sleep(0.05)
+    used, wall, blocked = RusageClock.costs(before, RusageClock.sample(), time.perf_counter() - started)
+    assert used < 0.02 and blocked > 0.04

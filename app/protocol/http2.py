@@ -16,7 +16,7 @@ predict). This module is the wire format it needs, and nothing else (RFC 9113, R
 from __future__ import annotations
 
 import struct
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -196,7 +196,3 @@ def encode_grpc_message(text: str) -> str:
         cut = cut[: cut.rfind("%")] if "%" in cut[-2:] else cut  # never split an escape
         encoded = cut + "..."
     return encoded
-
-
-def decode_grpc_message(value: str) -> str:
-    return unquote(value)

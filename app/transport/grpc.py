@@ -264,11 +264,8 @@ class GrpcTransport:
         reuse_port: bool = False,
         limits: GrpcLimits | None = None,
     ):
-        check_address(address)
-        limits = limits or GrpcLimits()
-        limits.check()
+        limits, max_connections = checked_limits(address, limits)
         self.limits = limits
-        max_connections = connection_capacity(limits.max_connections)  # raises the descriptor limit as REST does
         self.address = address
         self.dataplane = dataplane
         self.ssl_config = ssl_config
@@ -352,6 +349,16 @@ def resolve_for_listening(address: str) -> tuple[str, list[Any]]:
         return failed, socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"{failed}: cannot resolve host {bare!r} ({exc})") from None
+
+
+def checked_limits(address: str, limits: GrpcLimits | None) -> tuple[GrpcLimits, int]:
+    """What both gRPC servers check first: ``address`` by MindSpore's rules and the
+    limits; returns the limits and how many connections a process may hold (the
+    descriptor limit raised as REST raises it)."""
+    check_address(address)
+    limits = limits or GrpcLimits()
+    limits.check()
+    return limits, connection_capacity(limits.max_connections)
 
 
 def reserve_port(address: str, shared: bool = False) -> tuple[socket.socket, str]:

@@ -18,7 +18,6 @@ that call with a gRPC status naming it.
 
 from __future__ import annotations
 
-import logging
 import time
 import zlib
 from typing import Any
@@ -28,8 +27,6 @@ import hpack
 from ..protocol import http2 as h2
 from .grpc_calls import CallContext, Method, metadata_value, metadata_wire
 
-log = logging.getLogger("mserve.transport.grpc")
-
 # What this server announces, and accepts, per connection.
 MAX_FRAME = 1 << 20  # large messages arrive in fewer, larger frames
 STREAM_WINDOW = 1 << 20
@@ -38,8 +35,7 @@ MAX_HEADER_BLOCK = 64 * 1024
 MAX_METADATA_BYTES = 16 * 1024  # decoded, counted as HTTP/2 does (name + value + 32 per field)
 
 # gRPC status codes used here.
-CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 1, 2, 4, 8
-UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
+UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 2, 8, 12, 13, 14
 
 _KEEP_HEADS = 64  # header blocks remembered per connection (see H2Connection._read_head)
 _NOT_METADATA = {"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
@@ -146,7 +142,6 @@ class H2Connection:
         self.block: list[bytes] = []
         self.block_flags = 0
         self.going_away = False
-        self.peer_going_away = False
         self.last_active = time.monotonic()
         self.output.extend(h2.settings_frame({
             h2.MAX_CONCURRENT_STREAMS: max_streams, h2.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -235,11 +230,10 @@ class H2Connection:
             call = self.streams.pop(stream, None)
             if call is not None and call.context is not None:
                 call.context.end(cancelled=True)
-        elif kind == h2.GOAWAY:
-            self.peer_going_away = True
         elif kind == h2.PUSH_PROMISE:
             raise h2.ProtocolViolation(h2.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # PRIORITY and unknown frame types carry nothing a gRPC server needs.
+        # PRIORITY, GOAWAY (the client closes the connection itself) and unknown frame
+        # types carry nothing a gRPC server needs.
 
     def _settings(self, flags: int, stream: int, payload: bytes) -> None:
         if stream:
@@ -302,7 +296,7 @@ class H2Connection:
                 self._start(call, data)
                 return
             call.body += data
-            if len(call.body) >= 5 and not self._message_fits(call):
+            if len(call.body) >= 5 and not self._message_fits(call, call.body):
                 return
         if flags & h2.END_STREAM:
             call.remote_done = True
@@ -314,9 +308,9 @@ class H2Connection:
             self.output += h2.window_update(stream, call.unacked)
             call.unacked = 0
 
-    def _message_fits(self, call: Stream) -> bool:
+    def _message_fits(self, call: Stream, body: bytes | bytearray) -> bool:
         """Refuse a request message over ``max_message`` from its length prefix."""
-        _, size = h2.read_message_prefix(call.body)
+        _, size = h2.read_message_prefix(body)
         if size <= self.max_message:
             return True
         self.fail(call, RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {self.max_message})")
@@ -408,10 +402,9 @@ class H2Connection:
             self.fail(call, INTERNAL, "the call carried no request message" if not body else
                       "the request message was cut short")
             return
-        compressed, size = h2.read_message_prefix(body)
-        if size > self.max_message:
-            self.fail(call, RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {self.max_message})")
+        if not self._message_fits(call, body):
             return
+        compressed, size = h2.read_message_prefix(body)
         if len(body) != 5 + size:
             self.fail(call, INTERNAL, "the request message was cut short" if len(body) < 5 + size else
                       "more than one request message for a unary method")

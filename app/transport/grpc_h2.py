@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import resource
 import selectors
 import socket
 import threading
@@ -37,12 +36,11 @@ from typing import Any, Callable
 from ..protocol import http2 as h2
 from ..serving.dataplane import Dataplane
 from ..serving.reload import RequestEpochs
-from .grpc import TAG, PredictServicer, ReadinessHealth, check_address, resolve_for_listening
+from .grpc import TAG, PredictServicer, ReadinessHealth, checked_limits, resolve_for_listening
 from .grpc_calls import Aborted, CallContext, method_table
 from .grpc_connection import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, UNKNOWN, H2Connection, Stream
 from .grpc_limits import ConnectionWatch, GrpcLimits
-from .http import connection_capacity
-from .inline import MAX_BODY_BYTES, InlinePolicy
+from .inline import MAX_BODY_BYTES, InlinePolicy, RusageClock
 from .v2_service import InferenceServicer
 
 log = logging.getLogger("mserve.transport.grpc")
@@ -85,11 +83,7 @@ class H2GrpcTransport:
         limits: GrpcLimits | None = None,
         inline_max_ms: float = 1.0,
     ):
-        check_address(address)
-        limits = limits or GrpcLimits()
-        limits.check()
-        self.limits = limits
-        self.max_connections = connection_capacity(limits.max_connections)
+        self.limits, self.max_connections = checked_limits(address, limits)
         self.address = address
         self.dataplane = dataplane
         self.reuse_port = reuse_port
@@ -101,7 +95,7 @@ class H2GrpcTransport:
         self.inline = InlinePolicy(inline_max_ms / 1000, dataplane.inline_eligible) if inline_max_ms else None
         self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mserve-grpc")
         self.calls = 0  # running or waiting for a thread (max_calls); changed on the loop thread only
-        self._watch_limits = ConnectionWatch(self.max_connections, limits.max_calls, lambda: self.calls)
+        self._watch_limits = ConnectionWatch(self.max_connections, self.limits.max_calls, lambda: self.calls)
         self._listeners: list[socket.socket] = []
         self._clients: dict[int, _Client] = {}
         self._selector = selectors.DefaultSelector()
@@ -428,14 +422,14 @@ class H2GrpcTransport:
         self._enter()
         self.inline_since = time.monotonic()
         try:
-            before = resource.getrusage(resource.RUSAGE_THREAD)
+            before = RusageClock.sample()
             started = time.perf_counter()
             reply, code, details = self._invoke(call, request)
             wall = time.perf_counter() - started
             if wall <= self.inline.max_seconds:  # quick in every sense: its wall time bounds its CPU time
                 self.inline.observe(path, wall, wall, 0.0)
             else:
-                self.inline.observe(path, *_slow_call_costs(before, resource.getrusage(resource.RUSAGE_THREAD), wall))
+                self.inline.observe(path, *RusageClock.costs(before, RusageClock.sample(), wall))
             connection.reply(call, reply, code, details)
         finally:
             self.inline_since = 0.0
@@ -543,18 +537,6 @@ class H2GrpcTransport:
 
     def _leave(self) -> None:
         self.calls -= 1
-
-
-def _slow_call_costs(before: Any, after: Any, wall: float) -> tuple[float, float, float]:
-    """A slow inline call's CPU time, wall time, and the part of it spent blocked, from
-    two ``getrusage`` readings of the loop thread (cheaper than the scheduler's
-    per-thread file): a thread that never gave up its CPU of its own accord (no
-    voluntary switch) was only preempted, which says nothing about the method, so it
-    blocked 0; one that did (a device, a lock, the GIL, a sleep) counts its whole time
-    off the CPU as blocked."""
-    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    blocked = max(0.0, wall - used) if after.ru_nvcsw != before.ru_nvcsw else 0.0
-    return used, wall, blocked
 
 
 def bind_listeners(address: str, reuse_port: bool) -> tuple[list[socket.socket], int]:
